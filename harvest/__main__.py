@@ -1,0 +1,27 @@
+"""`python -m harvest [overrides]`: the Hydra entry point of stage 1 (see conf/harvest.yaml)."""
+
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from harvest.config import HarvestConfig, HarvestError  # noqa: E402
+
+
+@hydra.main(config_path="../conf", config_name="harvest", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    from harvest.run import harvest
+
+    try:
+        path = harvest(HarvestConfig.from_omegaconf(cfg))
+    except HarvestError as e:
+        print(f"harvest: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"store: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Load a causal LM and read one site of one block without running anything above it.
+
+Works with any transformers causal LM whose blocks sit in a ModuleList (GPT-2, GPT-NeoX, Llama,
+Mistral, Qwen, OPT, ...). Eval (CE loss recovered) uses the same site lookup to patch activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from harvest.config import HarvestError
+from harvest.hub import OFFLINE_HINT, hub_reachable, is_local
+
+# Where the list of blocks lives, by model family; other layouts are found by search.
+_BLOCK_PATHS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers", "transformer.blocks")
+# Sub-module names of a block's attention and MLP, by model family.
+_SUBMODULES = {
+    "attn_out": ("attn", "self_attn", "attention", "self_attention"),
+    "mlp_out": ("mlp", "feed_forward", "ffn"),
+}
+
+
+def load_config(name: str) -> PretrainedConfig:
+    """The model's config, or one clear HarvestError (unknown model, hub unreachable)."""
+    if not is_local(name) and not hub_reachable():
+        try:
+            return AutoConfig.from_pretrained(name, local_files_only=True)
+        except Exception:
+            raise HarvestError(
+                f"model {name!r} is neither a local folder nor cached, and the Hugging Face Hub is unreachable; {OFFLINE_HINT}"
+            ) from None
+    try:
+        return AutoConfig.from_pretrained(name)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HarvestError(f"unknown model {name!r}: {first}") from None
+
+
+def n_layers(config: PretrainedConfig) -> int:
+    return int(config.num_hidden_layers)
+
+
+def load_lm(name: str, device: torch.device, keep_layers: int | None = None) -> tuple[nn.Module, object]:
+    """Model (eval mode, float32, on `device`) and tokenizer.
+
+    keep_layers: drop every block from this index on, freeing their memory (harvest needs none).
+    """
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+    if keep_layers is not None:
+        parent, attr, blocks = _find_blocks(model)
+        setattr(parent, attr, nn.ModuleList(list(blocks)[:keep_layers]))
+    return model.to(device).eval(), tokenizer
+
+
+def _find_blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """(parent module, attribute name, the ModuleList of transformer blocks)."""
+    for path in _BLOCK_PATHS:
+        *parents, attr = path.split(".")
+        parent = model
+        for p in parents:
+            parent = getattr(parent, p, None)
+            if parent is None:
+                break
+        blocks = getattr(parent, attr, None) if parent is not None else None
+        if isinstance(blocks, nn.ModuleList):
+            return parent, attr, blocks
+    want = getattr(model.config, "num_hidden_layers", None)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == want:
+            parent_name, _, attr = name.rpartition(".")
+            return model.get_submodule(parent_name), attr, module
+    raise HarvestError(f"cannot find the transformer blocks of {type(model).__name__}")
+
+
+def blocks(model: nn.Module) -> nn.ModuleList:
+    return _find_blocks(model)[2]
+
+
+def site_module(model: nn.Module, layer: int, site: str) -> nn.Module:
+    """The module whose output is the activation at (layer, site)."""
+    block = blocks(model)[layer]
+    if site == "resid_post":
+        return block
+    for name in _SUBMODULES[site]:
+        if isinstance(getattr(block, name, None), nn.Module):
+            return getattr(block, name)
+    raise HarvestError(f"{type(block).__name__} has no sub-module for site {site!r} (looked for {_SUBMODULES[site]})")
+
+
+def _first(output: torch.Tensor | tuple) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _Stop(Exception):
+    """Raised inside the hook to end the forward pass once the site has been read."""
+
+
+class SiteReader:
+    """Calls the model up to (layer, site) and returns that activation, [batch, seq, d] float32.
+
+    The forward pass is cut short right after the hooked module: no block above it, no final
+    norm and no unembedding is ever computed.
+    """
+
+    def __init__(self, model: nn.Module, layer: int, site: str, dtype: torch.dtype = torch.float32):
+        self.model = model
+        self.dtype = dtype
+        self._out: torch.Tensor | None = None
+        self._module = site_module(model, layer, site)
+
+    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
+        self._out = _first(output)
+        raise _Stop
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [batch, seq] (on the model's device) -> activations [batch, seq, d] float32."""
+        handle = self._module.register_forward_hook(self._hook)
+        try:
+            with autocast(input_ids.device, self.dtype):
+                self.model(input_ids=input_ids, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if self._out is None:
+            raise RuntimeError("the hooked module did not run")
+        out, self._out = self._out, None
+        return out.float()
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """torch.autocast for a lower-precision dtype, nothing for float32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` -> cuda, then mps, then cpu; anything else is passed to torch.device."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise HarvestError(f"unknown device {name!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HarvestError(f"device {name!r} requested but CUDA is not available here; use device=auto")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> str:
+    """`auto` -> bfloat16 where it is fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else float32."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if device.type == "cpu":
+        try:
+            flags = open("/proc/cpuinfo").read()
+        except OSError:
+            flags = ""
+        return "bfloat16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "float32"
+    return "float32"
+
+
+def iter_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for i in range(0, len(x), batch_size):
+        yield x[i : i + batch_size]

@@ -1,0 +1,157 @@
+"""Text sources -> a deterministic stream of fixed-length token sequences.
+
+Documents come from a hub dataset (streamed), local files (.txt/.jsonl/.json/.parquet, read by
+`datasets`) or the embedded offline corpus (a local .jsonl). They are tokenized, each preceded by
+one separator token, concatenated, and cut into sequences of exactly `context_size` tokens:
+no padding exists anywhere. The `Packer` state (documents consumed + leftover tokens) is small and
+exact, so a resumed harvest continues the stream at the very token where it stopped.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from harvest.config import DatasetConfig, HarvestError
+from harvest.hub import OFFLINE_HINT, hub_reachable
+
+_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+def local_files(name: str) -> list[str] | None:
+    """The data files named by a local path, folder or glob; None if `name` is not local."""
+    path = os.path.expanduser(name)
+    if os.path.isdir(path):
+        files = sorted(f for f in glob.glob(os.path.join(path, "**", "*"), recursive=True) if Path(f).suffix in _BUILDERS)
+        if not files:
+            raise HarvestError(f"dataset folder {name!r} holds no {'/'.join(_BUILDERS)} files")
+    elif os.path.isfile(path):
+        files = [path]
+    elif any(ch in path for ch in "*?["):
+        files = sorted(glob.glob(path, recursive=True))
+        if not files:
+            raise HarvestError(f"dataset glob {name!r} matches no file")
+    else:
+        return None
+    kinds = {Path(f).suffix for f in files}
+    if not kinds <= set(_BUILDERS):
+        raise HarvestError(f"unsupported dataset file type(s) {sorted(kinds - set(_BUILDERS))}; use {', '.join(_BUILDERS)}")
+    if len({_BUILDERS[k] for k in kinds}) > 1:
+        raise HarvestError(f"dataset {name!r} mixes file types {sorted(kinds)}; use one type")
+    return files
+
+
+def check_dataset(ds: DatasetConfig) -> None:
+    """Fail now, in one line, if the dataset cannot be opened (runs before any model is loaded)."""
+    if local_files(ds.name) is not None:
+        return
+    looks_like_path = ds.name.startswith((".", "/", "~")) or Path(ds.name).suffix in _BUILDERS
+    if looks_like_path:
+        raise HarvestError(f"dataset file {ds.name!r} does not exist")
+    if not hub_reachable():
+        raise HarvestError(f"dataset {ds.name!r} is not a local file and the Hugging Face Hub is unreachable; {OFFLINE_HINT}")
+    import datasets
+
+    try:
+        datasets.load_dataset_builder(ds.name, ds.config)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HarvestError(f"unknown dataset {ds.name!r}: {first}") from None
+
+
+def iter_documents(ds: DatasetConfig, seed: int) -> Iterator[str]:
+    """Document texts, in an order fixed by the dataset and `seed`."""
+    import datasets
+
+    files = local_files(ds.name)
+    if files is not None:
+        builder = _BUILDERS[Path(files[0]).suffix]
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        stream = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+    else:
+        stream = datasets.load_dataset(ds.name, ds.config, split=ds.split, streaming=True)
+    if ds.shuffle_buffer > 0:
+        stream = stream.shuffle(seed=seed, buffer_size=ds.shuffle_buffer)
+    for row in stream:
+        if ds.text_field not in row:
+            raise HarvestError(f"dataset rows have no {ds.text_field!r} column (columns: {sorted(row)}); set dataset.text_field")
+        yield row[ds.text_field]
+
+
+@dataclass
+class PackState:
+    """Where the token stream stands: documents taken so far and tokens not yet in a sequence."""
+
+    docs_consumed: int = 0
+    carry: list[int] = field(default_factory=list)
+
+
+class Packer:
+    """Cuts a stream of documents into sequences of `context_size` token ids.
+
+    Each document contributes [separator] + its tokens. Documents are tokenized in batches for
+    speed; only documents wholly moved into the buffer count as consumed.
+    """
+
+    def __init__(
+        self,
+        documents: Iterable[str],
+        tokenizer,
+        context_size: int,
+        separator_id: int,
+        state: PackState | None = None,
+        tokenize_batch: int = 64,
+    ):
+        self.state = PackState(state.docs_consumed, list(state.carry)) if state else PackState()
+        self._docs = itertools.islice(iter(documents), self.state.docs_consumed, None)
+        self._tokenizer = tokenizer
+        self._ctx = context_size
+        self._sep = separator_id
+        self._batch = tokenize_batch
+        self._pending: list[list[int]] = []
+        self._buf = np.asarray(self.state.carry, dtype=np.int64)
+
+    def _next_document(self) -> list[int] | None:
+        if not self._pending:
+            texts = list(itertools.islice(self._docs, self._batch))
+            if not texts:
+                return None
+            ids = self._tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+            self._pending = list(reversed(ids))
+        return self._pending.pop()
+
+    def take(self, n: int) -> np.ndarray:
+        """Up to n sequences [n', context_size] int64 (n' < n only when the text runs out)."""
+        need = n * self._ctx
+        parts = [self._buf]
+        have = len(self._buf)
+        while have < need:
+            ids = self._next_document()
+            if ids is None:
+                break
+            parts.append(np.asarray([self._sep, *ids], dtype=np.int64))
+            have += len(ids) + 1
+            self.state.docs_consumed += 1
+        buf = np.concatenate(parts)
+        n_out = min(n, len(buf) // self._ctx)
+        out = buf[: n_out * self._ctx].reshape(n_out, self._ctx)
+        self._buf = buf[n_out * self._ctx :]
+        self.state.carry = self._buf.tolist()
+        return out
+
+
+def separator_id(tokenizer, separator: str | None) -> int:
+    """Token id placed before each document: `separator` (a token string) or the eos token."""
+    token = separator if separator is not None else tokenizer.eos_token
+    if token is None:
+        raise HarvestError("the tokenizer has no eos token; set dataset.separator to a token string")
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if tid is None or (tokenizer.unk_token_id is not None and tid == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        raise HarvestError(f"dataset.separator {token!r} is not a single token of this tokenizer")
+    return int(tid)

@@ -1,0 +1,84 @@
+"""harvest.run: every bad input fails in one clear line before any work; stores are never mixed."""
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harvest.config import HarvestError
+from harvest.run import harvest, preflight
+from harvest.store import ActivationStore
+from tests.conftest import compose, harvest_overrides
+
+
+def _digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"site": "mlp_in"}, "unknown site 'mlp_in'"),
+    ({"layer": 4}, r"layer 4 is out of range: .* has blocks 0\.\.3"),
+    ({"tokens": 29}, "tokens=29 is below one chunk"),
+    ({"context_size": 65}, "exceeds .*64 positions"),
+    ({"dataset.name": "/nonexistent/docs.jsonl"}, "does not exist"),
+    ({"dataset.name": "someone/unknown-dataset"}, "Hub is unreachable; use the embedded offline preset"),
+    ({"store": "/proc/version/store"}, "is not writable: /proc/version is a file"),
+    ({"store": "/proc/sys/harvest-store"}, "is not writable: cannot create anything in /proc/sys"),
+    ({"codec": "gzip"}, "unknown codec"),
+])
+def test_bad_input_is_refused_before_any_work(tiny_gpt2, corpus_jsonl, tmp_path, extra, message):
+    overrides = harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "s", **extra)
+    with pytest.raises(HarvestError, match=message):
+        preflight(compose(overrides))
+    assert not (tmp_path / "s").exists()
+
+
+def test_unknown_models_are_refused(tmp_path, corpus_jsonl):
+    with pytest.raises(HarvestError, match="neither a local folder nor cached.*preset=demo"):
+        preflight(compose(harvest_overrides("someone/unknown-model", corpus_jsonl, tmp_path / "s")))
+    (tmp_path / "m").mkdir()
+    with pytest.raises(HarvestError, match="unknown model"):
+        preflight(compose(harvest_overrides(tmp_path / "m", corpus_jsonl, tmp_path / "s")))
+
+
+def test_other_config_is_refused_then_overwritten_on_request(tiny_gpt2, corpus_jsonl, tmp_path):
+    store = tmp_path / "s"
+    harvest(compose(harvest_overrides(tiny_gpt2, corpus_jsonl, store)))
+    before = _digest(store)
+    with pytest.raises(HarvestError, match=r"different config \(layer: 2 -> 1\).*overwrite=true"):
+        harvest(compose(harvest_overrides(tiny_gpt2, corpus_jsonl, store, layer=1)))
+    assert _digest(store) == before  # nothing touched
+    harvest(compose(harvest_overrides(tiny_gpt2, corpus_jsonl, store, layer=1, overwrite="true")))
+    assert ActivationStore(store).attrs["layer"] == 1
+
+
+def test_runtime_keys_may_change_and_the_budget_may_grow(tiny_gpt2, corpus_jsonl, tmp_path):
+    """batch_size is not identity; a larger budget extends the store to what a fresh run writes."""
+    harvest(compose(harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "a", tokens=60)))
+    harvest(compose(harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "a", tokens=150, batch_size=1)))
+    harvest(compose(harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "b", tokens=150)))
+    a, b = ActivationStore(tmp_path / "a"), ActivationStore(tmp_path / "b")
+    assert a.complete and a.n_rows == b.n_rows == 150
+    np.testing.assert_array_equal(a.acts[:], b.acts[:])
+    np.testing.assert_array_equal(a.var, b.var)
+    with pytest.raises(HarvestError, match="more than tokens=60"):
+        harvest(compose(harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "a", tokens=60)))
+
+
+def test_running_out_of_text_says_what_to_do(tiny_gpt2, corpus_jsonl, tmp_path):
+    with pytest.raises(HarvestError, match=r"ran out after .* pass tokens=\d+ to mark this store complete"):
+        harvest(compose(harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "s", tokens=10**7)))
+    s = ActivationStore(tmp_path / "s")
+    assert not s.complete and s.n_rows > 0
+
+
+def test_llama_attn_out_and_bfloat16_storage(tiny_llama, corpus_jsonl, tmp_path):
+    harvest(compose(harvest_overrides(tiny_llama, corpus_jsonl, tmp_path / "s", site="attn_out",
+                                      store_dtype="bfloat16", keep_pos0="true", codec="blosc_zstd")))
+    s = ActivationStore(tmp_path / "s")
+    assert s.attrs["acts_dtype"] == "bfloat16" and s.chunk_rows == 32  # keep_pos0: 2 x 16 rows
+    assert np.isfinite(s.read_chunk(0)).all() and s.read_chunk(0).std() > 0

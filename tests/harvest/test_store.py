@@ -1,0 +1,52 @@
+"""harvest.store: running statistics, bfloat16 rows, and a harvested store's contents."""
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+from harvest.run import harvest
+from harvest.store import ActivationStore, RunningStats, as_float
+from tests.conftest import compose, harvest_overrides
+
+
+def test_running_stats_merge_equals_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(1000, 7)).astype(np.float16)
+    stats = RunningStats(7)
+    for part in np.array_split(x, [1, 50, 333, 900]):
+        stats.update(part)
+    np.testing.assert_allclose(stats.mean, x.astype(np.float64).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.var, x.astype(np.float64).var(0), rtol=1e-10)
+    again = RunningStats(7, **{k: v for k, v in stats.to_json().items()})
+    assert again.n == 1000 and np.array_equal(again.m2, stats.m2)
+
+
+def test_bfloat16_bits_round_trip():
+    x = torch.randn(5, 3) * 1e6
+    bits = x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    np.testing.assert_array_equal(as_float(bits, "bfloat16"), x.to(torch.bfloat16).float().numpy())
+
+
+def test_store_round_trips_rows_tokens_contexts_and_statistics(tiny_gpt2, corpus_jsonl, tmp_path):
+    cfg = compose(harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "s", tokens=100))
+    harvest(cfg)
+    s = ActivationStore(tmp_path / "s")
+    a = s.attrs
+    # 100 tokens round up to 4 chunks of 2 sequences x 15 rows (position 0 dropped)
+    assert (a["n_tokens"], a["complete"], s.chunk_rows, s.n_chunks) == (120, True, 30, 4)
+    assert (a["model"], a["layer"], a["site"], a["d_model"], a["context_size"]) == (str(tiny_gpt2), 2, "resid_post", 32, 16)
+    assert a["tokenizer"] == str(tiny_gpt2) and a["config"]["tokens"] == 100 and a["config"]["dataset"]["name"] == str(corpus_jsonl)
+    rows = np.concatenate([s.read_chunk(i) for i in range(s.n_chunks)]).astype(np.float64)
+    np.testing.assert_allclose(s.mean, rows.mean(0), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(s.var, rows.var(0), rtol=1e-9, atol=1e-12)
+    contexts = s.contexts[:]
+    np.testing.assert_array_equal(s.tokens[:], contexts[:, 1:].reshape(-1))
+    # every row is the activation of its context at its position, computed independently
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    with torch.no_grad():
+        hidden = model(torch.from_numpy(contexts).long(), output_hidden_states=True).hidden_states[3]
+    for row in [0, 14, 15, 61, 119]:
+        ctx, pos = s.context(row)
+        seq = row // 15
+        np.testing.assert_array_equal(ctx, contexts[seq])
+        np.testing.assert_allclose(rows[row], hidden[seq, pos].numpy(), rtol=2e-3, atol=2e-3)
