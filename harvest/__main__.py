@@ -16,11 +16,13 @@ def main(cfg: DictConfig) -> None:
     from harvest.run import harvest
 
     try:
-        path = harvest(HarvestConfig.from_omegaconf(cfg))
+        result = harvest(HarvestConfig.from_omegaconf(cfg))
     except HarvestError as e:
         print(f"harvest: error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(f"store: {path}")
+    if result.rows:
+        print(f"wrote {result.rows:,} tokens in {result.seconds:.1f} s ({result.rows / result.seconds:,.0f} tok/s)")
+    print(f"store: {result.store}")
 
 
 if __name__ == "__main__":

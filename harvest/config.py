@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 SITES = ("resid_post", "attn_out", "mlp_out")
-CODECS = ("zstd", "blosc_zstd", "lz4", "none")
+CODECS = ("blosc_zstd", "zstd", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 STORE_DTYPES = ("float16", "bfloat16")
 
@@ -97,6 +97,8 @@ class HarvestConfig:
         missing = [k for k, v in _flatten(raw).items() if v == "???"]
         if missing:
             raise HarvestError(f"missing config value(s): {', '.join(missing)} (set them or pick a preset)")
+        if isinstance(raw.get("tokens"), float) and raw["tokens"].is_integer():
+            raw["tokens"] = int(raw["tokens"])  # tokens=5e6 on the command line
         try:
             ds = DatasetConfig(**raw.pop("dataset"))
             out = cls(dataset=ds, **raw)
@@ -115,7 +117,8 @@ class HarvestConfig:
         _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         _check(self.store_dtype in STORE_DTYPES, f"unknown store_dtype {self.store_dtype!r}; choose one of {', '.join(STORE_DTYPES)}")
         _check(self.codec in CODECS, f"unknown codec {self.codec!r}; choose one of {', '.join(CODECS)}")
-        _check(isinstance(self.tokens, int) and self.tokens >= self.chunk_rows,
+        _check(isinstance(self.tokens, int), f"tokens must be a whole number, got {self.tokens!r}")
+        _check(self.tokens >= self.chunk_rows,
                f"tokens={self.tokens} is below one chunk ({self.chunk_rows} rows = chunk_seqs {self.chunk_seqs} "
                f"x {self.rows_per_seq} positions); raise tokens or lower chunk_seqs")
         _check(isinstance(self.dataset.shuffle_buffer, int) and self.dataset.shuffle_buffer >= 0,

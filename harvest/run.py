@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,8 +93,16 @@ def _check_store(cfg: HarvestConfig) -> bool:
     return False
 
 
-def harvest(cfg: HarvestConfig) -> Path:
-    """Run (or resume) a harvest; returns the store path."""
+@dataclass
+class Result:
+    store: Path
+    rows: int  # rows written by this call
+    seconds: float  # wall time of the chunk loop (model loading excluded)
+    write_seconds: float  # of which spent writing chunks (overlapped with the forward passes)
+
+
+def harvest(cfg: HarvestConfig) -> Result:
+    """Run (or resume) a harvest into cfg.store."""
     plan = preflight(cfg)
     cfg, L = plan.cfg, plan.layout
     if cfg.overwrite and store.is_store(cfg.store):
@@ -105,7 +114,7 @@ def harvest(cfg: HarvestConfig) -> Path:
         writer = store.StoreWriter.create(cfg.store, L, store.codec(cfg.codec, cfg.codec_level), plan.meta)
     if writer.chunks_done == L.n_chunks:
         print(f"store {cfg.store} is complete ({writer.chunks_done * L.chunk_rows:,} tokens); nothing to do")
-        return Path(cfg.store)
+        return Result(Path(cfg.store), 0, 0.0, 0.0)
 
     model, tokenizer = lm.load_lm(cfg.model, plan.device, keep_layers=cfg.layer + 1)
     reader = lm.SiteReader(model, cfg.layer, cfg.site, _TORCH_DTYPES[cfg.dtype])
@@ -118,6 +127,7 @@ def harvest(cfg: HarvestConfig) -> Path:
     bar = tqdm(total=L.n_rows, initial=writer.chunks_done * L.chunk_rows, unit="tok", unit_scale=True,
                desc=f"harvest {Path(cfg.store).name}", disable=not cfg.progress, smoothing=0.1)
     pending: Future | None = None
+    start_chunk, t0 = writer.chunks_done, time.perf_counter()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as pool:
         for i in range(writer.chunks_done, L.n_chunks):
             seqs = packer.take(L.chunk_seqs)
@@ -135,7 +145,8 @@ def harvest(cfg: HarvestConfig) -> Path:
         if pending is not None:
             pending.result()
     bar.close()
-    return Path(cfg.store)
+    rows = (writer.chunks_done - start_chunk) * L.chunk_rows
+    return Result(Path(cfg.store), rows, time.perf_counter() - t0, writer.write_seconds)
 
 
 def _state_dict(state: text.PackState) -> dict:

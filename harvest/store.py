@@ -23,6 +23,7 @@ simply written again, with the same bytes.
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,15 +37,18 @@ FORMAT_VERSION = 1
 
 
 def codec(name: str, level: int) -> list:
-    """zarr v3 compressors for a codec name (see README for the measurements behind the default)."""
+    """zarr v3 bytes-to-bytes codecs for a codec name (README: measurements behind the default).
+
+    blosc_zstd byte-shuffles 256 KiB blocks (the high bytes of every float16, sign and exponent,
+    ahead of the mantissa bytes) before zstd: 1.165x on float32-computed activations where plain
+    zstd gets 1.08x, and faster. Blosc's default block size is too small for the shuffle to pay.
+    """
     if name == "none":
         return []
     if name == "zstd":
         return [zarr.codecs.ZstdCodec(level=level)]
     if name == "blosc_zstd":
-        return [zarr.codecs.BloscCodec(cname="zstd", clevel=level, shuffle="bitshuffle", typesize=2)]
-    if name == "lz4":
-        return [zarr.codecs.BloscCodec(cname="lz4", clevel=level, shuffle="shuffle", typesize=2)]
+        return [zarr.codecs.BloscCodec(cname="zstd", clevel=level, shuffle="shuffle", typesize=2, blocksize=1 << 18)]
     raise ValueError(f"unknown codec {name!r}")
 
 
@@ -134,6 +138,7 @@ class StoreWriter:
         self._acts = group["acts"]
         self._tokens = group["tokens"]
         self._contexts = group["contexts"]
+        self.write_seconds = 0.0  # time spent in write_chunk, for benchmarks
         for partial in Path(group.store.root).rglob("*.partial"):  # litter from a kill mid-write
             partial.unlink(missing_ok=True)
         self._resize(layout.n_chunks)
@@ -181,6 +186,7 @@ class StoreWriter:
 
         acts [chunk_rows, d] float16 or uint16 (bfloat16 bits); contexts [chunk_seqs, ctx] int.
         """
+        t0 = time.perf_counter()
         L = self.layout
         assert i == self.chunks_done, f"chunk {i} written out of order (next is {self.chunks_done})"
         assert acts.shape == (L.chunk_rows, L.d_model) and contexts.shape == (L.chunk_seqs, L.context_size)
@@ -191,6 +197,7 @@ class StoreWriter:
         self.stats.update(as_float(acts, L.acts_dtype))
         self.chunks_done = i + 1
         self._commit(pack_state)
+        self.write_seconds += time.perf_counter() - t0
 
     def _commit(self, pack_state: dict[str, Any]) -> None:
         L = self.layout
@@ -252,6 +259,10 @@ class ActivationStore:
     @property
     def var(self) -> np.ndarray:
         return np.asarray(self.attrs["var"])
+
+    def stored_bytes(self, name: str = "acts") -> int:
+        """Bytes the array takes on disk (compressed chunk files)."""
+        return sum(f.stat().st_size for f in (self.path / name).rglob("*") if f.is_file() and f.name != "zarr.json")
 
     def read_chunk(self, i: int) -> np.ndarray:
         """Chunk i as float32 [chunk_rows, d]."""

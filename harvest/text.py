@@ -66,7 +66,7 @@ def check_dataset(ds: DatasetConfig) -> None:
 
 
 def iter_documents(ds: DatasetConfig, seed: int) -> Iterator[str]:
-    """Document texts, in an order fixed by the dataset and `seed`."""
+    """Document texts, in an order fixed by the dataset and `seed`. Opens the stream now."""
     import datasets
 
     files = local_files(ds.name)
@@ -78,10 +78,14 @@ def iter_documents(ds: DatasetConfig, seed: int) -> Iterator[str]:
         stream = datasets.load_dataset(ds.name, ds.config, split=ds.split, streaming=True)
     if ds.shuffle_buffer > 0:
         stream = stream.shuffle(seed=seed, buffer_size=ds.shuffle_buffer)
+    return _texts(stream, ds.text_field)
+
+
+def _texts(stream: Iterable[dict], field: str) -> Iterator[str]:
     for row in stream:
-        if ds.text_field not in row:
-            raise HarvestError(f"dataset rows have no {ds.text_field!r} column (columns: {sorted(row)}); set dataset.text_field")
-        yield row[ds.text_field]
+        if field not in row:
+            raise HarvestError(f"dataset rows have no {field!r} column (columns: {sorted(row)}); set dataset.text_field")
+        yield row[field]
 
 
 @dataclass

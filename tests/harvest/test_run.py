@@ -1,6 +1,8 @@
 """harvest.run: every bad input fails in one clear line before any work; stores are never mixed."""
 
 import hashlib
+import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 from harvest.config import HarvestError
 from harvest.run import harvest, preflight
 from harvest.store import ActivationStore
-from tests.conftest import compose, harvest_overrides
+from tests.conftest import compose, documents, harvest_overrides
 
 
 def _digest(folder: Path) -> str:
@@ -29,6 +31,7 @@ def _digest(folder: Path) -> str:
     ({"store": "/proc/version/store"}, "is not writable: /proc/version is a file"),
     ({"store": "/proc/sys/harvest-store"}, "is not writable: cannot create anything in /proc/sys"),
     ({"codec": "gzip"}, "unknown codec"),
+    ({"tokens": 1.5}, "tokens must be a whole number"),
 ])
 def test_bad_input_is_refused_before_any_work(tiny_gpt2, corpus_jsonl, tmp_path, extra, message):
     overrides = harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "s", **extra)
@@ -69,16 +72,21 @@ def test_runtime_keys_may_change_and_the_budget_may_grow(tiny_gpt2, corpus_jsonl
         harvest(compose(harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "a", tokens=60)))
 
 
-def test_running_out_of_text_says_what_to_do(tiny_gpt2, corpus_jsonl, tmp_path):
-    with pytest.raises(HarvestError, match=r"ran out after .* pass tokens=\d+ to mark this store complete"):
-        harvest(compose(harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "s", tokens=10**7)))
+def test_running_out_of_text_says_what_to_do(tiny_gpt2, tmp_path):
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps({"text": t}) + "\n" for t in documents(20)))
+    with pytest.raises(HarvestError, match=r"ran out after .* pass tokens=(\d+) to mark this store complete") as e:
+        harvest(compose(harvest_overrides(tiny_gpt2, small, tmp_path / "s", tokens=10**6)))
     s = ActivationStore(tmp_path / "s")
     assert not s.complete and s.n_rows > 0
+    rows = int(re.search(r"tokens=(\d+) to mark", str(e.value)).group(1))
+    harvest(compose(harvest_overrides(tiny_gpt2, small, tmp_path / "s", tokens=rows)))
+    assert ActivationStore(tmp_path / "s").complete
 
 
 def test_llama_attn_out_and_bfloat16_storage(tiny_llama, corpus_jsonl, tmp_path):
     harvest(compose(harvest_overrides(tiny_llama, corpus_jsonl, tmp_path / "s", site="attn_out",
-                                      store_dtype="bfloat16", keep_pos0="true", codec="blosc_zstd")))
+                                      store_dtype="bfloat16", keep_pos0="true", codec="none")))
     s = ActivationStore(tmp_path / "s")
     assert s.attrs["acts_dtype"] == "bfloat16" and s.chunk_rows == 32  # keep_pos0: 2 x 16 rows
     assert np.isfinite(s.read_chunk(0)).all() and s.read_chunk(0).std() > 0
