@@ -48,3 +48,11 @@ def go_offline() -> None:
 
 def is_local(name: str) -> bool:
     return os.path.exists(os.path.expanduser(name))
+
+
+def looks_like_path(name: str) -> bool:
+    """A hub id is `name` or `org/name`; anything else with slashes, or starting ./ / ~, is a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+MISSING_PATH_HINT = "relative paths are read from the current folder; `make setup` builds the offline model and corpus"

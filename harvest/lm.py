@@ -14,7 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
 from harvest.config import HarvestError
-from harvest.hub import OFFLINE_HINT, hub_reachable, is_local
+from harvest.hub import MISSING_PATH_HINT, OFFLINE_HINT, hub_reachable, is_local, looks_like_path
 
 # Where the list of blocks lives, by model family; other layouts are found by search.
 _BLOCK_PATHS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers", "transformer.blocks")
@@ -27,6 +27,8 @@ _SUBMODULES = {
 
 def load_config(name: str) -> PretrainedConfig:
     """The model's config, or one clear HarvestError (unknown model, hub unreachable)."""
+    if not is_local(name) and looks_like_path(name):
+        raise HarvestError(f"model folder {name!r} does not exist ({MISSING_PATH_HINT})")
     if not is_local(name) and not hub_reachable():
         try:
             return AutoConfig.from_pretrained(name, local_files_only=True)

@@ -24,9 +24,6 @@ from tqdm import tqdm
 from harvest import lm, store, text
 from harvest.config import HarvestConfig, HarvestError
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 @dataclass
 class Plan:
     """What preflight found: the config with `auto` values resolved, the device, the store layout."""
@@ -55,7 +52,7 @@ def preflight(cfg: HarvestConfig) -> Plan:
         chunk_seqs=cfg.chunk_seqs, n_chunks=cfg.n_chunks, acts_dtype=cfg.store_dtype,
     )
     meta = {"model": cfg.model, "layer": cfg.layer, "site": cfg.site, "config": cfg.to_dict(),
-            "tokenizer": cfg.model, "n_layers": depth}
+            "tokenizer": cfg.model, "n_layers": depth}  # lm.load_lm reads the tokenizer from the model's name
     return Plan(cfg, device, layout, meta, resume=_check_store(cfg))
 
 
@@ -117,18 +114,17 @@ def harvest(cfg: HarvestConfig) -> Result:
         return Result(Path(cfg.store), 0, 0.0, 0.0)
 
     model, tokenizer = lm.load_lm(cfg.model, plan.device, keep_layers=cfg.layer + 1)
-    reader = lm.SiteReader(model, cfg.layer, cfg.site, _TORCH_DTYPES[cfg.dtype])
+    reader = lm.SiteReader(model, cfg.layer, cfg.site, getattr(torch, cfg.dtype))
     packer = text.Packer(
         text.iter_documents(cfg.dataset, cfg.seed), tokenizer, cfg.context_size,
         text.separator_id(tokenizer, cfg.dataset.separator), text.PackState(**writer.pack_state),
     )
-    writer.group.attrs.update({"tokenizer": tokenizer.name_or_path})
 
     bar = tqdm(total=L.n_rows, initial=writer.chunks_done * L.chunk_rows, unit="tok", unit_scale=True,
                desc=f"harvest {Path(cfg.store).name}", disable=not cfg.progress, smoothing=0.1)
     pending: Future | None = None
     start_chunk, t0 = writer.chunks_done, time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as pool:
+    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as pool:
         for i in range(writer.chunks_done, L.n_chunks):
             seqs = packer.take(L.chunk_seqs)
             if len(seqs) < L.chunk_seqs:
@@ -144,7 +140,6 @@ def harvest(cfg: HarvestConfig) -> Result:
             bar.update(L.chunk_rows)
         if pending is not None:
             pending.result()
-    bar.close()
     rows = (writer.chunks_done - start_chunk) * L.chunk_rows
     return Result(Path(cfg.store), rows, time.perf_counter() - t0, writer.write_seconds)
 

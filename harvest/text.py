@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from harvest.config import DatasetConfig, HarvestError
-from harvest.hub import OFFLINE_HINT, hub_reachable
+from harvest.hub import MISSING_PATH_HINT, OFFLINE_HINT, hub_reachable, looks_like_path
 
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -51,9 +51,8 @@ def check_dataset(ds: DatasetConfig) -> None:
     """Fail now, in one line, if the dataset cannot be opened (runs before any model is loaded)."""
     if local_files(ds.name) is not None:
         return
-    looks_like_path = ds.name.startswith((".", "/", "~")) or Path(ds.name).suffix in _BUILDERS
-    if looks_like_path:
-        raise HarvestError(f"dataset file {ds.name!r} does not exist")
+    if looks_like_path(ds.name) or Path(ds.name).suffix in _BUILDERS:
+        raise HarvestError(f"dataset file {ds.name!r} does not exist ({MISSING_PATH_HINT})")
     if not hub_reachable():
         raise HarvestError(f"dataset {ds.name!r} is not a local file and the Hugging Face Hub is unreachable; {OFFLINE_HINT}")
     import datasets

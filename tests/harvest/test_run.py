@@ -41,6 +41,8 @@ def test_bad_input_is_refused_before_any_work(tiny_gpt2, corpus_jsonl, tmp_path,
 
 
 def test_unknown_models_are_refused(tmp_path, corpus_jsonl):
+    with pytest.raises(HarvestError, match="model folder 'data/nowhere/model' does not exist.*make setup"):
+        preflight(compose(harvest_overrides("data/nowhere/model", corpus_jsonl, tmp_path / "s")))
     with pytest.raises(HarvestError, match="neither a local folder nor cached.*preset=demo"):
         preflight(compose(harvest_overrides("someone/unknown-model", corpus_jsonl, tmp_path / "s")))
     (tmp_path / "m").mkdir()
