@@ -145,7 +145,12 @@ class StoreWriter:
 
     @classmethod
     def create(cls, path: str | Path, layout: Layout, compressors: list, meta: dict[str, Any]) -> StoreWriter:
-        group = zarr.open_group(str(path), mode="w-")
+        """Build the empty store beside `path` and rename it into place: it appears whole or not at all."""
+        path = Path(path)
+        staging = path.with_name(path.name + ".creating")
+        shutil.rmtree(staging, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        group = zarr.open_group(str(staging), mode="w-")
         L = layout
         group.create_array("acts", shape=(L.n_rows, L.d_model), chunks=(L.chunk_rows, L.d_model),
                            dtype="float16" if L.acts_dtype == "float16" else "uint16",
@@ -161,7 +166,8 @@ class StoreWriter:
             "rows_per_seq": L.rows_per_seq, "chunk_rows": L.chunk_rows, "acts_dtype": L.acts_dtype,
             "n_tokens": 0, "complete": False, "n_chunks_target": L.n_chunks,
         })
-        return cls(group, layout)
+        staging.rename(path)  # replaces `path` only if it is an empty folder
+        return cls(zarr.open_group(str(path), mode="r+"), layout)
 
     @classmethod
     def reopen(cls, path: str | Path, layout: Layout, meta: dict[str, Any]) -> StoreWriter:
