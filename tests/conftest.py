@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+import harvest  # noqa: F401  (sets MKL_CBWR before anything loads torch)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 OFFLINE_MODEL = ROOT / "data" / "models" / "smollm2-135m"

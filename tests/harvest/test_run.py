@@ -92,3 +92,12 @@ def test_llama_attn_out_and_bfloat16_storage(tiny_llama, corpus_jsonl, tmp_path)
     s = ActivationStore(tmp_path / "s")
     assert s.attrs["acts_dtype"] == "bfloat16" and s.chunk_rows == 32  # keep_pos0: 2 x 16 rows
     assert np.isfinite(s.read_chunk(0)).all() and s.read_chunk(0).std() > 0
+
+
+def test_store_appears_whole_and_leftovers_of_a_killed_creation_are_cleared(tiny_gpt2, corpus_jsonl, tmp_path):
+    (tmp_path / "s.creating").mkdir()  # what a kill during store creation leaves behind
+    (tmp_path / "s.creating" / "zarr.json").write_text("{}")
+    (tmp_path / "s").mkdir()  # an empty folder is a fine place for a new store
+    harvest(compose(harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "s")))
+    assert ActivationStore(tmp_path / "s").complete
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
