@@ -1,0 +1,98 @@
+"""train.saes: the TopK and Switch math against direct per-token re-derivations; save/load."""
+
+import pytest
+import torch
+
+from train.saes import build, load, save
+
+
+def _x(b=64, d=8, seed=0):
+    return torch.randn(b, d, generator=torch.Generator().manual_seed(seed)) * 3 + 1
+
+
+def test_topk_equals_a_per_token_derivation():
+    torch.manual_seed(0)
+    sae = build("topk", d=8, width=32, k=4)
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.b_pre.normal_()
+    x = _x()
+    out = sae(x)
+    for b in range(len(x)):
+        pre = sae.W_enc @ (x[b] - sae.b_pre) + sae.b_enc
+        top = pre.topk(4).indices
+        z = torch.zeros(32)
+        z[top] = pre[top].relu()
+        torch.testing.assert_close(out.recon[b], sae.W_dec.T @ z + sae.b_pre, rtol=1e-5, atol=1e-5)
+        assert set(out.idx[b].tolist()) == set(top.tolist())
+    torch.testing.assert_close(out.losses["mse"], (x - out.recon).pow(2).sum(-1).mean())
+
+
+def test_switch_equals_eq_3_4_per_token():
+    torch.manual_seed(0)
+    sae = build("switch", d=8, n_experts=4, expert_width=16, k=3, alpha=3.0)
+    with torch.no_grad():
+        sae.b_pre.normal_()
+        sae.b_router.normal_()
+        sae.W_router.normal_()
+    x = _x()
+    out = sae(x)
+    p_all = []
+    for b in range(len(x)):
+        p = torch.softmax(sae.W_router @ (x[b] - sae.b_router), dim=0)
+        i = int(p.argmax())
+        pre = sae.W_enc[i] @ (x[b] - sae.b_pre)  # no encoder bias
+        top = pre.topk(3).indices
+        z = torch.zeros(16)
+        z[top] = pre[top].relu()
+        expected = p[i] * (sae.W_dec[i].T @ z) + sae.b_pre
+        torch.testing.assert_close(out.recon[b], expected, rtol=1e-5, atol=1e-5)
+        assert out.expert[b] == i and set(out.idx[b].tolist()) == set((top + 16 * i).tolist())
+        p_all.append(p)
+    P = torch.stack(p_all).mean(0)
+    f = torch.bincount(out.expert, minlength=4).float() / len(x)
+    torch.testing.assert_close(out.losses["aux"], 4 * (f * P).sum())
+    torch.testing.assert_close(out.losses["loss"], out.losses["mse"] + 3.0 * 8 * out.losses["aux"])
+    torch.testing.assert_close(out.stats["expert_load"], f)
+
+
+def test_switch_aux_loss_is_1_when_uniform_and_n_when_collapsed():
+    n, d = 4, 4
+    sae = build("switch", d=d, n_experts=n, expert_width=8, k=2)
+    x = torch.eye(d).repeat(16, 1)  # 64 tokens, 16 along each axis
+    with torch.no_grad():
+        sae.b_router.zero_()
+        sae.W_router.copy_(torch.eye(n) * 50)  # token along axis i -> expert i with p ~ 1
+    assert sae(x).losses["aux"].item() == pytest.approx(1.0, abs=1e-4)
+    with torch.no_grad():
+        sae.W_router.zero_()
+        sae.W_router[0] = 50.0  # every token -> expert 0 with p ~ 1
+    assert sae(x).losses["aux"].item() == pytest.approx(n, abs=1e-3)
+
+
+def test_switch_router_gets_gradient_through_the_gate():
+    sae = build("switch", d=8, n_experts=4, expert_width=16, k=3)
+    sae(_x()).losses["mse"].backward()
+    assert sae.W_router.grad.abs().sum() > 0 and sae.W_enc.grad.abs().sum() > 0
+
+
+def test_init_from_batch_sets_medians_and_k_is_checked():
+    sae = build("switch", d=8, n_experts=2, expert_width=8, k=2)
+    sae.init_from_batch(_x())
+    torch.testing.assert_close(sae.b_pre.data, sae.b_router.data)
+    assert sae.b_pre.abs().sum() > 0
+    with pytest.raises(ValueError, match="k=9 must be between 1 and an expert's width 8"):
+        build("switch", d=8, n_experts=2, expert_width=8, k=9)
+    with pytest.raises(ValueError, match="unknown SAE architecture 'moe'"):
+        build("moe", d=8)
+
+
+@pytest.mark.parametrize("arch,kw", [("topk", {"width": 32, "k": 4}), ("switch", {"n_experts": 4, "expert_width": 8, "k": 2})])
+def test_save_load_round_trip(tmp_path, arch, kw):
+    sae = build(arch, d=8, **kw)
+    sae.init_from_batch(_x())
+    save(sae, tmp_path / "sae")
+    again = load(tmp_path / "sae")
+    x = _x(seed=1)
+    torch.testing.assert_close(again(x).recon, sae(x).recon)
+    assert type(again) is type(sae) and again.config() == sae.config()

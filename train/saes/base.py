@@ -1,0 +1,102 @@
+"""The one interface every SAE architecture implements, and the registry that picks one by name.
+
+Shapes: B tokens, d input dims, M total latents, k active latents per token (TopK-style).
+Decoder directions are stored as ROWS ([M, d]), so decoding k latents is a gather of k rows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+@dataclass
+class Output:
+    """What every SAE's forward returns.
+
+    recon  [B, d]  reconstruction x_hat
+    idx    [B, k]  int64 indices of the active latents in 0..M-1 (sparse codes), or None
+    vals   [B, k]  their values, or None
+    codes  [B, M]  dense codes (architectures without a fixed k), or None
+    expert [B]     chosen expert per token (Switch), or None
+    losses         scalar terms; "loss" is the total that is optimised, "mse" is always present
+    """
+
+    recon: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    idx: torch.Tensor | None = None
+    vals: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    expert: torch.Tensor | None = None
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. expert load [N]
+
+
+class SAE(nn.Module):
+    """Base class: subclasses define __init__(d, ...), encode, decode, forward and `config()`."""
+
+    arch: ClassVar[str]
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.d = d
+        self.b_pre = nn.Parameter(torch.zeros(d))
+
+    @property
+    def n_latents(self) -> int:
+        """M, the total number of latents (sets the default learning rate)."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments: `build(arch, **config())` rebuilds the same architecture."""
+        raise NotImplementedError
+
+    def unit_norm_decoders(self) -> list[nn.Parameter]:
+        """Parameters [..., n, d] whose rows are decoder directions held at unit norm."""
+        return []
+
+    @torch.no_grad()
+    def init_from_batch(self, x: torch.Tensor) -> None:
+        """Data-dependent initialisation from a batch x [B, d] (b_pre <- geometric median)."""
+        from train.recipe import geometric_median
+
+        self.b_pre.copy_(geometric_median(x))
+
+    def forward(self, x: torch.Tensor) -> Output:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[SAE]] = {}
+
+
+def register(cls: type[SAE]) -> type[SAE]:
+    REGISTRY[cls.arch] = cls
+    return cls
+
+
+def build(arch: str, **kwargs: Any) -> SAE:
+    if arch not in REGISTRY:
+        raise ValueError(f"unknown SAE architecture {arch!r}; choose one of {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[arch](**kwargs)
+
+
+def save(sae: SAE, folder: str | Path) -> None:
+    """`sae.safetensors` (weights) + `sae.json` (architecture and constructor arguments)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, folder / "sae.safetensors")
+    (folder / "sae.json").write_text(json.dumps({"arch": sae.arch, **sae.config()}, indent=2))
+
+
+def load(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
+    """The SAE that `save` wrote, in one call."""
+    folder = Path(folder)
+    config = json.loads((folder / "sae.json").read_text())
+    sae = build(config.pop("arch"), **config)
+    sae.load_state_dict(load_file(folder / "sae.safetensors"))
+    return sae.to(device)

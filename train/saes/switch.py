@@ -1,0 +1,93 @@
+"""Switch SAE (Mudide et al. 2025, eq. 3-4): a router picks one of N TopK experts per token.
+
+    p      = softmax(W_router (x - b_router))                  [B, N]
+    i*     = argmax_i p_i                                      [B]
+    x_hat  = p_i* * W_dec,i*^T TopK(W_enc,i* (x - b_pre)) + b_pre   (experts have no encoder bias)
+    loss   = ||x - x_hat||^2 + alpha * d * N * sum_i f_i P_i
+             f_i = fraction of tokens routed to i, P_i = mean router probability of i
+
+Each expert's encoder runs only on the tokens routed to it (a loop over experts): compute and
+pre-activation memory scale with B x M/N, not B x M.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.saes.base import SAE, Output, register
+from train.saes.topk import decode_rows, init_tied_, topk_relu
+from train.recipe import geometric_median
+
+
+@register
+class SwitchSAE(SAE):
+    arch = "switch"
+
+    def __init__(self, d: int, n_experts: int, expert_width: int, k: int, alpha: float = 3.0):
+        super().__init__(d)
+        if not 0 < k <= expert_width:
+            raise ValueError(f"k={k} must be between 1 and an expert's width {expert_width}")
+        self.n_experts, self.expert_width, self.k, self.alpha = n_experts, expert_width, k, alpha
+        self.W_router = nn.Parameter(torch.zeros(n_experts, d))
+        self.b_router = nn.Parameter(torch.zeros(d))
+        self.W_enc = nn.Parameter(torch.empty(n_experts, expert_width, d))
+        self.W_dec = nn.Parameter(torch.empty(n_experts, expert_width, d))
+        init_tied_(self.W_enc, self.W_dec)
+        with torch.no_grad():
+            nn.init.normal_(self.W_router, std=d**-0.5)
+
+    @property
+    def n_latents(self) -> int:
+        return self.n_experts * self.expert_width
+
+    def config(self) -> dict[str, Any]:
+        return {"d": self.d, "n_experts": self.n_experts, "expert_width": self.expert_width,
+                "k": self.k, "alpha": self.alpha}
+
+    def unit_norm_decoders(self) -> list[nn.Parameter]:
+        return [self.W_dec]
+
+    @torch.no_grad()
+    def init_from_batch(self, x: torch.Tensor) -> None:
+        """b_pre and b_router both start at the batch's geometric median (not tied afterwards)."""
+        median = geometric_median(x)
+        self.b_pre.copy_(median)
+        self.b_router.copy_(median)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, d] -> (router probabilities p [B, N], chosen expert [B])."""
+        p = torch.softmax((x - self.b_router) @ self.W_router.T, dim=-1)
+        return p, p.argmax(dim=-1)
+
+    def encode(self, x: torch.Tensor, expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, d], expert [B] -> (vals [B, k], global latent idx [B, k] in 0..M-1)."""
+        vals = x.new_empty(len(x), self.k)
+        idx = torch.empty(len(x), self.k, dtype=torch.long, device=x.device)
+        xc = x - self.b_pre
+        for i in range(self.n_experts):
+            rows = (expert == i).nonzero(as_tuple=True)[0]
+            if len(rows) == 0:
+                continue
+            v, j = topk_relu(xc[rows] @ self.W_enc[i].T, self.k)  # [n_i, e] pre-activations only
+            vals[rows] = v
+            idx[rows] = j + i * self.expert_width
+        return vals, idx
+
+    def decode(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+        """(global idx, vals) [B, k] -> the experts' reconstructions [B, d] (no gate, no b_pre)."""
+        return decode_rows(idx, vals, self.W_dec.view(-1, self.d))
+
+    def forward(self, x: torch.Tensor) -> Output:
+        p, expert = self.route(x)
+        vals, idx = self.encode(x, expert)
+        gate = p.gather(1, expert[:, None])  # [B, 1]: p_i*, keeps the router differentiable
+        recon = gate * self.decode(idx, vals) + self.b_pre
+        mse = (x - recon).pow(2).sum(-1).mean()
+        load = torch.bincount(expert, minlength=self.n_experts).to(x.dtype) / len(x)  # f_i
+        aux = self.n_experts * (load * p.mean(dim=0)).sum()
+        loss = mse + self.alpha * self.d * aux
+        return Output(recon=recon, losses={"loss": loss, "mse": mse, "aux": aux}, idx=idx, vals=vals,
+                      expert=expert, stats={"expert_load": load})

@@ -1,0 +1,69 @@
+"""TopK SAE (Gao et al. 2024): z = ReLU(TopK_k(W_enc (x - b_pre) + b_enc)), x_hat = W_dec^T z + b_pre."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.recipe import normalize_rows_
+from train.saes.base import SAE, Output, register
+
+
+def topk_relu(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """pre [B, m] -> (vals [B, k] >= 0, idx [B, k] int64): the k largest pre-activations, ReLU'd."""
+    vals, idx = pre.topk(k, dim=-1, sorted=False)
+    return vals.relu(), idx
+
+
+def decode_rows(idx: torch.Tensor, vals: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
+    """sum_j vals[b, j] * w_dec[idx[b, j]]: idx, vals [B, k], w_dec [m, d] -> [B, d]."""
+    return torch.einsum("bk,bkd->bd", vals, w_dec[idx])
+
+
+def init_tied_(w_enc: torch.Tensor, w_dec: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """Random unit decoder rows; encoder rows start parallel to them (both [..., m, d])."""
+    with torch.no_grad():
+        w_dec.copy_(torch.randn(w_dec.shape, generator=generator))
+        normalize_rows_(w_dec)
+        w_enc.copy_(w_dec)
+
+
+@register
+class TopKSAE(SAE):
+    arch = "topk"
+
+    def __init__(self, d: int, width: int, k: int):
+        super().__init__(d)
+        if not 0 < k <= width:
+            raise ValueError(f"k={k} must be between 1 and the width {width}")
+        self.width, self.k = width, k
+        self.W_enc = nn.Parameter(torch.empty(width, d))
+        self.b_enc = nn.Parameter(torch.zeros(width))
+        self.W_dec = nn.Parameter(torch.empty(width, d))
+        init_tied_(self.W_enc, self.W_dec)
+
+    @property
+    def n_latents(self) -> int:
+        return self.width
+
+    def config(self) -> dict[str, Any]:
+        return {"d": self.d, "width": self.width, "k": self.k}
+
+    def unit_norm_decoders(self) -> list[nn.Parameter]:
+        return [self.W_dec]
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, d] -> (vals [B, k], idx [B, k])."""
+        return topk_relu((x - self.b_pre) @ self.W_enc.T + self.b_enc, self.k)
+
+    def decode(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
+        """(idx, vals) [B, k] -> x_hat [B, d]."""
+        return decode_rows(idx, vals, self.W_dec) + self.b_pre
+
+    def forward(self, x: torch.Tensor) -> Output:
+        vals, idx = self.encode(x)
+        recon = self.decode(idx, vals)
+        mse = (x - recon).pow(2).sum(-1).mean()
+        return Output(recon=recon, losses={"loss": mse, "mse": mse}, idx=idx, vals=vals)
