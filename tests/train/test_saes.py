@@ -87,7 +87,44 @@ def test_init_from_batch_sets_medians_and_k_is_checked():
         build("moe", d=8)
 
 
-@pytest.mark.parametrize("arch,kw", [("topk", {"width": 32, "k": 4}), ("switch", {"n_experts": 4, "expert_width": 8, "k": 2})])
+def test_relu_l1_penalty_and_its_warmup():
+    torch.manual_seed(0)
+    sae = build("relu", d=8, width=32, l1_coeff=2.0, warmup_frac=0.1)
+    with torch.no_grad():
+        sae.b_enc.normal_()
+        sae.W_dec.mul_(torch.rand(32, 1) * 5)  # decoder norms are free in this recipe
+    x = _x()
+    sae.schedule(5, 100)  # half-way through the 10-step warmup
+    out = sae(x)
+    f = torch.relu(x @ sae.W_enc.T + sae.b_enc)
+    torch.testing.assert_close(out.recon, f @ sae.W_dec + sae.b_pre)
+    l1 = (f * sae.W_dec.norm(dim=1)).sum(1).mean()
+    torch.testing.assert_close(out.losses["loss"], out.losses["mse"] + 1.0 * l1)
+    sae.schedule(50, 100)
+    torch.testing.assert_close(sae(x).losses["loss"], out.losses["mse"] + 2.0 * l1)
+    assert sae.unit_norm_decoders() == []
+
+
+def test_gated_equals_its_definition_and_aux_trains_only_the_gate():
+    torch.manual_seed(0)
+    sae = build("gated", d=8, width=32, l1_coeff=0.5)
+    with torch.no_grad():
+        for p in (sae.b_gate, sae.r_mag, sae.b_mag, sae.b_pre):
+            p.normal_()
+    x = _x()
+    out = sae(x)
+    pi = (x - sae.b_pre) @ sae.W_gate.T + sae.b_gate
+    mag = torch.relu((x - sae.b_pre) @ (sae.W_gate * sae.r_mag.exp()[:, None]).T + sae.b_mag)
+    f = (pi > 0).float() * mag
+    torch.testing.assert_close(out.recon, f @ sae.W_dec + sae.b_pre)
+    torch.testing.assert_close(out.losses["l1"], torch.relu(pi).sum(1).mean())
+    assert 0 < (out.codes > 0).float().mean() < 1
+    out.losses["aux"].backward()
+    assert sae.W_dec.grad is None and sae.W_gate.grad.abs().sum() > 0 and sae.r_mag.grad is None
+
+
+@pytest.mark.parametrize("arch,kw", [("topk", {"width": 32, "k": 4}), ("switch", {"n_experts": 4, "expert_width": 8, "k": 2}),
+                                     ("relu", {"width": 32, "l1_coeff": 3.0}), ("gated", {"width": 32})])
 def test_save_load_round_trip(tmp_path, arch, kw):
     sae = build(arch, d=8, **kw)
     sae.init_from_batch(_x())

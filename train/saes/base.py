@@ -56,6 +56,9 @@ class SAE(nn.Module):
         """Constructor arguments: `build(arch, **config())` rebuilds the same architecture."""
         raise NotImplementedError
 
+    def schedule(self, step: int, steps: int) -> None:
+        """Called before every training step: architectures with a warmed-up penalty update it here."""
+
     def unit_norm_decoders(self) -> list[nn.Parameter]:
         """Parameters [..., n, d] whose rows are decoder directions held at unit norm."""
         return []

@@ -1,0 +1,70 @@
+"""Gated SAE (Rajamanoharan et al. 2024a): a gate decides which latents fire, a magnitude path how much.
+
+    x~     = x - b_dec
+    pi     = W_gate x~ + b_gate                    [B, M]; gate = 1[pi > 0]
+    mag    = ReLU((exp(r_mag) * W_gate) x~ + b_mag)      (magnitudes share W_gate, rescaled per latent)
+    f      = gate * mag;  x_hat = W_dec^T f + b_dec
+    loss   = ||x - x_hat||^2 + lambda * ||ReLU(pi)||_1 + ||x - (W_dec^T ReLU(pi) + b_dec)_frozen||^2
+The last (auxiliary) term uses detached copies of W_dec and b_dec, so it trains only the gate.
+Decoder rows are held at unit norm; W_gate starts tied to W_dec, r_mag, b_gate, b_mag at 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.saes.base import SAE, Output, register
+from train.saes.topk import init_tied_
+
+
+@register
+class GatedSAE(SAE):
+    arch = "gated"
+
+    def __init__(self, d: int, width: int, l1_coeff: float = 1.0):
+        super().__init__(d)
+        self.width, self.l1_coeff = width, l1_coeff
+        self.W_gate = nn.Parameter(torch.empty(width, d))
+        self.b_gate = nn.Parameter(torch.zeros(width))
+        self.r_mag = nn.Parameter(torch.zeros(width))
+        self.b_mag = nn.Parameter(torch.zeros(width))
+        self.W_dec = nn.Parameter(torch.empty(width, d))
+        init_tied_(self.W_gate, self.W_dec)
+
+    @property
+    def n_latents(self) -> int:
+        return self.width
+
+    def config(self) -> dict[str, Any]:
+        return {"d": self.d, "width": self.width, "l1_coeff": self.l1_coeff}
+
+    def unit_norm_decoders(self) -> list[nn.Parameter]:
+        return [self.W_dec]
+
+    def _pre(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, d] -> (gate pre-activations pi, magnitude pre-activations), both [B, M]."""
+        gate_in = (x - self.b_pre) @ self.W_gate.T
+        return gate_in + self.b_gate, gate_in * self.r_mag.exp() + self.b_mag
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, d] -> dense codes [B, M]."""
+        pi, mag = self._pre(x)
+        return (pi > 0).to(x.dtype) * torch.relu(mag)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes @ self.W_dec + self.b_pre
+
+    def forward(self, x: torch.Tensor) -> Output:
+        pi, mag = self._pre(x)
+        codes = (pi > 0).to(x.dtype) * torch.relu(mag)
+        recon = self.decode(codes)
+        mse = (x - recon).pow(2).sum(-1).mean()
+        gate_act = torch.relu(pi)
+        l1 = gate_act.sum(-1).mean()
+        aux_recon = gate_act @ self.W_dec.detach() + self.b_pre.detach()
+        aux = (x - aux_recon).pow(2).sum(-1).mean()
+        loss = mse + self.l1_coeff * l1 + aux
+        return Output(recon=recon, losses={"loss": loss, "mse": mse, "l1": l1, "aux": aux}, codes=codes)

@@ -1,0 +1,61 @@
+"""ReLU SAE with an L1 penalty, as in Anthropic's April 2024 update ("Circuits Updates").
+
+    f     = ReLU(W_enc x + b_enc)                 [B, M]  (no pre-encoder bias subtraction)
+    x_hat = W_dec^T f + b_dec                      (b_dec is the base class's b_pre)
+    loss  = ||x - x_hat||^2 + lambda_t * sum_i f_i ||W_dec,i||
+The decoder norm is free (it sits inside the penalty); lambda_t rises linearly from 0 to
+`l1_coeff` over the first `warmup_frac` of the steps. Decoder rows start at norm 0.1 with the
+encoder tied to them, b_enc = 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from train.recipe import normalize_rows_
+from train.saes.base import SAE, Output, register
+
+
+@register
+class ReLUSAE(SAE):
+    arch = "relu"
+
+    def __init__(self, d: int, width: int, l1_coeff: float = 5.0, warmup_frac: float = 0.05):
+        super().__init__(d)
+        self.width, self.l1_coeff, self.warmup_frac = width, l1_coeff, warmup_frac
+        self.W_enc = nn.Parameter(torch.empty(width, d))
+        self.b_enc = nn.Parameter(torch.zeros(width))
+        self.W_dec = nn.Parameter(torch.randn(width, d))
+        with torch.no_grad():
+            normalize_rows_(self.W_dec)
+            self.W_dec.mul_(0.1)
+            self.W_enc.copy_(self.W_dec)
+        self.register_buffer("l1_now", torch.tensor(l1_coeff))
+
+    @property
+    def n_latents(self) -> int:
+        return self.width
+
+    def config(self) -> dict[str, Any]:
+        return {"d": self.d, "width": self.width, "l1_coeff": self.l1_coeff, "warmup_frac": self.warmup_frac}
+
+    def schedule(self, step: int, steps: int) -> None:
+        ramp = self.warmup_frac * steps
+        self.l1_now.fill_(self.l1_coeff * (min(1.0, step / ramp) if ramp > 0 else 1.0))
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, d] -> dense codes [B, M]."""
+        return torch.relu(x @ self.W_enc.T + self.b_enc)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes @ self.W_dec + self.b_pre
+
+    def forward(self, x: torch.Tensor) -> Output:
+        codes = self.encode(x)
+        recon = self.decode(codes)
+        mse = (x - recon).pow(2).sum(-1).mean()
+        l1 = (codes * self.W_dec.norm(dim=-1)).sum(-1).mean()
+        return Output(recon=recon, losses={"loss": mse + self.l1_now * l1, "mse": mse, "l1": l1}, codes=codes)
