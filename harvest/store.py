@@ -270,12 +270,23 @@ class ActivationStore:
         """Bytes the array takes on disk (compressed chunk files)."""
         return sum(f.stat().st_size for f in (self.path / name).rglob("*") if f.is_file() and f.name != "zarr.json")
 
-    def read_chunk(self, i: int) -> np.ndarray:
-        """Chunk i as float32 [chunk_rows, d]."""
+    def read_chunk_raw(self, i: int) -> np.ndarray:
+        """Chunk i as stored, [chunk_rows, d] float16 or uint16 (bfloat16 bits).
+
+        An uncompressed chunk is memory-mapped (its file holds the raw little-endian rows);
+        a compressed one is read and decompressed whole.
+        """
         if not 0 <= i < self.n_chunks:
             raise IndexError(f"chunk {i} out of range (0..{self.n_chunks - 1})")
-        rows = self.acts[i * self.chunk_rows : (i + 1) * self.chunk_rows]
-        return as_float(rows, self.attrs["acts_dtype"])
+        if not self.acts.compressors:
+            f = self.path / "acts" / "c" / str(i) / "0"
+            if f.exists():
+                return np.memmap(f, dtype=self.acts.dtype, mode="r", shape=(self.chunk_rows, self.d_model))
+        return self.acts[i * self.chunk_rows : (i + 1) * self.chunk_rows]
+
+    def read_chunk(self, i: int) -> np.ndarray:
+        """Chunk i as float32 [chunk_rows, d]."""
+        return as_float(self.read_chunk_raw(i), self.attrs["acts_dtype"])
 
     def context(self, row: int) -> tuple[np.ndarray, int]:
         """(the sequence's token ids [context_size], position of `row` in it)."""

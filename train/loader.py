@@ -1,0 +1,103 @@
+"""Shuffled training batches from a harvest store, read lazily, whole chunk by whole chunk.
+
+The rows a run sees are a pure function of (store, seed, batch size, window size) and the step:
+epoch e visits the training chunks in a seeded order, W chunks at a time (a "window"); the rows of
+each window are permuted with a seed of their own, and the windows are concatenated into one
+stream that is cut into batches. Batch s is rows [s * B, (s + 1) * B) of that stream, so a resumed
+run restarts at any step without replaying anything: its whole data position is the step.
+
+Memory: at most two windows (the one being served and the one a background thread reads ahead),
+kept in the store's 16-bit dtype; independent of the store's size.
+
+Held-out chunks (for evaluation, never trained on): every `period`-th chunk, period = round(1 /
+eval_frac), so the held-out set is spread over the corpus and stays the same if the store grows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from harvest.store import ActivationStore, as_float
+
+
+def split_chunks(n_chunks: int, eval_frac: float) -> tuple[list[int], list[int]]:
+    """(training chunk ids, held-out chunk ids) of a store with n_chunks chunks."""
+    if eval_frac <= 0:
+        return list(range(n_chunks)), []
+    period = max(2, round(1 / eval_frac))
+    held = [i for i in range(n_chunks) if i % period == period - 1]
+    return [i for i in range(n_chunks) if i % period != period - 1], held
+
+
+class Batches:
+    """Iterates over training batches [batch_size, d] float32 from `start_step` on, forever."""
+
+    def __init__(self, store: ActivationStore, chunk_ids: list[int], batch_size: int, seed: int,
+                 window_chunks: int = 8, start_step: int = 0, device: str | torch.device = "cpu"):
+        if not chunk_ids:
+            raise ValueError("no training chunks")
+        self.store, self.chunk_ids, self.batch_size, self.seed = store, list(chunk_ids), batch_size, seed
+        self.window_chunks = min(window_chunks, len(chunk_ids))
+        self.start_step, self.device = start_step, torch.device(device)
+        self.epoch_rows = len(chunk_ids) * store.chunk_rows
+        self.windows_per_epoch = -(-len(chunk_ids) // self.window_chunks)
+
+    def _window_chunks(self, epoch: int, w: int) -> list[int]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.chunk_ids)
+        return order[w * self.window_chunks : (w + 1) * self.window_chunks].tolist()
+
+    def _read_window(self, epoch: int, w: int) -> np.ndarray:
+        """Rows of window w of epoch e, permuted: [rows, d] in the store's dtype."""
+        rows = np.concatenate([self.store.read_chunk_raw(i) for i in self._window_chunks(epoch, w)])
+        return rows[np.random.default_rng([self.seed, epoch, w, 1]).permutation(len(rows))]
+
+    def _windows(self, epoch: int, w: int) -> Iterator[np.ndarray]:
+        """Windows from (epoch, w) on, each read by a background thread while the previous is served."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader") as pool:
+            ahead: Future = pool.submit(self._read_window, epoch, w)
+            while True:
+                current = ahead.result()
+                w += 1
+                if w == self.windows_per_epoch:
+                    epoch, w = epoch + 1, 0
+                ahead = pool.submit(self._read_window, epoch, w)
+                yield current
+
+    def _locate(self, row: int) -> tuple[int, int, int]:
+        """Stream row -> (epoch, window, offset inside the window)."""
+        epoch, in_epoch = divmod(row, self.epoch_rows)
+        full = self.window_chunks * self.store.chunk_rows
+        return epoch, in_epoch // full, in_epoch % full
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        epoch, w, offset = self._locate(self.start_step * self.batch_size)
+        pending: list[np.ndarray] = []
+        have = 0
+        for window in self._windows(epoch, w):
+            window = window[offset:]
+            offset = 0
+            while len(window):
+                take = min(self.batch_size - have, len(window))
+                pending.append(window[:take])
+                window, have = window[take:], have + take
+                if have == self.batch_size:
+                    batch = as_float(np.concatenate(pending), self.store.attrs["acts_dtype"])
+                    yield torch.from_numpy(batch).to(self.device, non_blocking=True)
+                    pending, have = [], 0
+
+
+def eval_rows(store: ActivationStore, chunk_ids: list[int], max_rows: int | None = None) -> Iterator[torch.Tensor]:
+    """The held-out chunks in order, as float32 [chunk_rows, d] tensors (at most max_rows rows)."""
+    seen = 0
+    for i in chunk_ids:
+        rows = store.read_chunk(i)
+        if max_rows is not None:
+            rows = rows[: max_rows - seen]
+        seen += len(rows)
+        yield torch.from_numpy(rows)
+        if max_rows is not None and seen >= max_rows:
+            return
