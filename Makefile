@@ -6,7 +6,7 @@ ARGS    ?=
 # `make harvest preset=demo` picks a preset; anything else goes through ARGS='key=value ...'
 HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
 
-.PHONY: help setup test harvest bench-harvest clean-venv
+.PHONY: help setup test harvest bench-harvest train clean-venv
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
@@ -39,3 +39,8 @@ bench-harvest: setup
 
 clean-venv:
 	rm -rf .venv
+
+# `make train model=switch N=8 ARGS='steps=2000'`
+TRAIN_ARGS := $(if $(model),model=$(model)) $(if $(N),model.n_experts=$(N)) $(ARGS)
+train: .venv/.installed
+	$(PY) -m train $(TRAIN_ARGS)

@@ -1,0 +1,130 @@
+"""train.loop + `python -m train`: learning a known dictionary, exact resume, bad input, sweeps."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from harvest.store import ActivationStore, Layout, StoreWriter
+from tests.conftest import CONF, ROOT
+from train.config import TrainConfig, TrainError
+from train.loader import eval_rows, split_chunks
+from train.loop import train
+from train.saes import load
+
+
+def synthetic_store(path, n_chunks=40, d=32, atoms=64, clusters=4, active=3, seed=0, scale=10.0, complete=True):
+    """A known sparse dictionary: each row picks one of `clusters` groups of atoms, then sums `active`
+    random unit atoms of that group with weights in [0.5, 2] (features that co-occur in clusters,
+    the structure a Switch SAE's router can exploit). `scale` sets the MSE's size against the Switch's
+    load-balancing term alpha * d * L_aux (~ alpha * d), as real activations' norms do."""
+    rng = np.random.default_rng(seed)
+    dictionary = rng.normal(size=(atoms, d))
+    dictionary /= np.linalg.norm(dictionary, axis=1, keepdims=True)
+    layout = Layout(d_model=d, context_size=17, first_pos=1, chunk_seqs=8, n_chunks=n_chunks, acts_dtype="float16")
+    writer = StoreWriter.create(path, layout, [], {"model": "synthetic", "layer": 0, "site": "none", "config": {}})
+    for i in range(n_chunks if complete else n_chunks // 2):
+        rows = np.zeros((layout.chunk_rows, d))
+        for r in range(layout.chunk_rows):
+            group = rng.integers(clusters) * (atoms // clusters)
+            chosen = group + rng.choice(atoms // clusters, active, replace=False)
+            rows[r] = rng.uniform(0.5, 2.0, active) @ dictionary[chosen]
+        writer.write_chunk(i, (rows * scale).astype(np.float16), np.zeros((8, 17), dtype=np.int64), {})
+    return path
+
+
+def make_cfg(store, *overrides) -> TrainConfig:
+    base = [f"data.store={store}", "steps=500", "batch_size=128", "lr=0.01", "log_every=50",
+            "checkpoint_every=100", "progress=false", "device=cpu", "data.window_chunks=4", "data.eval_frac=0.1"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return TrainConfig.from_omegaconf(compose("train", overrides=[*base, *overrides]))
+
+
+def fve(store_path, sae_dir) -> float:
+    store, sae = ActivationStore(store_path), load(sae_dir)
+    x = torch.cat(list(eval_rows(store, split_chunks(store.n_chunks, 0.1)[1])))
+    with torch.no_grad():
+        resid = x - sae(x).recon
+    return 1 - (resid.var(0).sum() / x.var(0).sum()).item()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return synthetic_store(tmp_path_factory.mktemp("syn") / "s")
+
+
+@pytest.mark.parametrize("model", [["model=topk", "model.width=64", "model.k=4"],
+                                   ["model=switch", "model.width=64", "model.n_experts=4", "model.k=4"]])
+def test_topk_and_switch_learn_a_known_sparse_dictionary(store, tmp_path, model):
+    sae_dir = train(make_cfg(store, *model, "steps=800"), tmp_path / "run")
+    assert fve(store, sae_dir) > 0.9
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(50, 801, 50))
+    assert lines[-1]["l0"] <= 4 and lines[-1]["lr"] == 0.0 and 0 <= lines[-1]["dead_frac"] <= 1
+    if "model=switch" in model:
+        assert len(lines[-1]["expert_load"]) == 4 and abs(sum(lines[-1]["expert_load"]) - 1) < 1e-6
+
+
+@pytest.mark.parametrize("model", [["model=topk", "model.width=64", "model.k=4"],
+                                   ["model=switch", "model.width=64", "model.n_experts=4", "model.k=4"],
+                                   ["model=relu", "model.width=64"], ["model=gated", "model.width=64"]])
+def test_resumed_run_ends_with_the_same_weights(store, tmp_path, monkeypatch, model):
+    cfg = make_cfg(store, *model, "steps=60", "checkpoint_every=20")
+    train(cfg, tmp_path / "straight")
+
+    import train.loop as loop
+
+    real_update = loop.DeadLatents.update
+
+    def crash_at_step_50(self, out, batch):  # a kill between checkpoints (the last one: step 40)
+        real_update(self, out, batch)
+        if self.tokens == 50 * batch:
+            raise RuntimeError("simulated kill")
+
+    monkeypatch.setattr(loop.DeadLatents, "update", crash_at_step_50)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(cfg, tmp_path / "killed")
+    monkeypatch.setattr(loop.DeadLatents, "update", real_update)
+    train(cfg, tmp_path / "killed")
+    a, b = load(tmp_path / "straight" / "sae"), load(tmp_path / "killed" / "sae")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # the redone steps were not logged twice
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["model=switch", "model.width=64", "model.n_experts=4", "model.k=20"], "k=20 is larger than an expert's width 16"),
+    (["model=switch", "model.width=64", "model.n_experts=5"], "width 64 is not divisible by n_experts 5"),
+    (["model=topk", "model.width=64", "model.k=65"], "k=65 is larger than the width 64"),
+    (["model.arch=moe"], "unknown model 'moe'"),
+    (["data.store=/nonexistent/store"], "is not an activation store"),
+])
+def test_bad_input_is_refused(store, tmp_path, overrides, message):
+    with pytest.raises(TrainError, match=message):
+        train(make_cfg(store, *overrides), tmp_path / "run")
+
+
+def test_incomplete_store_and_infinite_loss(tmp_path):
+    half = synthetic_store(tmp_path / "half", complete=False)
+    with pytest.raises(TrainError, match="incomplete.*allow_incomplete=true"):
+        train(make_cfg(half, "model.width=64", "model.k=4"), tmp_path / "a")
+    huge = synthetic_store(tmp_path / "huge", scale=3000.0)  # float16-legal, but the loss overflows bfloat16 math
+    with pytest.raises(TrainError, match=r"loss became (inf|nan) at step \d+; stopped.*step \d+"):
+        train(make_cfg(huge, "model.width=64", "model.k=4", "dtype=bfloat16", "lr=1e9"), tmp_path / "b")
+
+
+def test_a_two_run_sweep_completes_and_a_relaunch_skips_it(store, tmp_path):
+    cmd = [sys.executable, "-m", "train", "-m", "model=topk,switch", "model.width=64", "model.k=4",
+           f"data.store={store}", "steps=20", "batch_size=64", "progress=false", "device=cpu",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    runs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if (p / "done.json").exists())
+    assert len(runs) == 2 and "model=switch" in runs[0] and "model=topk" in runs[1] and "/" not in runs[0]
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("has finished; skipping") == 2

@@ -1,0 +1,168 @@
+"""The training loop: batches from the store -> SAE -> loss -> recipe step, with logs and checkpoints.
+
+A run directory holds `config.yaml` (resolved), `metrics.jsonl` (one line per logged step),
+`checkpoint.pt` (replaced atomically), and at the end `sae/` (weights + config, `train.saes.load`)
+and `done.json`. Launching into a directory with a checkpoint continues from it (unless
+resume=false); a finished run is skipped, which makes re-launched sweeps resume where they stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from harvest.lm import autocast, pick_device
+from harvest.store import ActivationStore
+from train.config import TrainConfig, TrainError
+from train.loader import Batches, split_chunks
+from train.recipe import default_lr, lr_factor, normalize_rows_, project_out_parallel_grad_
+from train.saes import SAE, Output, build, save
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def open_store(cfg: TrainConfig) -> ActivationStore:
+    try:
+        store = ActivationStore(cfg.data.store)
+    except FileNotFoundError:
+        raise TrainError(f"data.store {cfg.data.store} is not an activation store (run `make harvest` first)") from None
+    if not store.complete and not cfg.data.allow_incomplete:
+        raise TrainError(f"store {cfg.data.store} is incomplete ({store.n_rows:,} tokens so far); finish the harvest "
+                         "or pass data.allow_incomplete=true")
+    return store
+
+
+def _build(cfg: TrainConfig, d: int) -> SAE:
+    try:
+        return build(cfg.model["arch"], **cfg.sae_kwargs(d))
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+class DeadLatents:
+    """Tokens since each latent last fired; dead = silent for `window` tokens."""
+
+    def __init__(self, n_latents: int, window: int, device: torch.device):
+        self.window = window
+        self.tokens = 0
+        self.last = torch.zeros(n_latents, dtype=torch.long, device=device)
+
+    def update(self, out: Output, batch: int) -> None:
+        self.tokens += batch
+        if out.idx is not None:
+            fired = out.idx[out.vals > 0]
+        else:
+            fired = (out.codes > 0).any(dim=0).nonzero(as_tuple=True)[0]
+        self.last[fired] = self.tokens
+
+    def fraction(self) -> float:
+        return ((self.tokens - self.last) >= self.window).float().mean().item()
+
+
+def l0(out: Output) -> float:
+    """Mean number of non-zero codes per token (after the TopK or the gate)."""
+    active = (out.vals > 0) if out.vals is not None else (out.codes > 0)
+    return active.sum(-1).float().mean().item()
+
+
+def _save_checkpoint(run_dir: Path, payload: dict) -> None:
+    """Write to a temporary file, flush to disk, then rename over the old one: never half-written."""
+    tmp = run_dir / (CHECKPOINT + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, run_dir / CHECKPOINT)
+
+
+def _drop_metrics_after(path: Path, step: int) -> None:
+    """Forget log lines of steps a resumed run will redo (they came after its checkpoint)."""
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(cfg: TrainConfig, run_dir: Path) -> Path:
+    """Train (or resume, or skip if finished) the run in `run_dir`; returns the saved SAE's folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / "done.json").exists():
+        print(f"{run_dir} has finished; skipping (delete done.json to train again)")
+        return run_dir / "sae"
+    store = open_store(cfg)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    sae = _build(cfg, store.d_model).to(device)
+    train_ids, _ = split_chunks(store.n_chunks, cfg.data.eval_frac)
+    base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.n_latents)
+    opt = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=cfg.adam_betas)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps, cfg.lr_decay_frac))
+    dead = DeadLatents(sae.n_latents, cfg.dead_window, device)
+    step = 0
+    ckpt = run_dir / CHECKPOINT
+    if cfg.resume and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=False)
+        sae.load_state_dict(state["sae"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        step, dead.tokens, dead.last = state["step"], state["dead_tokens"], state["dead_last"]
+        torch.set_rng_state(state["rng"])
+        _drop_metrics_after(run_dir / "metrics.jsonl", step)
+        print(f"resuming {run_dir} at step {step}")
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg.to_dict()))
+
+    batches = iter(Batches(store, train_ids, cfg.batch_size, cfg.seed, cfg.data.window_chunks, step, device))
+    if step == 0:
+        sae.init_from_batch(next(iter(Batches(store, train_ids, cfg.batch_size, cfg.seed, cfg.data.window_chunks))))
+    dtype = getattr(torch, cfg.dtype)
+    params = [p for p in sae.parameters()]
+    last_good = step
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model['arch']}", disable=not cfg.progress)
+    t_log, tokens_log = time.perf_counter(), 0
+    with bar, open(run_dir / "metrics.jsonl", "a") as log:
+        while step < cfg.steps:
+            x = next(batches)
+            sae.schedule(step, cfg.steps)
+            with autocast(device, dtype):
+                out = sae(x)
+            loss = out.losses["loss"]
+            if not torch.isfinite(loss):
+                raise TrainError(f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint "
+                                 f"(step {last_good}) is kept in {run_dir}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            for w in sae.unit_norm_decoders():
+                project_out_parallel_grad_(w)
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            for w in sae.unit_norm_decoders():
+                normalize_rows_(w.data)
+            dead.update(out, len(x))
+            step += 1
+            tokens_log += len(x)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                now = time.perf_counter()
+                record = {"step": step, "tokens": dead.tokens, **{k: v.item() for k, v in out.losses.items()},
+                          "l0": l0(out), "dead_frac": dead.fraction(), "lr": sched.get_last_lr()[0],
+                          "tokens_per_s": tokens_log / (now - t_log)}
+                if "expert_load" in out.stats:
+                    record["expert_load"] = out.stats["expert_load"].tolist()
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{record['loss']:.4g}", tok_s=f"{record['tokens_per_s']:.0f}")
+                t_log, tokens_log = now, 0
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                _save_checkpoint(run_dir, {"sae": sae.state_dict(), "opt": opt.state_dict(),
+                                           "sched": sched.state_dict(), "step": step, "dead_tokens": dead.tokens,
+                                           "dead_last": dead.last, "rng": torch.get_rng_state()})
+                last_good = step
+    save(sae, run_dir / "sae")
+    (run_dir / "done.json").write_text(json.dumps({"step": step, "tokens": dead.tokens}))
+    return run_dir / "sae"
