@@ -6,13 +6,15 @@ ARGS    ?=
 # `make harvest preset=demo` picks a preset; anything else goes through ARGS='key=value ...'
 HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
 
-.PHONY: help setup test harvest bench-harvest train clean-venv
+.PHONY: help setup test harvest bench-harvest train sweep clean-venv
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
 	@echo "make test                  run the test suite (offline)"
 	@echo "make harvest [preset=demo] [ARGS='tokens=... store=...']   cache activations (stage 1)"
 	@echo "make bench-harvest         tokens/s of forward-to-block vs harvest vs full forward (demo model)"
+	@echo "make train [model=switch] [N=8] [ARGS='steps=... data.store=...']   train an SAE (stage 2)"
+	@echo "make sweep [SWEEP_GRID='...']   Hydra multirun grid; re-run to resume/skip finished runs"
 
 setup: .venv/.installed data/models/smollm2-135m/model.safetensors data/corpus/offline.jsonl
 
@@ -44,3 +46,9 @@ clean-venv:
 TRAIN_ARGS := $(if $(model),model=$(model)) $(if $(N),model.n_experts=$(N)) $(ARGS)
 train: .venv/.installed
 	$(PY) -m train $(TRAIN_ARGS)
+
+# A documented grid: TopK vs width-matched Switch at three sparsities, on the demo store.
+# Re-running it skips finished runs and resumes interrupted ones.
+SWEEP_GRID ?= model=topk,switch model.k=16,32,64 model.width=2048 steps=2000 batch_size=4096
+sweep: .venv/.installed
+	$(PY) -m train -m $(SWEEP_GRID) $(ARGS)

@@ -107,7 +107,14 @@ def train(cfg: TrainConfig, run_dir: Path) -> Path:
     ckpt = run_dir / CHECKPOINT
     if cfg.resume and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
-        sae.load_state_dict(state["sae"])
+        if state["sae"]["b_pre"].shape[0] != store.d_model:
+            raise TrainError(f"{run_dir} holds a run on d={state['sae']['b_pre'].shape[0]} activations, but the store "
+                             f"{cfg.data.store} has d={store.d_model}; use another run directory")
+        try:
+            sae.load_state_dict(state["sae"])
+        except RuntimeError:
+            raise TrainError(f"{run_dir} holds a checkpoint of another architecture or width; "
+                             "use another run directory or resume=false") from None
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         step, dead.tokens, dead.last = state["step"], state["dead_tokens"], state["dead_last"]

@@ -109,6 +109,14 @@ def test_bad_input_is_refused(store, tmp_path, overrides, message):
         train(make_cfg(store, *overrides), tmp_path / "run")
 
 
+def test_resuming_on_a_store_with_another_d_is_refused(store, tmp_path):
+    train(make_cfg(store, "model.width=64", "model.k=4", "steps=10", "checkpoint_every=5"), tmp_path / "run")
+    (tmp_path / "run" / "done.json").unlink()  # pretend it was interrupted
+    other = synthetic_store(tmp_path / "other", d=16, n_chunks=10)
+    with pytest.raises(TrainError, match="d=32 activations, but the store .* has d=16"):
+        train(make_cfg(other, "model.width=64", "model.k=4", "steps=20"), tmp_path / "run")
+
+
 def test_incomplete_store_and_infinite_loss(tmp_path):
     half = synthetic_store(tmp_path / "half", complete=False)
     with pytest.raises(TrainError, match="incomplete.*allow_incomplete=true"):
