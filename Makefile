@@ -6,7 +6,7 @@ ARGS    ?=
 # `make harvest preset=demo` picks a preset; anything else goes through ARGS='key=value ...'
 HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
 
-.PHONY: help setup test harvest bench-harvest train sweep clean-venv
+.PHONY: help setup test harvest bench-harvest train sweep bench-loader clean-venv
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
@@ -52,3 +52,6 @@ train: .venv/.installed
 SWEEP_GRID ?= model=topk,switch model.k=16,32,64 model.width=2048 steps=2000 batch_size=4096
 sweep: .venv/.installed
 	$(PY) -m train -m $(SWEEP_GRID) $(ARGS)
+
+bench-loader: .venv/.installed
+	$(PY) -m train.bench_loader $(ARGS)

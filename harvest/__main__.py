@@ -11,7 +11,7 @@ from omegaconf import DictConfig  # noqa: E402
 from harvest.config import HarvestConfig, HarvestError  # noqa: E402
 
 
-@hydra.main(config_path="../conf", config_name="harvest", version_base="1.3")
+@hydra.main(config_path="../conf/harvest", config_name="harvest", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from harvest.run import harvest
 

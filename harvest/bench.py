@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _demo_config(overrides: list[str]) -> HarvestConfig:
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(ROOT / "conf" / "harvest"), version_base="1.3"):
         return HarvestConfig.from_omegaconf(compose("harvest", overrides=["preset=demo", *overrides]))
 
 

@@ -1,4 +1,4 @@
-"""The harvest configuration: typed view of `conf/harvest.yaml` and the checks that need no model.
+"""The harvest configuration: typed view of `conf/harvest/harvest.yaml` and the checks that need no model.
 
 Defaults live in the YAML only; this module gives them types and refuses bad values early.
 Checks that need the model's config (layer range, context length) live in `harvest.run.preflight`.

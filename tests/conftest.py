@@ -15,7 +15,7 @@ import pytest
 import harvest  # noqa: F401  (sets MKL_CBWR before anything loads torch)
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
+CONF = ROOT / "conf"  # one folder per Hydra app: conf/harvest, conf/train
 OFFLINE_MODEL = ROOT / "data" / "models" / "smollm2-135m"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -100,7 +100,7 @@ def compose(overrides: list[str]):
 
     from harvest.config import HarvestConfig
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF / "harvest"), version_base="1.3"):
         return HarvestConfig.from_omegaconf(hydra_compose("harvest", overrides=overrides))
 
 

@@ -1,4 +1,4 @@
-"""`python -m train [overrides]`: the Hydra entry point of stage 2 (see conf/train.yaml)."""
+"""`python -m train [overrides]`: the Hydra entry point of stage 2 (see conf/train/train.yaml)."""
 
 import sys
 from pathlib import Path
@@ -11,7 +11,7 @@ import harvest  # noqa: F401  (reproducible MKL settings before torch loads)
 from train.config import TrainConfig, TrainError
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@hydra.main(config_path="../conf/train", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from train.loop import train
 

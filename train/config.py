@@ -1,4 +1,4 @@
-"""The training configuration: typed view of `conf/train.yaml` + `conf/model/*.yaml`, checked early.
+"""The training configuration: typed view of `conf/train/train.yaml` + `conf/train/model/*.yaml`, checked early.
 
 Defaults live in the YAML only. `TrainConfig.sae_kwargs()` turns the user-facing model keys
 (`width`, `match`, ...) into the constructor arguments of the registered architecture.

@@ -40,7 +40,7 @@ def synthetic_store(path, n_chunks=40, d=32, atoms=64, clusters=4, active=3, see
 def make_cfg(store, *overrides) -> TrainConfig:
     base = [f"data.store={store}", "steps=500", "batch_size=128", "lr=0.01", "log_every=50",
             "checkpoint_every=100", "progress=false", "device=cpu", "data.window_chunks=4", "data.eval_frac=0.1"]
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF / "train"), version_base="1.3"):
         return TrainConfig.from_omegaconf(compose("train", overrides=[*base, *overrides]))
 
 
