@@ -17,6 +17,7 @@ SITES = ("resid_post", "attn_out", "mlp_out")
 CODECS = ("blosc_zstd", "zstd", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 STORE_DTYPES = ("float16", "bfloat16")
+PACKINGS = ("document", "concat")  # how documents become sequences: see harvest.text.Packer
 
 # Keys that change how a harvest runs but not which rows it stores: a store may be resumed or
 # extended with other values. Everything else in the config is the store's identity.
@@ -44,6 +45,7 @@ class DatasetConfig:
     split: str
     text_field: str
     separator: str | None
+    packing: str
     shuffle_buffer: int
 
 
@@ -121,6 +123,8 @@ class HarvestConfig:
         _check(self.tokens >= self.chunk_rows,
                f"tokens={self.tokens} is below one chunk ({self.chunk_rows} rows = chunk_seqs {self.chunk_seqs} "
                f"x {self.rows_per_seq} positions); raise tokens or lower chunk_seqs")
+        _check(self.dataset.packing in PACKINGS,
+               f"unknown dataset.packing {self.dataset.packing!r}; choose one of {', '.join(PACKINGS)}")
         _check(isinstance(self.dataset.shuffle_buffer, int) and self.dataset.shuffle_buffer >= 0,
                "dataset.shuffle_buffer must be an integer >= 0")
 

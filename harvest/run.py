@@ -118,6 +118,7 @@ def harvest(cfg: HarvestConfig) -> Result:
     packer = text.Packer(
         text.iter_documents(cfg.dataset, cfg.seed), tokenizer, cfg.context_size,
         text.separator_id(tokenizer, cfg.dataset.separator), text.PackState(**writer.pack_state),
+        packing=cfg.dataset.packing,
     )
 
     bar = tqdm(total=L.n_rows, initial=writer.chunks_done * L.chunk_rows, unit="tok", unit_scale=True,

@@ -3,7 +3,7 @@
 Documents come from a hub dataset (streamed), local files (.txt/.jsonl/.json/.parquet, read by
 `datasets`) or the embedded offline corpus (a local .jsonl). They are tokenized, each preceded by
 one separator token, concatenated, and cut into sequences of exactly `context_size` tokens:
-no padding exists anywhere. The `Packer` state (documents consumed + leftover tokens) is small and
+no padding exists anywhere (see `Packer` for the two ways of cutting). The `Packer` state (documents consumed + leftover tokens) is small and
 exact, so a resumed harvest continues the stream at the very token where it stopped.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from harvest.config import DatasetConfig, HarvestError
+from harvest.config import PACKINGS, DatasetConfig, HarvestError
 from harvest.hub import MISSING_PATH_HINT, OFFLINE_HINT, hub_reachable, looks_like_path
 
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -98,8 +98,15 @@ class PackState:
 class Packer:
     """Cuts a stream of documents into sequences of `context_size` token ids.
 
-    Each document contributes [separator] + its tokens. Documents are tokenized in batches for
-    speed; only documents wholly moved into the buffer count as consumed.
+    packing="document": every sequence is [separator] + the next context_size - 1 tokens of ONE
+      document; a document's tail shorter than that is dropped. The separator (an attention sink
+      with a huge-norm activation, like any first token) is then always at position 0, which the
+      harvest excludes.
+    packing="concat": documents are concatenated, each as [separator] + its tokens, and cut
+      every context_size tokens; nothing is dropped, but separators land mid-sequence.
+
+    Documents are tokenized in batches for speed; only documents wholly moved into the buffer
+    count as consumed, so (docs_consumed, carry) is an exact resume point.
     """
 
     def __init__(
@@ -110,7 +117,10 @@ class Packer:
         separator_id: int,
         state: PackState | None = None,
         tokenize_batch: int = 64,
+        packing: str = "concat",
     ):
+        assert packing in PACKINGS, packing
+        self._packing = packing
         self.state = PackState(state.docs_consumed, list(state.carry)) if state else PackState()
         self._docs = itertools.islice(iter(documents), self.state.docs_consumed, None)
         self._tokenizer = tokenizer
@@ -131,6 +141,9 @@ class Packer:
 
     def take(self, n: int) -> np.ndarray:
         """Up to n sequences [n', context_size] int64 (n' < n only when the text runs out)."""
+        return self._take_document(n) if self._packing == "document" else self._take_concat(n)
+
+    def _take_concat(self, n: int) -> np.ndarray:
         need = n * self._ctx
         parts = [self._buf]
         have = len(self._buf)
@@ -147,6 +160,25 @@ class Packer:
         self._buf = buf[n_out * self._ctx :]
         self.state.carry = self._buf.tolist()
         return out
+
+    def _take_document(self, n: int) -> np.ndarray:
+        body = self._ctx - 1
+        out = np.empty((n, self._ctx), dtype=np.int64)
+        out[:, 0] = self._sep
+        got = 0
+        while got < n:
+            if len(self._buf) < body:  # this document's tail is too short: next document
+                ids = self._next_document()
+                if ids is None:
+                    break
+                self._buf = np.asarray(ids, dtype=np.int64)
+                self.state.docs_consumed += 1
+                continue
+            out[got, 1:] = self._buf[:body]
+            self._buf = self._buf[body:]
+            got += 1
+        self.state.carry = self._buf.tolist()
+        return out[:got]
 
 
 def separator_id(tokenizer, separator: str | None) -> int:

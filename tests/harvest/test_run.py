@@ -32,6 +32,7 @@ def _digest(folder: Path) -> str:
     ({"store": "/proc/sys/harvest-store"}, "is not writable: cannot create anything in /proc/sys"),
     ({"codec": "gzip"}, "unknown codec"),
     ({"tokens": 1.5}, "tokens must be a whole number"),
+    ({"dataset.packing": "pad"}, "unknown dataset.packing 'pad'"),
 ])
 def test_bad_input_is_refused_before_any_work(tiny_gpt2, corpus_jsonl, tmp_path, extra, message):
     overrides = harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "s", **extra)

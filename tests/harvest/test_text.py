@@ -14,7 +14,8 @@ from tests.conftest import documents
 
 
 def _ds(name, **kw) -> DatasetConfig:
-    base = dict(name=str(name), config=None, split="train", text_field="text", separator=None, shuffle_buffer=0)
+    base = dict(name=str(name), config=None, split="train", text_field="text", separator=None, packing="concat",
+                shuffle_buffer=0)
     base.update(kw)
     return DatasetConfig(**base)
 
@@ -30,14 +31,28 @@ def test_packing_is_separator_plus_tokens_cut_without_padding(tokenizer_dir):
     np.testing.assert_array_equal(seqs.reshape(-1), expected[: n * 16])
 
 
-def test_resumed_packer_continues_exactly(tokenizer_dir):
+def test_document_packing_puts_the_separator_only_at_position_0(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    docs = documents(30)
+    sep = separator_id(tok, None)
+    seqs = Packer(docs, tok, 16, sep, tokenize_batch=7, packing="document").take(1000)
+    assert (seqs[:, 0] == sep).all() and not (seqs[:, 1:] == sep).any()
+    expected = []
+    for d in docs:  # each document gives its whole 15-token pieces; the tail is dropped
+        ids = tok(d, add_special_tokens=False).input_ids
+        expected += [ids[i : i + 15] for i in range(0, len(ids) - 14, 15)]
+    np.testing.assert_array_equal(seqs[:, 1:], np.array(expected))
+
+
+@pytest.mark.parametrize("packing", ["document", "concat"])
+def test_resumed_packer_continues_exactly(tokenizer_dir, packing):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     docs = documents(60)
-    full = Packer(docs, tok, 16, 0).take(120)
-    first = Packer(docs, tok, 16, 0)
+    full = Packer(docs, tok, 16, 0, packing=packing).take(120)
+    first = Packer(docs, tok, 16, 0, packing=packing)
     a = first.take(37)
     state = PackState(first.state.docs_consumed, list(first.state.carry))
-    b = Packer(docs, tok, 16, 0, state=state).take(83)
+    b = Packer(docs, tok, 16, 0, state=state, packing=packing).take(83)
     np.testing.assert_array_equal(np.concatenate([a, b]), full)
 
 
