@@ -55,10 +55,8 @@ class DeadLatents:
 
     def update(self, out: Output, batch: int) -> None:
         self.tokens += batch
-        if out.idx is not None:
-            fired = out.idx[out.vals > 0]
-        else:
-            fired = (out.codes > 0).any(dim=0).nonzero(as_tuple=True)[0]
+        c = out.codes
+        fired = c.idx[c.active()] if c.idx is not None else c.active().any(dim=0).nonzero(as_tuple=True)[0]
         self.last[fired] = self.tokens
 
     def fraction(self) -> float:
@@ -67,8 +65,7 @@ class DeadLatents:
 
 def l0(out: Output) -> float:
     """Mean number of non-zero codes per token (after the TopK or the gate)."""
-    active = (out.vals > 0) if out.vals is not None else (out.codes > 0)
-    return active.sum(-1).float().mean().item()
+    return out.codes.active().sum(-1).float().mean().item()
 
 
 def _save_checkpoint(run_dir: Path, payload: dict) -> None:

@@ -24,7 +24,7 @@ def test_topk_equals_a_per_token_derivation():
         z = torch.zeros(32)
         z[top] = pre[top].relu()
         torch.testing.assert_close(out.recon[b], sae.W_dec.T @ z + sae.b_pre, rtol=1e-5, atol=1e-5)
-        assert set(out.idx[b].tolist()) == set(top.tolist())
+        assert set(out.codes.idx[b].tolist()) == set(top.tolist())
     torch.testing.assert_close(out.losses["mse"], (x - out.recon).pow(2).sum(-1).mean())
 
 
@@ -47,13 +47,14 @@ def test_switch_equals_eq_3_4_per_token():
         z[top] = pre[top].relu()
         expected = p[i] * (sae.W_dec[i].T @ z) + sae.b_pre
         torch.testing.assert_close(out.recon[b], expected, rtol=1e-5, atol=1e-5)
-        assert out.expert[b] == i and set(out.idx[b].tolist()) == set((top + 16 * i).tolist())
+        assert out.codes.expert[b] == i and set(out.codes.idx[b].tolist()) == set((top + 16 * i).tolist())
         p_all.append(p)
     P = torch.stack(p_all).mean(0)
-    f = torch.bincount(out.expert, minlength=4).float() / len(x)
+    f = torch.bincount(out.codes.expert, minlength=4).float() / len(x)
     torch.testing.assert_close(out.losses["aux"], 4 * (f * P).sum())
     torch.testing.assert_close(out.losses["loss"], out.losses["mse"] + 3.0 * 8 * out.losses["aux"])
     torch.testing.assert_close(out.stats["expert_load"], f)
+    torch.testing.assert_close(sae.decode(sae.encode(x)), out.recon)  # encode/decode compose to forward
 
 
 def test_switch_aux_loss_is_1_when_uniform_and_n_when_collapsed():
@@ -118,7 +119,7 @@ def test_gated_equals_its_definition_and_aux_trains_only_the_gate():
     f = (pi > 0).float() * mag
     torch.testing.assert_close(out.recon, f @ sae.W_dec + sae.b_pre)
     torch.testing.assert_close(out.losses["l1"], torch.relu(pi).sum(1).mean())
-    assert 0 < (out.codes > 0).float().mean() < 1
+    assert 0 < out.codes.active().float().mean() < 1
     out.losses["aux"].backward()
     assert sae.W_dec.grad is None and sae.W_gate.grad.abs().sum() > 0 and sae.r_mag.grad is None
 

@@ -17,28 +17,41 @@ from torch import nn
 
 
 @dataclass
-class Output:
-    """What every SAE's forward returns.
+class Codes:
+    """What `encode` returns and `decode` takes: the sparse code of a batch.
 
-    recon  [B, d]  reconstruction x_hat
-    idx    [B, k]  int64 indices of the active latents in 0..M-1 (sparse codes), or None
-    vals   [B, k]  their values, or None
-    codes  [B, M]  dense codes (architectures without a fixed k), or None
+    idx    [B, k]  int64 indices of the active latents in 0..M-1 (TopK-style SAEs), or None
+    vals   [B, k]  their values (for Switch already multiplied by the router gate p_i*), or None
+    dense  [B, M]  dense codes (ReLU, Gated), or None
     expert [B]     chosen expert per token (Switch), or None
-    losses         scalar terms; "loss" is the total that is optimised, "mse" is always present
+    probs  [B, N]  router probabilities (Switch), or None
     """
 
-    recon: torch.Tensor
-    losses: dict[str, torch.Tensor]
     idx: torch.Tensor | None = None
     vals: torch.Tensor | None = None
-    codes: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
     expert: torch.Tensor | None = None
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # e.g. expert load [N]
+    probs: torch.Tensor | None = None
+
+    def active(self) -> torch.Tensor:
+        """[B, k] or [B, M] bool: which of the returned codes are non-zero."""
+        return self.vals > 0 if self.vals is not None else self.dense > 0
+
+
+@dataclass
+class Output:
+    """What every SAE's forward returns: recon [B, d], the codes, scalar loss terms ("loss" is the
+    total that is optimised, "mse" is always present) and per-batch statistics (e.g. expert load)."""
+
+    recon: torch.Tensor
+    codes: Codes
+    losses: dict[str, torch.Tensor]
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class SAE(nn.Module):
-    """Base class: subclasses define __init__(d, ...), encode, decode, forward and `config()`."""
+    """Base class: subclasses define __init__(d, ...), encode(x) -> Codes, decode(Codes) -> [B, d],
+    forward(x) -> Output and config()."""
 
     arch: ClassVar[str]
 
@@ -69,6 +82,12 @@ class SAE(nn.Module):
         from train.recipe import geometric_median
 
         self.b_pre.copy_(geometric_median(x))
+
+    def encode(self, x: torch.Tensor) -> Codes:
+        raise NotImplementedError
+
+    def decode(self, codes: Codes) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> Output:
         raise NotImplementedError

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.saes.base import SAE, Output, register
+from train.saes.base import SAE, Codes, Output, register
 from train.saes.topk import init_tied_
 
 
@@ -49,17 +49,18 @@ class GatedSAE(SAE):
         gate_in = (x - self.b_pre) @ self.W_gate.T
         return gate_in + self.b_gate, gate_in * self.r_mag.exp() + self.b_mag
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> Codes:
         """x [B, d] -> dense codes [B, M]."""
         pi, mag = self._pre(x)
-        return (pi > 0).to(x.dtype) * torch.relu(mag)
+        return Codes(dense=(pi > 0).to(x.dtype) * torch.relu(mag))
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes @ self.W_dec + self.b_pre
+    def decode(self, codes: Codes) -> torch.Tensor:
+        """-> x_hat [B, d]."""
+        return codes.dense @ self.W_dec + self.b_pre
 
     def forward(self, x: torch.Tensor) -> Output:
         pi, mag = self._pre(x)
-        codes = (pi > 0).to(x.dtype) * torch.relu(mag)
+        codes = Codes(dense=(pi > 0).to(x.dtype) * torch.relu(mag))
         recon = self.decode(codes)
         mse = (x - recon).pow(2).sum(-1).mean()
         gate_act = torch.relu(pi)
@@ -67,4 +68,4 @@ class GatedSAE(SAE):
         aux_recon = gate_act @ self.W_dec.detach() + self.b_pre.detach()
         aux = (x - aux_recon).pow(2).sum(-1).mean()
         loss = mse + self.l1_coeff * l1 + aux
-        return Output(recon=recon, losses={"loss": loss, "mse": mse, "l1": l1, "aux": aux}, codes=codes)
+        return Output(recon=recon, codes=codes, losses={"loss": loss, "mse": mse, "l1": l1, "aux": aux})

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from train.recipe import normalize_rows_
-from train.saes.base import SAE, Output, register
+from train.saes.base import SAE, Codes, Output, register
 
 
 @register
@@ -46,16 +46,17 @@ class ReLUSAE(SAE):
         ramp = self.warmup_frac * steps
         self.l1_now.fill_(self.l1_coeff * (min(1.0, step / ramp) if ramp > 0 else 1.0))
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> Codes:
         """x [B, d] -> dense codes [B, M]."""
-        return torch.relu(x @ self.W_enc.T + self.b_enc)
+        return Codes(dense=torch.relu(x @ self.W_enc.T + self.b_enc))
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes @ self.W_dec + self.b_pre
+    def decode(self, codes: Codes) -> torch.Tensor:
+        """-> x_hat [B, d]."""
+        return codes.dense @ self.W_dec + self.b_pre
 
     def forward(self, x: torch.Tensor) -> Output:
         codes = self.encode(x)
         recon = self.decode(codes)
         mse = (x - recon).pow(2).sum(-1).mean()
-        l1 = (codes * self.W_dec.norm(dim=-1)).sum(-1).mean()
-        return Output(recon=recon, losses={"loss": mse + self.l1_now * l1, "mse": mse, "l1": l1}, codes=codes)
+        l1 = (codes.dense * self.W_dec.norm(dim=-1)).sum(-1).mean()
+        return Output(recon=recon, codes=codes, losses={"loss": mse + self.l1_now * l1, "mse": mse, "l1": l1})

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.saes.base import SAE, Output, register
+from train.saes.base import SAE, Codes, Output, register
 from train.saes.topk import decode_rows, init_tied_, topk_relu
 from train.recipe import geometric_median
 
@@ -62,8 +62,10 @@ class SwitchSAE(SAE):
         p = torch.softmax((x - self.b_router) @ self.W_router.T, dim=-1)
         return p, p.argmax(dim=-1)
 
-    def encode(self, x: torch.Tensor, expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, d], expert [B] -> (vals [B, k], global latent idx [B, k] in 0..M-1)."""
+    def encode(self, x: torch.Tensor) -> Codes:
+        """x [B, d] -> expert [B], probs [B, N], global latent idx [B, k] in 0..M-1 and vals [B, k]
+        already multiplied by the gate p_i* (so decoding is linear and the router gets gradient)."""
+        probs, expert = self.route(x)
         vals = x.new_empty(len(x), self.k)
         idx = torch.empty(len(x), self.k, dtype=torch.long, device=x.device)
         xc = x - self.b_pre
@@ -74,20 +76,19 @@ class SwitchSAE(SAE):
             v, j = topk_relu(xc[rows] @ self.W_enc[i].T, self.k)  # [n_i, e] pre-activations only
             vals[rows] = v
             idx[rows] = j + i * self.expert_width
-        return vals, idx
+        gate = probs.gather(1, expert[:, None])  # [B, 1]: p_i*
+        return Codes(idx=idx, vals=gate * vals, expert=expert, probs=probs)
 
-    def decode(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-        """(global idx, vals) [B, k] -> the experts' reconstructions [B, d] (no gate, no b_pre)."""
-        return decode_rows(idx, vals, self.W_dec.view(-1, self.d))
+    def decode(self, codes: Codes) -> torch.Tensor:
+        """-> x_hat [B, d] = p_i* E_i*(x - b_pre) + b_pre (the gate is in the values)."""
+        return decode_rows(codes.idx, codes.vals, self.W_dec.view(-1, self.d)) + self.b_pre
 
     def forward(self, x: torch.Tensor) -> Output:
-        p, expert = self.route(x)
-        vals, idx = self.encode(x, expert)
-        gate = p.gather(1, expert[:, None])  # [B, 1]: p_i*, keeps the router differentiable
-        recon = gate * self.decode(idx, vals) + self.b_pre
+        codes = self.encode(x)
+        recon = self.decode(codes)
         mse = (x - recon).pow(2).sum(-1).mean()
-        load = torch.bincount(expert, minlength=self.n_experts).to(x.dtype) / len(x)  # f_i
-        aux = self.n_experts * (load * p.mean(dim=0)).sum()
+        load = torch.bincount(codes.expert, minlength=self.n_experts).to(x.dtype) / len(x)  # f_i
+        aux = self.n_experts * (load * codes.probs.mean(dim=0)).sum()
         loss = mse + self.alpha * self.d * aux
-        return Output(recon=recon, losses={"loss": loss, "mse": mse, "aux": aux}, idx=idx, vals=vals,
-                      expert=expert, stats={"expert_load": load})
+        return Output(recon=recon, codes=codes, losses={"loss": loss, "mse": mse, "aux": aux},
+                      stats={"expert_load": load})

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from train.recipe import normalize_rows_
-from train.saes.base import SAE, Output, register
+from train.saes.base import SAE, Codes, Output, register
 
 
 def topk_relu(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,16 +54,17 @@ class TopKSAE(SAE):
     def unit_norm_decoders(self) -> list[nn.Parameter]:
         return [self.W_dec]
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, d] -> (vals [B, k], idx [B, k])."""
-        return topk_relu((x - self.b_pre) @ self.W_enc.T + self.b_enc, self.k)
+    def encode(self, x: torch.Tensor) -> Codes:
+        """x [B, d] -> idx, vals [B, k]."""
+        vals, idx = topk_relu((x - self.b_pre) @ self.W_enc.T + self.b_enc, self.k)
+        return Codes(idx=idx, vals=vals)
 
-    def decode(self, idx: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:
-        """(idx, vals) [B, k] -> x_hat [B, d]."""
-        return decode_rows(idx, vals, self.W_dec) + self.b_pre
+    def decode(self, codes: Codes) -> torch.Tensor:
+        """-> x_hat [B, d]."""
+        return decode_rows(codes.idx, codes.vals, self.W_dec) + self.b_pre
 
     def forward(self, x: torch.Tensor) -> Output:
-        vals, idx = self.encode(x)
-        recon = self.decode(idx, vals)
+        codes = self.encode(x)
+        recon = self.decode(codes)
         mse = (x - recon).pow(2).sum(-1).mean()
-        return Output(recon=recon, losses={"loss": mse, "mse": mse}, idx=idx, vals=vals)
+        return Output(recon=recon, codes=codes, losses={"loss": mse, "mse": mse})
