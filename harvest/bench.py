@@ -130,8 +130,8 @@ def main() -> None:
     n_tok = seqs.numel()
     rate = {k: n_tok / statistics.median(v) for k, v in times.items()}
     # this machine's speed drifts by up to 2x over tens of seconds: ratios are taken within each round
-    b_over_a = statistics.median(a / b for a, b in zip(times["a"], times["b"]))
-    a_over_c = statistics.median(c / a for a, c in zip(times["a"], times["c"]))
+    b_over_a = statistics.median(a / b for a, b in zip(times["a"], times["b"], strict=True))
+    a_over_c = statistics.median(c / a for a, c in zip(times["a"], times["c"], strict=True))
     report = {
         "device": str(device), "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
         "model": cfg.model, "layer": cfg.layer, "n_layers": s.attrs["n_layers"], "rounds": args.rounds,

@@ -91,7 +91,7 @@ def test_resumed_run_ends_with_the_same_weights(store, tmp_path, monkeypatch, mo
     monkeypatch.setattr(loop.DeadLatents, "update", real_update)
     train(cfg, tmp_path / "killed")
     a, b = load(tmp_path / "straight" / "sae"), load(tmp_path / "killed" / "sae")
-    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(p, q), name
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # the redone steps were not logged twice
@@ -107,6 +107,16 @@ def test_resumed_run_ends_with_the_same_weights(store, tmp_path, monkeypatch, mo
 def test_bad_input_is_refused(store, tmp_path, overrides, message):
     with pytest.raises(TrainError, match=message):
         train(make_cfg(store, *overrides), tmp_path / "run")
+
+
+def test_a_half_written_checkpoint_is_ignored_on_resume(store, tmp_path):
+    """A kill while saving leaves only checkpoint.pt.tmp; checkpoint.pt is the last complete one."""
+    cfg = make_cfg(store, "model.width=64", "model.k=4", "steps=20", "checkpoint_every=10")
+    train(cfg, tmp_path / "run")
+    (tmp_path / "run" / "done.json").unlink()
+    (tmp_path / "run" / "checkpoint.pt.tmp").write_bytes(b"\x80\x02 truncated")
+    train(cfg, tmp_path / "run")  # resumes at step 20 from checkpoint.pt and finishes at once
+    assert json.loads((tmp_path / "run" / "done.json").read_text())["step"] == 20
 
 
 def test_resuming_on_a_store_with_another_d_is_refused(store, tmp_path):
