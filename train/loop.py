@@ -124,7 +124,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> Path:
     if step == 0:
         sae.init_from_batch(next(iter(Batches(store, train_ids, cfg.batch_size, cfg.seed, cfg.data.window_chunks))))
     dtype = getattr(torch, cfg.dtype)
-    params = [p for p in sae.parameters()]
+    params = list(sae.parameters())
     last_good = step
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model['arch']}", disable=not cfg.progress)
     t_log, tokens_log = time.perf_counter(), 0
