@@ -5,7 +5,9 @@
 
 import os
 
-# MKL may pick a different code path per call (data alignment, threads in use), which can move a
-# float32 result by one ulp. Conditional numerical reproducibility fixes the path, so a resumed
-# harvest writes bit-identical rows on the same CPU. Must be set before torch loads MKL.
+# MKL may pick a different code path (data alignment) or number of threads (when the machine is
+# busy) per call, which can move a float32 result by one ulp; measured here as a few differing
+# float16 values in a resumed harvest. Fixing both makes a resumed harvest write bit-identical rows
+# on the same CPU. Must be set before torch loads MKL.
 os.environ.setdefault("MKL_CBWR", "AUTO")
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")

@@ -1,6 +1,7 @@
 """`python -m harvest` as a user runs it: one-line errors, and resume after kill -9."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -8,9 +9,8 @@ import time
 
 import numpy as np
 
-from harvest.run import harvest
 from harvest.store import ActivationStore
-from tests.conftest import ROOT, compose, harvest_overrides, run_cli
+from tests.conftest import ROOT, harvest_overrides, run_cli
 
 
 def test_paper_preset_without_hub_names_the_offline_preset(tmp_path):
@@ -35,28 +35,40 @@ def _progress(store) -> int:
 
 
 def test_kill_9_at_any_moment_then_resume_gives_the_uninterrupted_store(tiny_gpt2, corpus_jsonl, tmp_path):
-    """Kill the harvest three times mid-run (chunks are written every few ms, so kills land inside
-    writes too); each re-run resumes; the result equals an uninterrupted harvest byte for byte."""
+    """Kill the harvest up to three times mid-run (chunks are written every few ms, so kills land inside
+    writes too); each re-run resumes; the result equals an uninterrupted harvest byte for byte.
+
+    Every process computes on one thread: with two, MKL's float32 results occasionally differ in the
+    last bit between processes on a busy machine (seen as 1-ulp float16 differences in a few values),
+    which is not what this test is about."""
+    one_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     args = harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "killed", tokens=3000)  # 100 chunks
-    for kill_after in (3, 30, 65):
-        proc = subprocess.Popen([sys.executable, "-m", "harvest", *args], cwd=ROOT,
+    kills = 0
+    for kill_after in (3, 25, 50):
+        proc = subprocess.Popen([sys.executable, "-m", "harvest", *args], cwd=ROOT, env={**os.environ, **one_thread},
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while _progress(tmp_path / "killed") < kill_after and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.002)
+            time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         done = _progress(tmp_path / "killed")
-        assert kill_after <= done < 100, f"kill landed at chunk {done}"
+        assert done >= kill_after, f"the harvest stopped at chunk {done} before the kill"
+        if done == 100:
+            break  # this kill came after the last chunk (a slow poll on a busy machine)
+        kills += 1
         assert not ActivationStore(tmp_path / "killed").complete
-    out = run_cli(args)
+    assert kills >= 1
+    out = run_cli(args, env=one_thread)
     assert out.returncode == 0, out.stderr
-
-    harvest(compose(harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "clean", tokens=3000)))
+    out = run_cli(harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "clean", tokens=3000), env=one_thread)
+    assert out.returncode == 0, out.stderr
     killed, clean = ActivationStore(tmp_path / "killed"), ActivationStore(tmp_path / "clean")
     assert killed.complete and killed.n_rows == clean.n_rows == 3000
-    for name in ("acts", "tokens", "contexts"):
-        np.testing.assert_array_equal(killed.group[name][:], clean.group[name][:])
+    for name in ("contexts", "tokens", "acts"):
+        a, b = killed.group[name][:], clean.group[name][:]
+        differing = sorted({int(r) // 30 for r in np.nonzero((a != b).reshape(len(a), -1).any(1))[0]})
+        assert not differing, f"{name} differs in chunks {differing} (kills: {kills})"
     for key in ("mean", "var", "n_tokens", "progress"):
         assert killed.attrs[key] == clean.attrs[key]
     assert not list((tmp_path / "killed").rglob("*.partial"))
