@@ -8,6 +8,7 @@ resume=false); a finished run is skipped, which makes re-launched sweeps resume 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -121,8 +122,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> Path:
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg.to_dict()))
 
     batches = iter(Batches(store, train_ids, cfg.batch_size, cfg.seed, cfg.data.window_chunks, step, device))
+    first = next(batches)
     if step == 0:
-        sae.init_from_batch(next(iter(Batches(store, train_ids, cfg.batch_size, cfg.seed, cfg.data.window_chunks))))
+        sae.init_from_batch(first)  # b_pre (and b_router) from the first training batch
+    batches = itertools.chain([first], batches)
     dtype = getattr(torch, cfg.dtype)
     params = list(sae.parameters())
     last_good = step
