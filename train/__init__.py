@@ -1,1 +1,4 @@
-"""Stage 2: train Switch, TopK, ReLU and Gated SAEs on a harvest store (issue [2 of 6], not built yet)."""
+"""Stage 2: train Switch, TopK, ReLU and Gated SAEs on a harvest store.
+
+`python -m train` is the Hydra entry; `train.saes.load(folder)` loads a trained SAE in one call.
+"""
