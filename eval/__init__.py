@@ -1,1 +1,7 @@
-"""Stage 3: metrics, FLOP accounting, CE loss recovered and plots (issue [3 of 6], not built yet)."""
+"""Stage 3: evaluation of trained SAEs.
+
+- `python -m eval run=<run>`: reconstruction metrics (eval/metrics.py), CE loss recovered (eval/ce.py)
+  and FLOP / parameter counts (eval/flops.py) on the store's held-out chunks -> `<run>/eval.json`.
+- `python -m eval.report sweep=<dir>`: Pareto and scaling plots + report.md over many runs.
+- `python -m eval.demo`: the offline demo, from harvest to report.
+"""

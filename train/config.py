@@ -33,6 +33,7 @@ class DataConfig:
     eval_frac: float
     window_chunks: int
     allow_incomplete: bool
+    outlier_factor: float | None
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ class TrainConfig:
             (self.lr is None or self.lr > 0, f"lr must be > 0 or null, got {self.lr}"),
             (0 <= self.lr_decay_frac <= 1, f"lr_decay_frac must be in [0, 1], got {self.lr_decay_frac}"),
             (0 <= self.data.eval_frac < 1, f"data.eval_frac must be in [0, 1), got {self.data.eval_frac}"),
+            (self.data.outlier_factor is None or self.data.outlier_factor > 1,
+             f"data.outlier_factor must be > 1 or null, got {self.data.outlier_factor}"),
             (self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1"),
             (self.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {self.dtype!r}"),
         ]

@@ -9,6 +9,12 @@ run restarts at any step without replaying anything: its whole data position is 
 Memory: at most two windows (the one being served and the one a background thread reads ahead),
 kept in the store's 16-bit dtype; independent of the store's size.
 
+Outlier rows: some LMs write a few activations with hundreds of times the typical norm (massive
+activations: SmolLM2 at mid-sequence separators and early "." / "\n" tokens, ~0.1% of rows, ~90% of
+the variance). With `cut` set, rows whose norm exceeds it are left out: each is replaced by another
+(seeded, random) row of the same window, so batches keep their size and the stream stays a pure
+function of the step. `norm_cut` gives the cut; eval uses the same one and reports what it dropped.
+
 Held-out chunks (for evaluation, never trained on): every `period`-th chunk, period = round(1 /
 eval_frac), so the held-out set is spread over the corpus and stays the same if the store grows.
 """
@@ -33,16 +39,31 @@ def split_chunks(n_chunks: int, eval_frac: float) -> tuple[list[int], list[int]]
     return [i for i in range(n_chunks) if i % period != period - 1], held
 
 
+def norm_cut(store: ActivationStore, factor: float | None) -> float | None:
+    """factor x the median row norm of chunk 0 (always a training chunk), or None (keep every row)."""
+    if factor is None:
+        return None
+    return float(factor * np.median(np.linalg.norm(store.read_chunk(0), axis=1)))
+
+
+def outliers(rows: np.ndarray, acts_dtype: str, cut: float | None) -> np.ndarray:
+    """rows [n, d] in the store's dtype -> bool [n]: which rows have a norm above the cut."""
+    if cut is None:
+        return np.zeros(len(rows), dtype=bool)
+    return np.linalg.norm(as_float(rows, acts_dtype), axis=1) > cut
+
+
 class Batches:
     """Iterates over training batches [batch_size, d] float32 from `start_step` on, forever."""
 
     def __init__(self, store: ActivationStore, chunk_ids: list[int], batch_size: int, seed: int,
-                 window_chunks: int = 8, start_step: int = 0, device: str | torch.device = "cpu"):
+                 window_chunks: int = 8, start_step: int = 0, device: str | torch.device = "cpu",
+                 cut: float | None = None):
         if not chunk_ids:
             raise ValueError("no training chunks")
         self.store, self.chunk_ids, self.batch_size, self.seed = store, list(chunk_ids), batch_size, seed
         self.window_chunks = min(window_chunks, len(chunk_ids))
-        self.start_step, self.device = start_step, torch.device(device)
+        self.start_step, self.device, self.cut = start_step, torch.device(device), cut
         self.epoch_rows = len(chunk_ids) * store.chunk_rows
         self.windows_per_epoch = -(-len(chunk_ids) // self.window_chunks)
 
@@ -51,9 +72,14 @@ class Batches:
         return order[w * self.window_chunks : (w + 1) * self.window_chunks].tolist()
 
     def _read_window(self, epoch: int, w: int) -> np.ndarray:
-        """Rows of window w of epoch e, permuted: [rows, d] in the store's dtype."""
+        """Rows of window w of epoch e, permuted, outliers replaced: [rows, d] in the store's dtype."""
         rows = np.concatenate([self.store.read_chunk_raw(i) for i in self._window_chunks(epoch, w)])
-        return rows[np.random.default_rng([self.seed, epoch, w, 1]).permutation(len(rows))]
+        rng = np.random.default_rng([self.seed, epoch, w, 1])
+        rows = rows[rng.permutation(len(rows))]
+        bad = outliers(rows, self.store.attrs["acts_dtype"], self.cut)
+        if bad.any():
+            rows[bad] = rows[rng.choice(np.flatnonzero(~bad), size=int(bad.sum()))]
+        return rows
 
     def _windows(self, epoch: int, w: int) -> Iterator[np.ndarray]:
         """Windows from (epoch, w) on, each read by a background thread while the previous is served."""
@@ -90,11 +116,20 @@ class Batches:
                     pending, have = [], 0
 
 
-def eval_rows(store: ActivationStore, chunk_ids: list[int], max_rows: int | None = None) -> Iterator[torch.Tensor]:
-    """The held-out chunks in order, as float32 [chunk_rows, d] tensors (at most max_rows rows)."""
+def eval_rows(store: ActivationStore, chunk_ids: list[int], max_rows: int | None = None,
+              cut: float | None = None, counts: dict[str, int] | None = None) -> Iterator[torch.Tensor]:
+    """The held-out chunks in order, as float32 [rows, d] tensors without the rows above the norm
+    cut (at most max_rows rows in all). `counts`, if given, receives "read" and "dropped" row counts."""
+    counts = {} if counts is None else counts
+    counts.update(read=0, dropped=0)
     seen = 0
     for i in chunk_ids:
         rows = store.read_chunk(i)
+        counts["read"] += len(rows)
+        if cut is not None:
+            keep = np.linalg.norm(rows, axis=1) <= cut
+            counts["dropped"] += int((~keep).sum())
+            rows = rows[keep]
         if max_rows is not None:
             rows = rows[: max_rows - seen]
         seen += len(rows)

@@ -1,6 +1,6 @@
 """The training loop: batches from the store -> SAE -> loss -> recipe step, with logs and checkpoints.
 
-A run directory holds `config.yaml` (resolved), `metrics.jsonl` (one line per logged step),
+A run directory holds `config.yaml` (resolved), `store.json` (which activations), `metrics.jsonl` (one line per logged step),
 `checkpoint.pt` (replaced atomically), and at the end `sae/` (weights + config, `train.saes.load`)
 and `done.json`. Launching into a directory with a checkpoint continues from it (unless
 resume=false); a finished run is skipped, which makes re-launched sweeps resume where they stopped.
@@ -21,7 +21,7 @@ from tqdm import tqdm
 from harvest.lm import autocast, pick_device
 from harvest.store import ActivationStore
 from train.config import TrainConfig, TrainError
-from train.loader import Batches, split_chunks
+from train.loader import Batches, norm_cut, split_chunks
 from train.recipe import default_lr, lr_factor, normalize_rows_, project_out_parallel_grad_
 from train.saes import SAE, Output, build, save
 
@@ -37,6 +37,12 @@ def open_store(cfg: TrainConfig) -> ActivationStore:
         raise TrainError(f"store {cfg.data.store} is incomplete ({store.n_rows:,} tokens so far); finish the harvest "
                          "or pass data.allow_incomplete=true")
     return store
+
+
+def store_identity(store: ActivationStore) -> dict:
+    """What a run records about its store, so that eval can refuse a different one."""
+    return {"path": str(store.path), **{k: store.attrs.get(k) for k in ("model", "layer", "site", "d_model",
+                                                                         "context_size", "first_pos")}}
 
 
 def _build(cfg: TrainConfig, d: int) -> SAE:
@@ -120,8 +126,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> Path:
         _drop_metrics_after(run_dir / "metrics.jsonl", step)
         print(f"resuming {run_dir} at step {step}")
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg.to_dict()))
+    (run_dir / "store.json").write_text(json.dumps(store_identity(store), indent=2))
 
-    batches = iter(Batches(store, train_ids, cfg.batch_size, cfg.seed, cfg.data.window_chunks, step, device))
+    cut = norm_cut(store, cfg.data.outlier_factor)
+    batches = iter(Batches(store, train_ids, cfg.batch_size, cfg.seed, cfg.data.window_chunks, step, device, cut))
     first = next(batches)
     if step == 0:
         sae.init_from_batch(first)  # b_pre (and b_router) from the first training batch

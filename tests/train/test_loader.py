@@ -3,11 +3,12 @@
 import numpy as np
 import pytest
 import torch
+import zarr
 
 from harvest.run import harvest
 from harvest.store import ActivationStore
 from tests.conftest import compose, harvest_overrides
-from train.loader import Batches, eval_rows, split_chunks
+from train.loader import Batches, eval_rows, norm_cut, split_chunks
 
 
 @pytest.fixture(scope="module", params=["blosc_zstd", "none"])
@@ -56,3 +57,28 @@ def test_eval_rows_are_the_held_out_chunks(store):
     rows = torch.cat(list(eval_rows(store, held)))
     np.testing.assert_array_equal(rows.numpy(), np.concatenate([store.read_chunk(i) for i in held]))
     assert len(torch.cat(list(eval_rows(store, held, max_rows=40)))) == 40
+
+
+def test_outlier_rows_are_replaced_in_training_and_dropped_in_eval(tmp_path):
+    from tests.train.test_loop import synthetic_store
+
+    store = ActivationStore(synthetic_store(tmp_path / "s", n_chunks=10, d=8))
+    rows = np.concatenate([store.read_chunk(i) for i in range(10)])
+    norms = np.linalg.norm(rows, axis=1)
+    cut = norm_cut(store, 10.0)
+    assert cut == pytest.approx(10 * np.median(np.linalg.norm(store.read_chunk(0), axis=1)))
+    assert norms.max() < cut  # no outliers yet: plant some by rewriting two chunks
+    big = store.read_chunk(2)
+    big[[0, 5, 7]] *= 100
+    zarr.open_group(tmp_path / "s", mode="r+")["acts"][2 * store.chunk_rows : 3 * store.chunk_rows] = big.astype(np.float16)
+    store = ActivationStore(tmp_path / "s")
+    train, held = split_chunks(10, 0.5)  # chunk 2 is a training chunk
+    assert 2 in train
+    stream = iter(Batches(store, train, batch_size=32, seed=0, window_chunks=5, cut=cut))
+    served = torch.cat([next(stream) for _ in range(len(train) * store.chunk_rows // 32)])
+    assert served.norm(dim=1).max() < cut and len(served) == (len(train) * store.chunk_rows // 32) * 32
+    plain = iter(Batches(store, train, batch_size=32, seed=0, window_chunks=5))
+    assert torch.cat([next(plain) for _ in range(len(train) * store.chunk_rows // 32)]).norm(dim=1).max() > cut
+    counts = {}
+    kept = torch.cat(list(eval_rows(store, [2, 3], cut=cut, counts=counts)))
+    assert counts == {"read": 2 * store.chunk_rows, "dropped": 3} and len(kept) == 2 * store.chunk_rows - 3

@@ -1,0 +1,160 @@
+"""FLOP and parameter accounting for every SAE architecture in `train.saes`.
+
+Conventions
+-----------
+* Costs are **per token** (one row of the activation batch); multiply by the batch size B.
+* A multiply-add is 2 FLOPs: an [a, b] x [b, c] matmul costs 2abc.
+* Only matmul-like work (mm, bmm, einsum) is counted. Elementwise ops, biases, ReLU, top-k
+  selection, gathers/scatters, softmax, norms and the losses are ignored. These are the same rules
+  as `torch.utils.flop_counter.FlopCounterMode`, and `tests/eval/test_flops.py` checks every
+  formula against it on the real modules.
+* Symbols: d input dims, M total latents, k active latents per token; for Switch, N experts and
+  e = M / N an expert's width (`expert_width`: width // N with `model.match=width`, the configured
+  `width` itself with `model.match=flops`, then M = N * e).
+* `forward` is inference: `sae.decode(sae.encode(x))`. `train` is one training step, forward +
+  backward of `sae(x).losses["loss"]` (what torch autograd runs on our code), optimizer excluded.
+* `sparse_backward=True` (topk and switch only) counts a backward that exploits the sparse code:
+  only the k active pre-activations get a gradient, so the encoder backward is two gathers of k
+  rows (grad of the k active W_enc rows, 2kd, and grad of the input, 2kd) instead of two dense
+  matmuls. It is the same 4kd for the dense TopK encoder as for a Switch expert. relu and gated have
+  dense codes and no such backward: asking for it raises ValueError.
+
+Formulas (FLOPs per token)
+--------------------------
+========  =================================  ==========================  ===========================
+arch      forward                            train (dense backward)      train (sparse backward)
+========  =================================  ==========================  ===========================
+topk      2dM + 2kd                          6dM + 6kd                   2dM + 10kd
+switch    2dN + 2de + 2kd                    6dN + 6de + 6kd             6dN + 2de + 10kd
+relu      4dM                                10dM                        (ValueError)
+gated     4dM                                16dM                        (ValueError)
+========  =================================  ==========================  ===========================
+
+Parameters: topk and relu 2Md + M + d; switch 2Md + Nd + 2d (W_enc, W_dec [N, e, d], W_router
+[N, d], b_router, b_pre); gated 2Md + 3M + d (b_gate, r_mag, b_mag).
+
+Where each term comes from (read with `train/saes/*.py`):
+
+* topk. Forward: encoder (x - b_pre) @ W_enc^T, 2dM; decoder einsum over the k gathered W_dec rows,
+  2kd. Backward: decoder, grad of vals 2kd + grad of the gathered W_dec rows 2kd; encoder, grad
+  W_enc 2dM + grad of (x - b_pre) 2dM. The input gradient is computed because b_pre is trained
+  (x itself needs none). Total 6dM + 6kd.
+* switch. Router (x - b_router) @ W_router^T: 2dN forward, 4dN backward (grad W_router, and grad of
+  x - b_router since b_router is trained). Each token goes through its own expert's encoder only:
+  2de forward, 4de backward (grad W_enc[i], grad of x - b_pre). Decoder as topk.
+* relu. Encoder x @ W_enc^T 2dM and decoder codes @ W_dec 2dM, both dense. Backward: decoder grad
+  W_dec 2dM + grad codes 2dM; encoder grad W_enc 2dM only. There is no input-gradient matmul,
+  because x has no trainable bias subtracted (so not 3 x forward = 12dM but 10dM).
+* gated. Inference: the shared gate matmul (x - b_pre) @ W_gate^T 2dM (the magnitude path
+  rescales it elementwise) + decoder 2dM. Training also runs the auxiliary reconstruction
+  ReLU(pi) @ W_dec.detach(), 2dM, so the module's forward is 6dM. Backward: decoder grad W_dec 2dM
+  + grad codes 2dM; auxiliary decoder grad of ReLU(pi) only, 2dM (W_dec is detached); gate matmul
+  grad W_gate 2dM + grad of x - b_pre 2dM. Total 6dM + 10dM = 16dM.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from train.saes import SAE
+
+ARCHS = ("topk", "switch", "relu", "gated")
+# which keyword arguments of `cost` each architecture takes (all are required)
+_ARGS: dict[str, tuple[str, ...]] = {
+    "topk": ("width", "k"),
+    "switch": ("n_experts", "expert_width", "k"),
+    "relu": ("width",),
+    "gated": ("width",),
+}
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Size and compute of one SAE, per token."""
+
+    params: int  # trainable parameter count (== sum(p.numel() for p in sae.parameters()))
+    forward: float  # FLOPs per token, forward (inference) pass: decode(encode(x))
+    train: float  # FLOPs per token, one training step (forward + backward), optimizer excluded
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if v < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return v
+
+
+def cost(arch: str, d: int, *, width: int | None = None, k: int | None = None, n_experts: int | None = None,
+         expert_width: int | None = None, sparse_backward: bool = False) -> Cost:
+    """Parameters and FLOPs per token of an `arch` SAE on d-dimensional inputs (see the module doc).
+
+    topk: width (M), k; switch: n_experts (N), expert_width (e), k; relu, gated: width (M).
+    Raises ValueError for an unknown arch, a missing, non-positive or inapplicable argument,
+    k larger than the (expert) width, or sparse_backward with relu/gated.
+    """
+    if arch not in _ARGS:
+        raise ValueError(f"unknown SAE architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    given = {"width": width, "k": k, "n_experts": n_experts, "expert_width": expert_width}
+    extra = [name for name, v in given.items() if v is not None and name not in _ARGS[arch]]
+    if extra:
+        raise ValueError(f"{arch} takes {', '.join(_ARGS[arch])}, not {', '.join(extra)}")
+    missing = [name for name in _ARGS[arch] if given[name] is None]
+    if missing:
+        raise ValueError(f"{arch} needs {', '.join(missing)}")
+    d = _positive("d", d)
+    a = {name: _positive(name, given[name]) for name in _ARGS[arch]}
+    if sparse_backward and arch in ("relu", "gated"):
+        raise ValueError(f"sparse_backward applies to topk and switch only; {arch} has dense codes")
+
+    if arch in ("topk", "switch"):
+        k = a["k"]
+        e = a["expert_width"] if arch == "switch" else a["width"]
+        if k > e:
+            raise ValueError(f"k={k} must be at most the {'expert ' if arch == 'switch' else ''}width {e}")
+        decoder = 2 * k * d  # einsum over the k gathered decoder rows
+        if arch == "topk":
+            m = e
+            params = 2 * m * d + m + d  # W_enc, W_dec [M, d]; b_enc [M]; b_pre [d]
+            router_fwd = router_bwd = 0
+        else:
+            n = a["n_experts"]
+            m = n * e
+            params = 2 * m * d + n * d + 2 * d  # W_enc, W_dec [N, e, d]; W_router [N, d]; b_router, b_pre [d]
+            router_fwd, router_bwd = 2 * d * n, 4 * d * n
+        encoder = 2 * d * e  # per token: the whole encoder (topk), or the token's own expert (switch)
+        forward = router_fwd + encoder + decoder
+        # decoder backward: grad of vals + grad of the gathered W_dec rows
+        decoder_bwd = 2 * decoder
+        # encoder backward: grad W_enc + grad of x - b_pre; dense over e (or M) latents, or only k
+        encoder_bwd = 2 * (2 * k * d if sparse_backward else encoder)
+        train = forward + router_bwd + decoder_bwd + encoder_bwd
+    else:
+        m = a["width"]
+        if arch == "relu":
+            params = 2 * m * d + m + d  # W_enc, W_dec [M, d]; b_enc [M]; b_pre [d]
+            forward = 4 * d * m  # encoder + decoder, dense
+            train = forward + 6 * d * m  # grad W_dec, grad codes, grad W_enc (no input gradient)
+        else:
+            params = 2 * m * d + 3 * m + d  # W_gate, W_dec [M, d]; b_gate, r_mag, b_mag [M]; b_pre [d]
+            forward = 4 * d * m  # gate matmul + decoder
+            # + aux reconstruction 2dM; backward: grad W_dec, grad codes, aux grad of ReLU(pi)
+            # (W_dec detached: no weight gradient), grad W_gate, grad of x - b_pre
+            train = forward + 2 * d * m + 10 * d * m
+    return Cost(params=params, forward=float(forward), train=float(train))
+
+
+def sae_cost(sae: SAE, sparse_backward: bool = False) -> Cost:
+    """`cost` of a built SAE, from `sae.arch` and `sae.config()`."""
+    arch = getattr(sae, "arch", None)
+    if arch not in _ARGS:
+        raise ValueError(f"unknown SAE architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    config = sae.config()
+    return cost(arch, config["d"], **{name: config[name] for name in _ARGS[arch]}, sparse_backward=sparse_backward)

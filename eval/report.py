@@ -1,0 +1,311 @@
+"""`python -m eval.report sweep=<dir> [out=<dir>] [title=...]`: plots and a Markdown report of a sweep.
+
+Every `eval.json` under the sweep folder (searched recursively) is one evaluated run; its folder
+relative to the sweep is the run's label. `build_report` writes, into `out`:
+
+- `pareto.png`: the paper's Figure 3, a 2x2 grid: MSE and 1 - loss recovered against L0, for
+  width-matched runs (left) and FLOP-matched runs (right); TopK, ReLU and Gated runs appear in both.
+- `scaling.png`: the paper's Figure 1: MSE against training FLOPs and against parameters, TopK and
+  Switch (one series per N; FLOP-matched Switch points drawn hollow).
+- `report.md`: title, a summary line, the distinct evaluation notes, both images, one table row per run.
+- `runs.csv`: the same table with unrounded numbers.
+
+Every eval.json is read and checked before anything is written; bad input raises `ReportError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+ARCHS = ("topk", "switch", "relu", "gated")
+ARCH_NAMES = {"topk": "TopK", "switch": "Switch", "relu": "ReLU", "gated": "Gated"}
+REQUIRED = ("arch", "n_latents", "l0", "mse")
+INT_KEYS = ("n_latents", "k", "n_experts", "d", "train_steps", "train_tokens", "params", "eval_tokens", "ce_tokens")
+FLOAT_KEYS = ("mse", "nmse", "fve", "l0", "dead_frac", "expert_entropy", "flops_forward_per_token",
+              "flops_train_per_token", "train_flops", "ce_clean", "ce_sae", "ce_zero", "loss_recovered",
+              "delta_ce", "kl", "outlier_frac")
+MISSING = "—"
+
+
+class ReportError(Exception):
+    """Bad input for the report: no sweep folder, no eval.json in it, or a malformed eval.json."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One evaluated run: its label (folder relative to the sweep) and the contents of its eval.json."""
+
+    label: str
+    data: dict[str, Any]
+
+    def get(self, key: str) -> Any:
+        return self.data.get(key)
+
+    @property
+    def series(self) -> str:
+        """Legend name: the architecture, and for Switch also N ("Switch N=8")."""
+        name = ARCH_NAMES[self.data["arch"]]
+        return f"{name} N={self.data.get('n_experts')}" if self.data["arch"] == "switch" else name
+
+    @property
+    def sort_key(self) -> tuple:
+        d = self.data
+        return (d["arch"], d.get("match") or "", d.get("n_experts") or 0, d["n_latents"], d.get("k") or 0, self.label)
+
+
+# --------------------------------------------------------------------------------------- input
+
+def _check(path: Path, data: Any) -> dict[str, Any]:
+    """Return `data` if it follows the eval.json schema closely enough to report; else ReportError."""
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    missing = [k for k in REQUIRED if data.get(k) is None]
+    if missing:
+        raise ReportError(f"{path}: missing {', '.join(missing)}")
+    if data["arch"] not in ARCHS:
+        raise ReportError(f"{path}: arch must be one of {', '.join(ARCHS)}, got {data['arch']!r}")
+    for key in INT_KEYS + FLOAT_KEYS:
+        value = data.get(key)
+        ok = (int,) if key in INT_KEYS else (int, float)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, ok)):
+            raise ReportError(f"{path}: {key} must be a number or null, got {value!r}")
+    if data.get("match") not in (None, "width", "flops"):
+        raise ReportError(f"{path}: match must be width, flops or null, got {data['match']!r}")
+    if data["arch"] == "switch" and data.get("n_experts") is None:
+        raise ReportError(f"{path}: a switch run needs n_experts")
+    notes = data.get("notes") or []
+    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
+        raise ReportError(f"{path}: notes must be a list of strings")
+    return data
+
+
+def load_runs(sweep: Path) -> list[Run]:
+    """Every eval.json under `sweep`, checked, sorted by (arch, match, N, n_latents, k)."""
+    if not sweep.is_dir():
+        raise ReportError(f"sweep folder {sweep} does not exist")
+    runs = []
+    for path in sorted(sweep.rglob("eval.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ReportError(f"{path}: not valid JSON ({e})") from None
+        runs.append(Run(path.parent.relative_to(sweep).as_posix(), _check(path, data)))
+    if not runs:
+        raise ReportError(f"no eval.json found under {sweep}")
+    return sorted(runs, key=lambda r: r.sort_key)
+
+
+# --------------------------------------------------------------------------------------- plots
+
+def _styles(runs: list[Run]) -> dict[str, dict[str, Any]]:
+    """One colour and marker per series, the same in every panel and figure."""
+    order = {"topk": 0, "relu": 1, "gated": 2, "switch": 3}
+    keys = {r.series: (order[r.data["arch"]], r.get("n_experts") or 0) for r in runs}
+    names = sorted(keys, key=keys.__getitem__)
+    markers = "osD^v<>pP*Xh"
+    return {s: {"color": f"C{i % 10}", "marker": markers[i % len(markers)]} for i, s in enumerate(names)}
+
+
+def _panel(ax: Any, runs: list[Run], x: Callable[[Run], Any], y: Callable[[Run], Any],
+           styles: dict[str, dict[str, Any]], skipped_what: str = "") -> None:
+    """Draw one panel: a line per series through its points sorted by x, hollow markers for FLOP-matched
+    Switch points, log x; runs whose x or y is missing are skipped and counted in a corner note."""
+    points = [(x(r), y(r), r) for r in runs]
+    good = [p for p in points if p[0] is not None and p[1] is not None and math.isfinite(p[0]) and math.isfinite(p[1])]
+    skipped = len(points) - len(good)
+    if not good:
+        ax.text(0.5, 0.5, "no runs" if not runs else f"no runs with {skipped_what or 'values'}",
+                ha="center", va="center", transform=ax.transAxes, color="0.4")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for series, style in styles.items():
+        pts = sorted((p for p in good if p[2].series == series), key=lambda p: p[0])
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=style["color"], lw=1.2, alpha=0.8)
+        for hollow in (False, True):
+            sel = [p for p in pts if (p[2].get("match") == "flops" and p[2].data["arch"] == "switch") == hollow]
+            if sel:
+                ax.scatter([p[0] for p in sel], [p[1] for p in sel], marker=style["marker"], s=36, zorder=3,
+                           edgecolors=style["color"], facecolors="none" if hollow else style["color"],
+                           label=None if hollow and len(sel) < len(pts) else series)
+    if skipped and good:
+        ax.text(0.98, 0.98, f"{skipped} run(s) without {skipped_what or 'values'} not shown", ha="right",
+                va="top", transform=ax.transAxes, fontsize=8, color="0.4", zorder=5,
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+    if good and all(p[0] > 0 for p in good):
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    if good:
+        ax.legend(fontsize=8, loc="best")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _figure(shape: tuple[int, int], size: tuple[float, float]) -> tuple[Any, Any]:
+    """A pyplot-free figure on the Agg canvas (no global backend state is touched)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(*shape, squeeze=False)
+
+
+def _lost(r: Run) -> float | None:
+    """1 - loss recovered, or None when CE was not measured."""
+    lr = r.get("loss_recovered")
+    return None if lr is None else 1 - lr
+
+
+def plot_pareto(runs: list[Run], path: Path, styles: dict[str, dict[str, Any]]) -> None:
+    """Figure 3: MSE and 1 - loss recovered vs L0; width-matched (left) and FLOP-matched (right)."""
+    fig, axes = _figure((2, 2), (11, 8.5))
+    dense = [r for r in runs if r.data["arch"] != "switch"]
+    columns = {"width-matched": dense + [r for r in runs if r.data["arch"] == "switch" and r.get("match") != "flops"],
+               "FLOP-matched": dense + [r for r in runs if r.data["arch"] == "switch" and r.get("match") == "flops"]}
+    for j, (name, col) in enumerate(columns.items()):
+        _panel(axes[0, j], col, lambda r: r.get("l0"), lambda r: r.get("mse"), styles)
+        _panel(axes[1, j], col, lambda r: r.get("l0"), _lost, styles, skipped_what="CE")
+        axes[0, j].set_title(name)
+        axes[0, j].set_ylabel("MSE")
+        axes[1, j].set_ylabel("1 − loss recovered")
+        axes[1, j].set_xlabel("L0 (active latents per token)")
+    fig.savefig(path, dpi=120)
+
+
+def plot_scaling(runs: list[Run], path: Path, styles: dict[str, dict[str, Any]]) -> None:
+    """Figure 1: MSE vs training FLOPs and vs parameters, TopK and Switch (hollow: FLOP-matched)."""
+    fig, axes = _figure((1, 2), (11, 4.5))
+    sel = [r for r in runs if r.data["arch"] in ("topk", "switch")]
+    for ax, key, label in ((axes[0, 0], "train_flops", "training FLOPs"), (axes[0, 1], "params", "parameters")):
+        _panel(ax, sel, lambda r, key=key: r.get(key), lambda r: r.get("mse"), styles, skipped_what=label)
+        ax.set_xlabel(label)
+        ax.set_ylabel("MSE")
+    fig.savefig(path, dpi=120)
+
+
+# --------------------------------------------------------------------------------------- table
+
+def _num(x: Any) -> str:
+    return MISSING if x is None else f"{x:.4g}"
+
+
+def _int(x: Any) -> str:
+    return MISSING if x is None else str(x)
+
+
+def _count(x: Any) -> str:
+    return MISSING if x is None else f"{x:,}"
+
+
+def _sci(x: Any) -> str:
+    return MISSING if x is None else f"{x:.2e}"
+
+
+def _n_experts(r: Run) -> Any:
+    return r.get("n_experts") if r.data["arch"] == "switch" else None
+
+
+COLUMNS: list[tuple[str, Callable[[Run], Any], Callable[[Any], str]]] = [
+    ("label", lambda r: r.label, str),
+    ("arch", lambda r: r.data["arch"], str),
+    ("match", lambda r: r.get("match"), lambda x: MISSING if x is None else x),
+    ("N", _n_experts, _int),
+    ("M", lambda r: r.get("n_latents"), _int),
+    ("k", lambda r: r.get("k"), _int),
+    ("L0", lambda r: r.get("l0"), _num),
+    ("MSE", lambda r: r.get("mse"), _num),
+    ("NMSE", lambda r: r.get("nmse"), _num),
+    ("FVE", lambda r: r.get("fve"), _num),
+    ("loss recovered", lambda r: r.get("loss_recovered"), _num),
+    ("delta CE", lambda r: r.get("delta_ce"), _num),
+    ("KL", lambda r: r.get("kl"), _num),
+    ("dead frac", lambda r: r.get("dead_frac"), _num),
+    ("params", lambda r: r.get("params"), _count),
+    ("train FLOPs", lambda r: r.get("train_flops"), _sci),
+]
+
+
+def markdown_table(runs: list[Run]) -> str:
+    """One row per run; `|` in labels is escaped."""
+    lines = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for r in runs:
+        lines.append("| " + " | ".join(fmt(get(r)).replace("|", "\\|") for _, get, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(runs: list[Run], path: Path) -> None:
+    """The table's columns with unrounded values; missing values are empty cells."""
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([c[0] for c in COLUMNS])
+        for r in runs:
+            w.writerow(["" if (v := get(r)) is None else v for _, get, _ in COLUMNS])
+
+
+def _summary(runs: list[Run], sweep: Path) -> list[str]:
+    """The line with the run count, evaluation budget and stores, then the distinct notes."""
+    tokens = sorted({r.get("eval_tokens") for r in runs if r.get("eval_tokens") is not None})
+    ce = sorted({r.get("ce_tokens") for r in runs if r.get("ce_tokens") is not None})
+    stores = sorted({str(r.get("store")) for r in runs if r.get("store")})
+    line = f"**{len(runs)} run{'s' if len(runs) != 1 else ''}** from `{sweep}`"
+    if tokens:
+        line += f", evaluated on {' / '.join(f'{t:,}' for t in tokens)} tokens"
+    line += f"; CE on {' / '.join(f'{t:,}' for t in ce)} tokens" if ce else "; CE not measured"
+    if stores:
+        line += f"; store{'s' if len(stores) > 1 else ''}: " + ", ".join(f"`{s}`" for s in stores)
+    notes = list(dict.fromkeys(n for r in runs for n in (r.get("notes") or [])))
+    return [line + ".", ""] + (["Notes:", ""] + [f"- {n}" for n in notes] + [""] if notes else [])
+
+
+def build_report(sweep: Path, out: Path, title: str | None = None) -> Path:
+    """Read every eval.json under `sweep` and write pareto.png, scaling.png, report.md and runs.csv
+    into `out` (created if needed). Returns the path of report.md. Raises ReportError on bad input,
+    before anything is written."""
+    sweep, out = Path(sweep), Path(out)
+    runs = load_runs(sweep)
+    out.mkdir(parents=True, exist_ok=True)
+    styles = _styles(runs)
+    plot_pareto(runs, out / "pareto.png", styles)
+    plot_scaling(runs, out / "scaling.png", styles)
+    write_csv(runs, out / "runs.csv")
+    md = [f"# {title or f'SAE evaluation: {sweep.resolve().name}'}", "", *_summary(runs, sweep),
+          "## MSE and loss recovered vs L0 (Figure 3)", "", "![Pareto fronts](pareto.png)", "",
+          "Left: width-matched Switch runs; right: FLOP-matched ones; TopK, ReLU and Gated in both.", "",
+          "## MSE vs training FLOPs and parameters (Figure 1)", "", "![Scaling](scaling.png)", "",
+          "Hollow markers: FLOP-matched Switch runs.", "", "## Runs", "", markdown_table(runs), "",
+          "Unrounded values: [runs.csv](runs.csv).", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+@hydra.main(config_path="../conf/eval", config_name="report", version_base=None)
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point: one line `report: error: ...` and exit 2 on bad input."""
+    try:
+        if OmegaConf.is_missing(cfg, "sweep") or cfg.sweep is None:
+            raise ReportError("sweep=<dir> is required: the folder holding the evaluated runs")
+        sweep = Path(str(cfg.sweep))
+        path = build_report(sweep, Path(str(cfg.out)) if cfg.get("out") else sweep, cfg.get("title"))
+    except ReportError as e:
+        print(f"report: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"report: {path}")
+
+
+if __name__ == "__main__":
+    main()

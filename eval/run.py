@@ -1,0 +1,244 @@
+"""Evaluate trained runs: reconstruction metrics, CE loss recovered and FLOPs -> `<run>/eval.json`.
+
+A run is a training run directory (`sae/`, `config.yaml`, `store.json`, `done.json`). Metrics use
+the store's held-out chunks (the same split the run trained without). Runs on the same store share
+one LM and one set of clean / zero-ablated passes: their SAEs are patched in turn on the same batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from eval.ce import ce_metrics
+from eval.flops import sae_cost
+from eval.metrics import reconstruction_metrics
+from harvest.config import HarvestError
+from harvest.lm import load_config, load_lm, pick_device
+from harvest.store import ActivationStore
+from train.loader import eval_rows, norm_cut, split_chunks
+from train.saes import SAE, load
+
+CE_GROUP = 8  # SAEs patched per pass over the CE batches (bounds memory on big sweeps)
+
+
+class EvalError(Exception):
+    """Bad input; printed as one line before any work starts."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    run: str
+    store: str | None
+    max_tokens: int
+    batch_size: int
+    dead_window: int | None
+    outlier_factor: float | str | None
+    ce: bool
+    ce_seqs: int
+    ce_batch: int
+    redo: bool
+    device: str
+    dtype: str
+    progress: bool
+
+    @classmethod
+    def from_omegaconf(cls, cfg: DictConfig) -> EvalConfig:
+        raw = OmegaConf.to_container(cfg, resolve=True)
+        try:
+            out = cls(**raw)  # type: ignore[arg-type]
+        except TypeError as e:
+            raise EvalError(f"bad eval config: {e}") from None
+        checks = [
+            (out.max_tokens >= 1 and out.batch_size >= 1, "max_tokens and batch_size must be >= 1"),
+            (out.ce_seqs >= 1 and out.ce_batch >= 1, "ce_seqs and ce_batch must be >= 1"),
+            (out.dead_window is None or out.dead_window >= 1, f"dead_window must be >= 1 or null, got {out.dead_window}"),
+            (out.outlier_factor in ("run", None) or (isinstance(out.outlier_factor, (int, float))
+                                                     and out.outlier_factor > 1),
+             f"outlier_factor must be run, null or a number > 1, got {out.outlier_factor!r}"),
+            (out.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {out.dtype!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise EvalError(message)
+        return out
+
+
+@dataclass
+class Run:
+    """One run to evaluate, with everything checked and loaded."""
+
+    dir: Path
+    config: dict[str, Any]
+    sae: SAE
+    store: ActivationStore
+    held: list[int]
+    cut: float | None
+    factor: float | None
+
+
+def find_runs(path: Path) -> list[Path]:
+    """`path` itself if it is a run, else every run below it (folders holding sae/sae.json)."""
+    if not path.exists():
+        raise EvalError(f"run {path} does not exist")
+    if (path / "sae" / "sae.json").exists():
+        return [path]
+    runs = sorted(p.parent.parent for p in path.rglob("sae/sae.json"))
+    if not runs:
+        hint = " (has it finished training?)" if (path / "config.yaml").exists() else ""
+        raise EvalError(f"no trained SAE under {path}: expected {path}/sae/sae.json{hint}")
+    return runs
+
+
+def open_run(run_dir: Path, cfg: EvalConfig, device: torch.device) -> Run:
+    """Load a run's SAE and store and check that they belong together."""
+    config_file = run_dir / "config.yaml"
+    if not config_file.exists():
+        raise EvalError(f"{run_dir} has no config.yaml: not a training run directory")
+    config = OmegaConf.to_container(OmegaConf.load(config_file))
+    store_path = cfg.store or config["data"]["store"]
+    try:
+        store = ActivationStore(store_path)
+    except FileNotFoundError:
+        raise EvalError(f"store {store_path} of run {run_dir} is not an activation store") from None
+    sae = load(run_dir / "sae", device).eval()
+    if sae.d != store.d_model:
+        raise EvalError(f"run {run_dir} is an SAE on d={sae.d} activations but store {store_path} has "
+                        f"d={store.d_model}")
+    recorded = run_dir / "store.json"
+    if recorded.exists():
+        trained_on = json.loads(recorded.read_text())
+        differ = [k for k in ("model", "layer", "site") if trained_on.get(k) != store.attrs.get(k)]
+        if differ:
+            what = ", ".join(f"{k} {trained_on.get(k)!r} vs {store.attrs.get(k)!r}" for k in differ)
+            raise EvalError(f"run {run_dir} was trained on other activations than store {store_path} ({what})")
+    _, held = split_chunks(store.n_chunks, config["data"]["eval_frac"])
+    if not held:
+        raise EvalError(f"store {store_path} has no held-out chunks for run {run_dir} (eval_frac="
+                        f"{config['data']['eval_frac']}, {store.n_chunks} chunks)")
+    factor = config["data"].get("outlier_factor") if cfg.outlier_factor == "run" else cfg.outlier_factor
+    return Run(run_dir, config, sae, store, held, norm_cut(store, factor), factor)
+
+
+def recon_and_cost(run: Run, cfg: EvalConfig) -> dict[str, Any]:
+    """Everything in eval.json except the CE metrics."""
+    counts: dict[str, int] = {}
+    rows = eval_rows(run.store, run.held, cfg.max_tokens, run.cut, counts)
+    metrics = reconstruction_metrics(run.sae, rows, batch_size=cfg.batch_size, dead_window=cfg.dead_window,
+                                     dtype=getattr(torch, cfg.dtype))
+    model = run.config["model"]
+    done_file = run.dir / "done.json"
+    done = json.loads(done_file.read_text()) if done_file.exists() else {}
+    cost, sparse = sae_cost(run.sae), sae_cost(run.sae, sparse_backward=True) if model["arch"] in ("topk", "switch") else None
+    train_tokens = done.get("tokens", 0)
+    first_pos = run.store.attrs["first_pos"]
+    notes = [
+        "position 0 excluded from training, metrics and CE (dropped by the harvest)" if first_pos
+        else "position 0 included (harvested with keep_pos0=true)",
+        f"rows with norm > {run.factor} x the median row norm left out of training and metrics and kept clean in CE"
+        if run.cut is not None else "no outlier rows left out",
+        "fve = 1 - sum_j Var(x_j - x_hat_j) / sum_j Var(x_j), variances over held-out tokens",
+    ]
+    return {
+        "run": str(run.dir), "store": str(run.store.path), "arch": model["arch"], "match": model.get("match"),
+        "d": run.sae.d, "n_latents": run.sae.n_latents, "k": model.get("k"), "n_experts": model.get("n_experts"),
+        "sae": run.sae.config(), "train_steps": done.get("step"), "train_tokens": train_tokens,
+        **metrics,
+        "outlier_frac": counts["dropped"] / max(1, counts["read"]), "norm_cut": run.cut,
+        "params": cost.params, "flops_forward_per_token": cost.forward, "flops_train_per_token": cost.train,
+        "flops_train_sparse_per_token": sparse.train if sparse else None,
+        "train_flops": cost.train * train_tokens,
+        "notes": notes,
+    }
+
+
+def held_out_contexts(run: Run, n_seqs: int) -> torch.Tensor:
+    """Token ids [n, ctx] of the first n sequences of the run's held-out chunks."""
+    attrs = run.store.attrs
+    chunk_seqs = attrs["chunk_rows"] // attrs["rows_per_seq"]
+    seqs = [run.store.contexts[i * chunk_seqs : (i + 1) * chunk_seqs] for i in run.held[: -(-n_seqs // chunk_seqs)]]
+    return torch.from_numpy(np.concatenate(seqs)[:n_seqs])
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def evaluate(cfg: EvalConfig) -> list[dict[str, Any]]:
+    """Evaluate every run `cfg.run` names; returns their results (also written to <run>/eval.json)."""
+    device = pick_device(cfg.device)
+    dirs = find_runs(Path(cfg.run))
+    if not cfg.redo:
+        fresh = [d for d in dirs if (d / "eval.json").exists()
+                 and (d / "eval.json").stat().st_mtime >= (d / "sae" / "sae.safetensors").stat().st_mtime]
+        for d in fresh:
+            print(f"{d}: eval.json is up to date (redo=true evaluates again)")
+        dirs = [d for d in dirs if d not in fresh]
+    runs = [open_run(d, cfg, device) for d in dirs]  # every check before any work
+    if cfg.ce:
+        for name in {r.store.attrs["model"] for r in runs}:
+            try:
+                load_config(name)
+            except HarvestError as e:
+                raise EvalError(f"cannot load the LM for CE loss ({e}); ce=false skips it") from None
+    results = {r.dir: recon_and_cost(r, cfg) for r in runs}
+    if cfg.ce:
+        _add_ce(runs, results, cfg, device)
+    for r in runs:
+        _write_json(r.dir / "eval.json", results[r.dir])
+    return [results[r.dir] for r in runs]
+
+
+def _add_ce(runs: list[Run], results: dict[Path, dict[str, Any]], cfg: EvalConfig, device: torch.device) -> None:
+    """CE metrics for every run; runs with the same store and cut share the clean and zero passes."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        groups.setdefault((str(r.store.path.resolve()), r.cut), []).append(r)
+    for group in groups.values():
+        attrs = group[0].store.attrs
+        model, _ = load_lm(attrs["model"], device)
+        contexts = held_out_contexts(group[0], cfg.ce_seqs)
+        for start in range(0, len(group), CE_GROUP):
+            part = group[start : start + CE_GROUP]
+            out = ce_metrics(model, attrs["layer"], attrs["site"], {str(r.dir): r.sae for r in part}, contexts,
+                             attrs["first_pos"], part[0].cut, cfg.ce_batch, getattr(torch, cfg.dtype), cfg.progress)
+            for r in part:
+                results[r.dir].update(out[str(r.dir)])
+                results[r.dir]["notes"].append(f"CE over {out[str(r.dir)]['ce_tokens']:,} predictions of "
+                                               f"{len(contexts)} held-out sequences")
+        del model
+
+
+TABLE_KEYS = ("arch", "match", "n_experts", "n_latents", "k", "mse", "nmse", "fve", "l0", "dead_frac",
+              "expert_entropy", "ce_clean", "ce_sae", "ce_zero", "loss_recovered", "delta_ce", "kl", "params",
+              "flops_forward_per_token", "flops_train_per_token", "eval_tokens", "outlier_frac")
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e6 else f"{v:.3e}"
+    return str(v)
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """Metrics as text: one row per key, one column per run."""
+    names = [Path(r["run"]).name for r in results]
+    cols = [[_fmt(r.get(k)) for k in TABLE_KEYS] for r in results]
+    width = max(len(k) for k in TABLE_KEYS)
+    colw = [max(len(n), *(len(c) for c in col)) for n, col in zip(names, cols)]
+    lines = [" " * width + "  " + "  ".join(n.rjust(w) for n, w in zip(names, colw))]
+    for i, k in enumerate(TABLE_KEYS):
+        lines.append(k.ljust(width) + "  " + "  ".join(col[i].rjust(w) for col, w in zip(cols, colw)))
+    notes = sorted({n for r in results for n in r["notes"]})
+    return "\n".join(lines + ["notes:"] + [f"  - {n}" for n in notes])
