@@ -6,7 +6,7 @@ ARGS    ?=
 # `make harvest preset=demo` picks a preset; anything else goes through ARGS='key=value ...'
 HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
 
-.PHONY: help setup test harvest bench-harvest train sweep bench-loader clean-venv
+.PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report demo reproduce clean-venv
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
@@ -15,6 +15,10 @@ help:
 	@echo "make bench-harvest         tokens/s of forward-to-block vs harvest vs full forward (demo model)"
 	@echo "make train [model=switch] [N=8] [ARGS='steps=... data.store=...']   train an SAE (stage 2)"
 	@echo "make sweep [SWEEP_GRID='...']   Hydra multirun grid; re-run to resume/skip finished runs"
+	@echo "make eval run=<run dir or sweep dir> [ARGS='ce=false ...']   metrics -> <run>/eval.json (stage 3)"
+	@echo "make report sweep=<dir>    pareto.png, scaling.png, report.md, runs.csv from evaluated runs"
+	@echo "make demo                  offline demo: harvest, 4 SAEs, eval, report -> results/demo (~15 min, 2 CPUs)"
+	@echo "make reproduce             the paper's Figure 1 and 3 grids (GPT-2, OpenWebText, GPUs; see README)"
 
 setup: .venv/.installed data/models/smollm2-135m/model.safetensors data/corpus/offline.jsonl
 
@@ -55,3 +59,25 @@ sweep: .venv/.installed
 
 bench-loader: .venv/.installed
 	$(PY) -m train.bench_loader $(ARGS)
+
+# Stage 3. `make eval run=runs/topk/default` or a whole sweep: `make eval run=multirun/2026-11-22`
+eval: .venv/.installed
+	$(PY) -m eval $(if $(run),run=$(run)) $(ARGS)
+
+report: .venv/.installed
+	$(PY) -m eval.report $(if $(sweep),sweep=$(sweep)) $(ARGS)
+
+# The offline demo (conf/demo/demo.yaml): reuses a complete demo store, skips finished runs.
+demo: setup
+	$(PY) -m eval.demo $(ARGS)
+
+# The paper's Figure 1 and 3 grids at paper scale (conf/train/experiment/*.yaml): needs the hub for
+# the harvest and GPUs for the ~50 training runs (cost in the README). Re-running resumes everything.
+REPRODUCE_DIR   ?= multirun/reproduce
+REPRODUCE_GRIDS ?= fig3_topk fig3_switch_width fig3_switch_flops fig3_relu fig3_gated fig1_topk fig1_switch
+reproduce: .venv/.installed
+	$(PY) -m harvest preset=paper
+	for grid in $(REPRODUCE_GRIDS); do \
+	  $(PY) -m train -m +experiment=$$grid hydra.sweep.dir=$(REPRODUCE_DIR) $(ARGS) || exit 1; done
+	$(PY) -m eval run=$(REPRODUCE_DIR)
+	$(PY) -m eval.report sweep=$(REPRODUCE_DIR) title="Switch SAEs: the paper's grids (GPT-2 block 8, OpenWebText)"

@@ -4,10 +4,11 @@ Conventions
 -----------
 * Costs are **per token** (one row of the activation batch); multiply by the batch size B.
 * A multiply-add is 2 FLOPs: an [a, b] x [b, c] matmul costs 2abc.
-* Only matmul-like work (mm, bmm, einsum) is counted. Elementwise ops, biases, ReLU, top-k
-  selection, gathers/scatters, softmax, norms and the losses are ignored. These are the same rules
-  as `torch.utils.flop_counter.FlopCounterMode`, and `tests/eval/test_flops.py` checks every
-  formula against it on the real modules.
+* Only matmul-like work (mm, bmm, einsum, and the embedding bag of the sparse decoder) is counted.
+  Elementwise ops, biases, ReLU, top-k selection, softmax, norms and the losses are ignored. These
+  are the rules of `torch.utils.flop_counter.FlopCounterMode` (taught the embedding-bag ops by
+  `counter_mapping()`), and `tests/eval/test_flops.py` checks every formula against it on the real
+  modules.
 * Symbols: d input dims, M total latents, k active latents per token; for Switch, N experts and
   e = M / N an expert's width (`expert_width`: width // N with `model.match=width`, the configured
   `width` itself with `model.match=flops`, then M = N * e).
@@ -35,8 +36,8 @@ Parameters: topk and relu 2Md + M + d; switch 2Md + Nd + 2d (W_enc, W_dec [N, e,
 
 Where each term comes from (read with `train/saes/*.py`):
 
-* topk. Forward: encoder (x - b_pre) @ W_enc^T, 2dM; decoder einsum over the k gathered W_dec rows,
-  2kd. Backward: decoder, grad of vals 2kd + grad of the gathered W_dec rows 2kd; encoder, grad
+* topk. Forward: encoder (x - b_pre) @ W_enc^T, 2dM; decoder embedding bag of the k chosen W_dec rows,
+  2kd. Backward: decoder, grad of vals 2kd + grad of the k chosen W_dec rows 2kd; encoder, grad
   W_enc 2dM + grad of (x - b_pre) 2dM. The input gradient is computed because b_pre is trained
   (x itself needs none). Total 6dM + 6kd.
 * switch. Router (x - b_router) @ W_router^T: 2dN forward, 4dN backward (grad W_router, and grad of
@@ -119,7 +120,7 @@ def cost(arch: str, d: int, *, width: int | None = None, k: int | None = None, n
         e = a["expert_width"] if arch == "switch" else a["width"]
         if k > e:
             raise ValueError(f"k={k} must be at most the {'expert ' if arch == 'switch' else ''}width {e}")
-        decoder = 2 * k * d  # einsum over the k gathered decoder rows
+        decoder = 2 * k * d  # embedding bag of the k chosen decoder rows
         if arch == "topk":
             m = e
             params = 2 * m * d + m + d  # W_enc, W_dec [M, d]; b_enc [M]; b_pre [d]
@@ -131,7 +132,7 @@ def cost(arch: str, d: int, *, width: int | None = None, k: int | None = None, n
             router_fwd, router_bwd = 2 * d * n, 4 * d * n
         encoder = 2 * d * e  # per token: the whole encoder (topk), or the token's own expert (switch)
         forward = router_fwd + encoder + decoder
-        # decoder backward: grad of vals + grad of the gathered W_dec rows
+        # decoder backward: grad of vals + grad of the k chosen W_dec rows
         decoder_bwd = 2 * decoder
         # encoder backward: grad W_enc + grad of x - b_pre; dense over e (or M) latents, or only k
         encoder_bwd = 2 * (2 * k * d if sparse_backward else encoder)
@@ -158,3 +159,29 @@ def sae_cost(sae: SAE, sparse_backward: bool = False) -> Cost:
         raise ValueError(f"unknown SAE architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     config = sae.config()
     return cost(arch, config["d"], **{name: config[name] for name in _ARGS[arch]}, sparse_backward=sparse_backward)
+
+
+def _bag_forward(weight, indices, *args: Any, **kwargs: Any) -> int:
+    """aten._embedding_bag: every index adds one weighted row of width d."""
+    return 2 * indices[0] * weight[1]
+
+
+def _bag_weights_backward(grad, weight, indices, *args: Any, **kwargs: Any) -> int:
+    """aten._embedding_bag_per_sample_weights_backward: one dot product of width d per index."""
+    return 2 * indices[0] * weight[1]
+
+
+def _bag_backward(grad, indices, *args: Any, **kwargs: Any) -> int:
+    """aten._embedding_bag_backward: one weighted row of width d scattered into W per index."""
+    return 2 * indices[0] * grad[1]
+
+
+def counter_mapping() -> dict:
+    """`FlopCounterMode(custom_mapping=counter_mapping())`: teaches torch's counter the embedding-bag
+    ops our sparse decoder runs on (it counts them as 0 otherwise), with the 2kd per token above."""
+    import torch
+
+    aten = torch.ops.aten
+    return {aten._embedding_bag: _bag_forward,
+            aten._embedding_bag_per_sample_weights_backward: _bag_weights_backward,
+            aten._embedding_bag_backward: _bag_backward}

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from eval.flops import Cost, cost, sae_cost
+from eval.flops import Cost, cost, counter_mapping, sae_cost
 from train.saes import SAE, build
 
 D, M, N, K, B = 16, 64, 4, 4, 32
@@ -26,8 +26,8 @@ ARCHS = list(KWARGS)
 
 
 def counted(fn: Callable[[], object]) -> int:
-    """Total FLOPs FlopCounterMode sees while fn runs."""
-    with FlopCounterMode(display=False) as counter:
+    """Total FLOPs FlopCounterMode sees while fn runs (taught the embedding-bag ops of the decoder)."""
+    with FlopCounterMode(display=False, custom_mapping=counter_mapping()) as counter:
         fn()
     return counter.get_total_flops()
 

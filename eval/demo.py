@@ -1,0 +1,119 @@
+"""`python -m eval.demo [overrides]` (= `make demo`): the whole pipeline on the offline preset.
+
+harvest (or reuse) the demo store -> train every run of conf/demo/demo.yaml -> evaluate them all
+(one LM, shared clean / zero-ablated passes) -> `<out>/report.md` with plots and stage timings.
+Every stage's config is composed and checked before any work starts; re-running resumes: a complete
+store is reused, finished runs are skipped, up-to-date eval.json files are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+
+import harvest  # noqa: F401  (reproducible MKL settings before torch loads)
+from harvest.config import HarvestConfig, HarvestError
+from train.config import TrainConfig, TrainError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+class DemoError(Exception):
+    """Bad demo config; printed as one line."""
+
+
+def compose_app(app: str, overrides: list[str]) -> DictConfig:
+    """The config of `python -m <app> <overrides>` (conf/<app>/<app>.yaml), without running it."""
+    with initialize_config_dir(config_dir=str(CONF / app), version_base="1.3"):
+        return compose(app, overrides=list(overrides))
+
+
+def plan(cfg: DictConfig) -> tuple[HarvestConfig, dict[str, TrainConfig], DictConfig]:
+    """Compose and check every stage's config: (harvest, {run name: train config}, eval overrides)."""
+    harvest_cfg = HarvestConfig.from_omegaconf(compose_app("harvest", cfg.harvest))
+    runs = {}
+    for name, overrides in cfg.runs.items():
+        train_cfg = TrainConfig.from_omegaconf(
+            compose_app("train", [*cfg.train, *overrides, f"data.store={harvest_cfg.store}"]))
+        train_cfg.sae_kwargs(d=1)  # checks k against the width before anything runs
+        runs[name] = train_cfg
+    if not runs:
+        raise DemoError("runs is empty: nothing to train")
+    eval_cfg = compose_app("eval", [*cfg.eval, f"run={Path(cfg.out) / 'runs'}"])
+    return harvest_cfg, runs, eval_cfg
+
+
+def run_demo(cfg: DictConfig) -> Path:
+    """All stages; returns the report's path."""
+    from eval.report import build_report
+    from eval.run import EvalConfig, evaluate, table
+    from harvest.run import harvest
+    from harvest.store import ActivationStore, is_store
+    from train.loop import train
+
+    harvest_cfg, runs, eval_overrides = plan(cfg)
+    eval_cfg = EvalConfig.from_omegaconf(eval_overrides)
+    out = Path(cfg.out)
+    timings: dict[str, float] = {}
+
+    t = time.perf_counter()
+    store_path = Path(harvest_cfg.store)
+    if is_store(store_path) and ActivationStore(store_path).complete:
+        print(f"[demo] 1/4 harvest: reusing the complete store {store_path}")
+    else:
+        print(f"[demo] 1/4 harvest: {harvest_cfg.tokens:,} tokens of {harvest_cfg.model} into {store_path}")
+        if is_store(store_path):  # an interrupted harvest: resume it, never ask for less than it holds
+            held = ActivationStore(store_path).attrs["progress"]["chunks_done"] * ActivationStore(store_path).chunk_rows
+            harvest_cfg = dataclasses.replace(harvest_cfg, tokens=max(harvest_cfg.tokens, held))
+        harvest(harvest_cfg)
+    timings["harvest"] = time.perf_counter() - t
+
+    for i, (name, train_cfg) in enumerate(runs.items()):
+        t = time.perf_counter()
+        print(f"[demo] 2/4 train {i + 1}/{len(runs)}: {name}")
+        train(train_cfg, out / "runs" / name)
+        timings[f"train {name}"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    print(f"[demo] 3/4 eval: {len(runs)} runs on the held-out chunks")
+    results = evaluate(eval_cfg)
+    if results:
+        print(table(results))
+    timings["eval"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    report = build_report(out / "runs", out, title="Offline demo: SmolLM2-135M block 20, local corpus")
+    timings["report"] = time.perf_counter() - t
+    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    lines = ["", "## Demo stage timings (this run, this machine)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()] + [f"| total | {sum(timings.values()):.0f} |", ""]
+    lines += ["Settings: `conf/demo/demo.yaml` (" + OmegaConf.to_yaml({"train": list(cfg.train)}).strip() + ").", ""]
+    with open(report, "a") as f:
+        f.write("\n".join(lines))
+    print(f"[demo] 4/4 report: {report} ({sum(timings.values()):.0f} s in all)")
+    return report
+
+
+def main(argv: list[str] | None = None) -> None:
+    from eval.report import ReportError
+    from eval.run import EvalError
+
+    try:
+        run_demo(compose_app("demo", sys.argv[1:] if argv is None else argv))
+    except (DemoError, HarvestError, TrainError, EvalError, ReportError) as e:
+        print(f"demo: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except HydraException as e:
+        print(f"demo: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

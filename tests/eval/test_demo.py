@@ -1,0 +1,53 @@
+"""eval.demo: its config composes into valid configs of every stage; the whole chain on a tiny model."""
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from eval.demo import compose_app, main, plan, run_demo
+
+
+def test_the_shipped_demo_config_is_valid_for_every_stage():
+    harvest_cfg, runs, eval_cfg = plan(compose_app("demo", []))
+    assert harvest_cfg.model == "data/models/smollm2-135m" and harvest_cfg.tokens == 162_560
+    assert set(runs) == {"topk", "relu", "switch_width", "switch_flops"}
+    assert runs["switch_flops"].sae_kwargs(576)["expert_width"] == 2304
+    assert runs["switch_width"].sae_kwargs(576)["expert_width"] == 576
+    assert all(r.data.store == harvest_cfg.store for r in runs.values())
+    assert eval_cfg.run == "results/demo/runs"
+
+
+def test_demo_end_to_end_on_a_tiny_model(tiny_gpt2, corpus_jsonl, tmp_path, capsys):
+    cfg = compose_app("demo", [f"out={tmp_path / 'demo'}"])
+    cfg.harvest = [f"model={tiny_gpt2}", "layer=2", f"dataset.name={corpus_jsonl}", f"store={tmp_path / 'store'}",
+                   "context_size=16", "chunk_seqs=2", "tokens=600", "batch_size=4", "progress=false", "device=cpu"]
+    cfg.train = ["steps=20", "batch_size=32", "data.eval_frac=0.1", "progress=false", "device=cpu"]
+    cfg.runs = OmegaConf.create({"topk": ["model=topk", "model.width=64", "model.k=4"],
+                                 "switch": ["model=switch", "model.width=64", "model.n_experts=4", "model.k=4"]})
+    cfg.eval = ["ce_seqs=4", "progress=false", "device=cpu"]
+    report = run_demo(cfg)
+    text = report.read_text()
+    assert "| topk |" in text and "| switch |" in text and "Demo stage timings" in text
+    timings = json.loads((tmp_path / "demo" / "timings.json").read_text())
+    assert list(timings) == ["harvest", "train topk", "train switch", "eval", "report"]
+    for name in ("topk", "switch"):
+        assert json.loads((tmp_path / "demo" / "runs" / name / "eval.json").read_text())["ce_sae"] is not None
+    # a second run reuses everything: the store, the runs and their evaluations
+    capsys.readouterr()
+    run_demo(cfg)
+    printed = capsys.readouterr().out
+    assert "reusing the complete store" in printed and printed.count("has finished; skipping") == 2
+    assert printed.count("eval.json is up to date") == 2
+
+
+def test_bad_demo_override_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["nope=1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("demo: error:") and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(['runs.topk=["model=topk","model.k=99999"]'])
+    err = capsys.readouterr().err
+    assert err.startswith("demo: error:") and "k=99999" in err and err.count("\n") == 1
