@@ -54,7 +54,7 @@ def run_demo(cfg: DictConfig) -> Path:
     """All stages; returns the report's path."""
     from eval.report import build_report
     from eval.run import EvalConfig, evaluate, table
-    from harvest.run import harvest
+    from harvest.run import harvest as run_harvest
     from harvest.store import ActivationStore, is_store
     from train.loop import train
 
@@ -72,7 +72,7 @@ def run_demo(cfg: DictConfig) -> Path:
         if is_store(store_path):  # an interrupted harvest: resume it, never ask for less than it holds
             held = ActivationStore(store_path).attrs["progress"]["chunks_done"] * ActivationStore(store_path).chunk_rows
             harvest_cfg = dataclasses.replace(harvest_cfg, tokens=max(harvest_cfg.tokens, held))
-        harvest(harvest_cfg)
+        run_harvest(harvest_cfg)
     timings["harvest"] = time.perf_counter() - t
 
     for i, (name, train_cfg) in enumerate(runs.items()):

@@ -236,9 +236,9 @@ def table(results: list[dict[str, Any]]) -> str:
     names = [Path(r["run"]).name for r in results]
     cols = [[_fmt(r.get(k)) for k in TABLE_KEYS] for r in results]
     width = max(len(k) for k in TABLE_KEYS)
-    colw = [max(len(n), *(len(c) for c in col)) for n, col in zip(names, cols)]
-    lines = [" " * width + "  " + "  ".join(n.rjust(w) for n, w in zip(names, colw))]
+    colw = [max(len(n), *(len(c) for c in col)) for n, col in zip(names, cols, strict=True)]
+    lines = [" " * width + "  " + "  ".join(n.rjust(w) for n, w in zip(names, colw, strict=True))]
     for i, k in enumerate(TABLE_KEYS):
-        lines.append(k.ljust(width) + "  " + "  ".join(col[i].rjust(w) for col, w in zip(cols, colw)))
+        lines.append(k.ljust(width) + "  " + "  ".join(col[i].rjust(w) for col, w in zip(cols, colw, strict=True)))
     notes = sorted({n for r in results for n in r["notes"]})
     return "\n".join(lines + ["notes:"] + [f"  - {n}" for n in notes])

@@ -11,6 +11,21 @@ import harvest  # noqa: F401  (reproducible MKL settings before torch loads)
 from train.config import TrainConfig, TrainError
 
 
+MODELS = Path(__file__).resolve().parents[1] / "conf" / "train" / "model"
+
+
+def check_model_arg(argv: list[str]) -> None:
+    """`model=<name>` (or a multirun list) must name conf/train/model/<name>.yaml: say so in one line
+    instead of Hydra's multi-line composition error."""
+    known = sorted(p.stem for p in MODELS.glob("*.yaml"))
+    for arg in argv:
+        if arg.startswith("model="):
+            for name in arg.split("=", 1)[1].split(","):
+                if name not in known:
+                    print(f"train: error: unknown model {name!r}; choose one of {', '.join(known)}", file=sys.stderr)
+                    sys.exit(2)
+
+
 @hydra.main(config_path="../conf/train", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from train.loop import train
@@ -24,4 +39,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_model_arg(sys.argv[1:])
     main()

@@ -92,9 +92,36 @@ def _drop_metrics_after(path: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
+# Keys that may change between launches of the same run (they do not change what is trained).
+RUNTIME_KEYS = ("resume", "device", "progress", "log_every", "checkpoint_every")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _check_same_run(cfg: TrainConfig, run_dir: Path) -> None:
+    """A run folder holds one run: relaunching it with other settings is refused, not silently mixed."""
+    saved = run_dir / "config.yaml"
+    if not saved.exists() or not cfg.resume:
+        return
+    old = _flat(json.loads(json.dumps(OmegaConf.to_container(OmegaConf.load(saved)))))
+    new = _flat(json.loads(json.dumps(cfg.to_dict())))
+    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in RUNTIME_KEYS and old.get(k) != new.get(k)]
+    if diff:
+        raise TrainError(f"{run_dir} holds a run with other settings ({', '.join(diff)}); use another run "
+                         "directory or delete this one")
+
+
 def train(cfg: TrainConfig, run_dir: Path) -> Path:
     """Train (or resume, or skip if finished) the run in `run_dir`; returns the saved SAE's folder."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_run(cfg, run_dir)
     if (run_dir / "done.json").exists():
         print(f"{run_dir} has finished; skipping (delete done.json to train again)")
         return run_dir / "sae"

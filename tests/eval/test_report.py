@@ -84,7 +84,7 @@ def test_report_has_one_row_per_run_and_both_figures(tmp_path):
     rows = _table(md)
     assert [r[0] for r in rows] == ORDER
     by = {r[0]: dict(zip(["label", "arch", "match", "N", "M", "k", "L0", "MSE", "NMSE", "FVE", "lr", "dce", "kl",
-                          "dead", "params", "flops"], r)) for r in rows}
+                          "dead", "params", "flops"], r, strict=True)) for r in rows}
     topk = by["topk/model.width=4096"]
     assert (topk["arch"], topk["match"], topk["N"], topk["M"], topk["k"]) == ("topk", "—", "—", "4096", "32")
     assert topk["MSE"] == "0.01235" and topk["L0"] == "32" and topk["flops"] == "1.23e+12"

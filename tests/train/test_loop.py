@@ -1,6 +1,7 @@
 """train.loop + `python -m train`: learning a known dictionary, exact resume, bad input, sweeps."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -129,12 +130,22 @@ def test_a_half_written_checkpoint_is_ignored_on_resume(store, tmp_path):
     assert json.loads((tmp_path / "run" / "done.json").read_text())["step"] == 20
 
 
-def test_resuming_on_a_store_with_another_d_is_refused(store, tmp_path):
-    train(make_cfg(store, "model.width=64", "model.k=4", "steps=10", "checkpoint_every=5"), tmp_path / "run")
-    (tmp_path / "run" / "done.json").unlink()  # pretend it was interrupted
-    other = synthetic_store(tmp_path / "other", d=16, n_chunks=10)
+def test_resuming_on_a_store_with_another_d_is_refused(tmp_path):
+    path = synthetic_store(tmp_path / "s", n_chunks=10)
+    train(make_cfg(path, "model.width=64", "model.k=4", "steps=10", "checkpoint_every=5"), tmp_path / "run")
+    (tmp_path / "run" / "done.json").unlink()  # pretend it was interrupted, and the store replaced
+    shutil.rmtree(path)
+    synthetic_store(path, d=16, n_chunks=10)
     with pytest.raises(TrainError, match="d=32 activations, but the store .* has d=16"):
-        train(make_cfg(other, "model.width=64", "model.k=4", "steps=20"), tmp_path / "run")
+        train(make_cfg(path, "model.width=64", "model.k=4", "steps=10", "checkpoint_every=5"), tmp_path / "run")
+
+
+def test_relaunching_a_run_folder_with_other_settings_is_refused(store, tmp_path):
+    train(make_cfg(store, "model.width=64", "model.k=4", "steps=10"), tmp_path / "run")
+    with pytest.raises(TrainError, match=r"other settings \(model.k: 4 -> 8, steps: 10 -> 20\)"):
+        train(make_cfg(store, "model.width=64", "model.k=8", "steps=20"), tmp_path / "run")
+    # runtime keys may change: this relaunch just finds the finished run
+    train(make_cfg(store, "model.width=64", "model.k=4", "steps=10", "log_every=3", "progress=true"), tmp_path / "run")
 
 
 def test_incomplete_store_and_infinite_loss(tmp_path):
@@ -156,3 +167,9 @@ def test_a_two_run_sweep_completes_and_a_relaunch_skips_it(store, tmp_path):
     assert len(runs) == 2 and "model=switch" in runs[0] and "model=topk" in runs[1] and "/" not in runs[0]
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and again.stdout.count("has finished; skipping") == 2
+
+
+def test_unknown_model_group_on_the_command_line_is_one_line():
+    out = subprocess.run([sys.executable, "-m", "train", "model=topk,moe", "steps=1"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr == "train: error: unknown model 'moe'; choose one of gated, relu, switch, topk\n"
