@@ -152,11 +152,14 @@ def cost(arch: str, d: int, *, width: int | None = None, k: int | None = None, n
     return Cost(params=params, forward=float(forward), train=float(train))
 
 
-def sae_cost(sae: SAE, sparse_backward: bool = False) -> Cost:
-    """`cost` of a built SAE, from `sae.arch` and `sae.config()`."""
+def sae_cost(sae: SAE, sparse_backward: bool | None = None) -> Cost:
+    """`cost` of a built SAE, from `sae.arch` and `sae.config()`; sparse_backward=None counts the
+    backward the module runs (`sae.sparse_backward`, True for topk and switch unless switched off)."""
     arch = getattr(sae, "arch", None)
     if arch not in _ARGS:
         raise ValueError(f"unknown SAE architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if sparse_backward is None:
+        sparse_backward = bool(getattr(sae, "sparse_backward", False))
     config = sae.config()
     return cost(arch, config["d"], **{name: config[name] for name in _ARGS[arch]}, sparse_backward=sparse_backward)
 
@@ -176,12 +179,23 @@ def _bag_backward(grad, indices, *args: Any, **kwargs: Any) -> int:
     return 2 * indices[0] * grad[1]
 
 
+def _sparse_addmm(out, sparse, dense, *args: Any, **kwargs: Any) -> int:
+    """aten._sparse_addmm (the sparse encoder backward's grad W = S^T xc): one multiply-add per stored
+    value and column. Reads the tensors themselves (`_get_raw`): the count depends on nnz, not shapes."""
+    return 2 * sparse._nnz() * dense.shape[1]
+
+
+_sparse_addmm._get_raw = True  # type: ignore[attr-defined]
+
+
 def counter_mapping() -> dict:
     """`FlopCounterMode(custom_mapping=counter_mapping())`: teaches torch's counter the embedding-bag
-    ops our sparse decoder runs on (it counts them as 0 otherwise), with the 2kd per token above."""
+    ops of our sparse decoder and encoder backward and the sparse matmul of the encoder's weight
+    gradient (it counts them as 0 otherwise), each 2kd per token as above."""
     import torch
 
     aten = torch.ops.aten
     return {aten._embedding_bag: _bag_forward,
             aten._embedding_bag_per_sample_weights_backward: _bag_weights_backward,
-            aten._embedding_bag_backward: _bag_backward}
+            aten._embedding_bag_backward: _bag_backward,
+            aten._sparse_addmm: _sparse_addmm}

@@ -136,7 +136,8 @@ def recon_and_cost(run: Run, cfg: EvalConfig) -> dict[str, Any]:
     model = run.config["model"]
     done_file = run.dir / "done.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
-    cost, sparse = sae_cost(run.sae), sae_cost(run.sae, sparse_backward=True) if model["arch"] in ("topk", "switch") else None
+    cost = sae_cost(run.sae)  # the backward the trainer runs (sparse for topk and switch)
+    dense = sae_cost(run.sae, sparse_backward=False)
     train_tokens = done.get("tokens", 0)
     first_pos = run.store.attrs["first_pos"]
     notes = [
@@ -153,7 +154,7 @@ def recon_and_cost(run: Run, cfg: EvalConfig) -> dict[str, Any]:
         **metrics,
         "outlier_frac": counts["dropped"] / max(1, counts["read"]), "norm_cut": run.cut,
         "params": cost.params, "flops_forward_per_token": cost.forward, "flops_train_per_token": cost.train,
-        "flops_train_sparse_per_token": sparse.train if sparse else None,
+        "flops_train_dense_per_token": dense.train,
         "train_flops": cost.train * train_tokens,
         "notes": notes,
     }

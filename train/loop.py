@@ -22,7 +22,7 @@ from harvest.lm import autocast, pick_device
 from harvest.store import ActivationStore
 from train.config import TrainConfig, TrainError
 from train.loader import Batches, norm_cut, split_chunks
-from train.recipe import default_lr, lr_factor, normalize_rows_, project_out_parallel_grad_
+from train.recipe import apply_update, default_lr, lr_factor
 from train.saes import SAE, Output, build, save
 
 CHECKPOINT = "checkpoint.pt"
@@ -178,13 +178,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> Path:
                                  f"(step {last_good}) is kept in {run_dir}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            for w in sae.unit_norm_decoders():
-                project_out_parallel_grad_(w)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
+            apply_update(sae, opt, params, cfg.grad_clip)
             sched.step()
-            for w in sae.unit_norm_decoders():
-                normalize_rows_(w.data)
             dead.update(out, len(x))
             step += 1
             tokens_log += len(x)

@@ -5,6 +5,7 @@
     project_out_parallel_grad_(w)  remove each decoder row's gradient component along that row
     default_lr(n_latents)          2e-4 / sqrt(M / 2^14), M the total number of latents
     lr_factor(step, steps, decay)  1, then linear decay to 0 over the last `decay` fraction of steps
+    apply_update(sae, opt, ...)    the step after backward: projection, clip, Adam, renormalisation
 """
 
 from __future__ import annotations
@@ -59,3 +60,14 @@ def lr_factor(step: int, steps: int, decay_frac: float = 0.2) -> float:
     if decay_steps <= 0:
         return 1.0
     return max(0.0, min(1.0, (steps - step) / decay_steps))
+
+
+def apply_update(sae: torch.nn.Module, opt: torch.optim.Optimizer, params: list[torch.Tensor], grad_clip: float) -> None:
+    """Everything a step does after `loss.backward()`: remove the gradient along each decoder
+    direction, clip the global gradient norm, take the optimizer step, renormalise decoder rows."""
+    for w in sae.unit_norm_decoders():
+        project_out_parallel_grad_(w)
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    for w in sae.unit_norm_decoders():
+        normalize_rows_(w.data)

@@ -77,9 +77,20 @@ def test_forward_matches_flop_counter(arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_dense_train_matches_flop_counter(arch):
+    """The plain autograd path (the reference path for topk and switch)."""
     sae, x = make(arch)
-    assert counted(lambda: train_step(sae, x)) == B * sae_cost(sae).train
+    sae.sparse_backward = False
+    assert counted(lambda: train_step(sae, x)) == B * sae_cost(sae).train == B * sae_cost(sae, False).train
     assert all(p.grad is not None for p in sae.parameters())
+
+
+@pytest.mark.parametrize("arch", ["topk", "switch"])
+def test_the_fast_path_runs_the_sparse_backward_count(arch):
+    """train.saes.kernels: embedding bag + sparse matmul instead of the dense encoder backward."""
+    sae, x = make(arch)
+    assert sae.sparse_backward
+    assert counted(lambda: train_step(sae, x)) == B * sae_cost(sae).train == B * cost(
+        arch, D, **KWARGS[arch], sparse_backward=True).train
 
 
 def test_closed_forms_of_the_small_shapes():
@@ -171,7 +182,7 @@ def check_sparse_step(step: Callable[[], None], result: dict, sae: SAE, x: torch
     """The explicit sparse step costs exactly the formula (less than the dense backward) and its
     gradients, written into `result` by step(), are autograd's."""
     assert counted(step) == B * c.train
-    assert counted(step) < B * sae_cost(sae).train
+    assert counted(step) < B * sae_cost(sae, sparse_backward=False).train
     ref = autograd_grads(sae, x)
     assert set(result) == set(ref)
     for name, grad in result.items():

@@ -6,8 +6,8 @@
     loss   = ||x - x_hat||^2 + alpha * d * N * sum_i f_i P_i
              f_i = fraction of tokens routed to i, P_i = mean router probability of i
 
-Each expert's encoder runs only on the tokens routed to it (a loop over experts): compute and
-pre-activation memory scale with B x M/N, not B x M.
+Each expert's encoder runs only on the tokens routed to it (train/saes/kernels.py: one sort, a
+loop over experts, a sparse backward): compute and pre-activation memory scale with B x M/N, not B x M.
 """
 
 from __future__ import annotations
@@ -18,13 +18,15 @@ import torch
 from torch import nn
 
 from train.saes.base import SAE, Codes, Output, register
-from train.saes.topk import decode_rows, init_tied_, topk_relu
+from train.saes.kernels import topk_encode, topk_encode_reference
+from train.saes.topk import decode_rows, init_tied_
 from train.recipe import geometric_median
 
 
 @register
 class SwitchSAE(SAE):
     arch = "switch"
+    sparse_backward = True  # False: plain autograd (dense backward per expert), the reference path
 
     def __init__(self, d: int, n_experts: int, expert_width: int, k: int, alpha: float = 3.0):
         super().__init__(d)
@@ -66,16 +68,8 @@ class SwitchSAE(SAE):
         """x [B, d] -> expert [B], probs [B, N], global latent idx [B, k] in 0..M-1 and vals [B, k]
         already multiplied by the gate p_i* (so decoding is linear and the router gets gradient)."""
         probs, expert = self.route(x)
-        vals = x.new_empty(len(x), self.k)
-        idx = torch.empty(len(x), self.k, dtype=torch.long, device=x.device)
-        xc = x - self.b_pre
-        for i in range(self.n_experts):
-            rows = (expert == i).nonzero(as_tuple=True)[0]
-            if len(rows) == 0:
-                continue
-            v, j = topk_relu(xc[rows] @ self.W_enc[i].T, self.k)  # [n_i, e] pre-activations only
-            vals[rows] = v
-            idx[rows] = j + i * self.expert_width
+        encode = topk_encode if self.sparse_backward else topk_encode_reference
+        vals, idx = encode(x - self.b_pre, self.W_enc, None, expert, self.k)  # each expert on its own tokens
         gate = probs.gather(1, expert[:, None])  # [B, 1]: p_i*
         return Codes(idx=idx, vals=gate * vals, expert=expert, probs=probs)
 

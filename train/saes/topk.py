@@ -10,12 +10,7 @@ from torch.nn import functional as F
 
 from train.recipe import normalize_rows_
 from train.saes.base import SAE, Codes, Output, register
-
-
-def topk_relu(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """pre [B, m] -> (vals [B, k] >= 0, idx [B, k] int64): the k largest pre-activations, ReLU'd."""
-    vals, idx = pre.topk(k, dim=-1, sorted=False)
-    return vals.relu(), idx
+from train.saes.kernels import topk_encode, topk_encode_reference
 
 
 def decode_rows(idx: torch.Tensor, vals: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
@@ -37,6 +32,7 @@ def init_tied_(w_enc: torch.Tensor, w_dec: torch.Tensor, generator: torch.Genera
 @register
 class TopKSAE(SAE):
     arch = "topk"
+    sparse_backward = True  # False: plain autograd (dense encoder backward), the reference path
 
     def __init__(self, d: int, width: int, k: int):
         super().__init__(d)
@@ -59,8 +55,9 @@ class TopKSAE(SAE):
         return [self.W_dec]
 
     def encode(self, x: torch.Tensor) -> Codes:
-        """x [B, d] -> idx, vals [B, k]."""
-        vals, idx = topk_relu((x - self.b_pre) @ self.W_enc.T + self.b_enc, self.k)
+        """x [B, d] -> idx, vals [B, k] (sparse backward unless sparse_backward is False)."""
+        encode = topk_encode if self.sparse_backward else topk_encode_reference
+        vals, idx = encode(x - self.b_pre, self.W_enc[None], self.b_enc[None], None, self.k)
         return Codes(idx=idx, vals=vals)
 
     def decode(self, codes: Codes) -> torch.Tensor:

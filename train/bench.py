@@ -1,0 +1,187 @@
+"""`make bench`: seconds per training step of TopK and Switch SAEs beside their roofline bound.
+
+One run, one machine, the same inputs for every entry (d 768, batch 8192, k 32, random data):
+  - the machine's matmul peak (fp32, bf16) at the encoder's shape and its memory bandwidth (copy);
+  - dense `topk` M 24576; width-matched `switch` M 24576, N 4..64; FLOP-matched `switch` (every
+    expert 24576 latents) N 2, 4, 8; `switch_reference` N 16: the reference code's algorithm (the
+    full-width encoder for every token, then every other expert's latents masked out, plain autograd);
+  - each entry: median seconds of full training steps (forward, backward, projection, clip, Adam,
+    renormalisation: `train.recipe.apply_update`, as the trainer runs them) after one warm-up step.
+
+Roofline bound of a step (`bound`), two phases: forward + backward, max(FLOPs / matmul peak,
+bytes / bandwidth), plus the per-parameter updates, bytes / bandwidth (memory-bound: they touch
+every parameter every step and do not shrink with N). FLOPs from `eval.flops` (as implemented; the
+reference algorithm adds its full-width encoder). Bytes are the unavoidable traffic in fp32: every
+parameter read once, the batch in, the reconstruction and its gradient, the codes; Adam reads
+parameter, gradient and both moments and writes three of them (28 bytes per parameter), clipping
+reads and rescales every gradient (8), the decoder constraint reads and writes the decoder and its
+gradient (16 per decoder parameter). Intermediates a fused kernel need not write (pre-activations)
+are not counted, so the bound is optimistic, never pessimistic.
+
+    python -m train.bench [--steps 3] [--quick]     -> results/bench/train.json + a printed table
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from eval.flops import sae_cost
+from train.recipe import apply_update
+from train.saes import SAE, Codes, build
+from train.saes.switch import SwitchSAE
+from train.saes.kernels import topk_relu
+
+D, BATCH, K, WIDTH = 768, 8192, 32, 24576
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class SwitchReference(SwitchSAE):
+    """The reference code's Switch forward: every expert's encoder on every token ([B, M] pre-activations),
+    then the unchosen experts' latents masked out before the TopK. Same outputs as SwitchSAE; the
+    baseline to beat, kept here only."""
+
+    def encode(self, x: torch.Tensor) -> Codes:
+        probs, expert = self.route(x)
+        pre = (x - self.b_pre) @ self.W_enc.view(-1, self.d).T  # [B, M]: the full width
+        owner = torch.arange(self.n_latents, device=x.device) // self.expert_width
+        pre = pre.masked_fill(owner[None, :] != expert[:, None], float("-inf"))
+        vals, idx = topk_relu(pre, self.k)
+        return Codes(idx=idx, vals=probs.gather(1, expert[:, None]) * vals, expert=expert, probs=probs)
+
+
+def matmul_gflops(dtype: torch.dtype, reps: int = 3) -> float:
+    """Achieved GFLOP/s of [BATCH, D] x [D, WIDTH] in `dtype` (median of reps after a warm-up)."""
+    a, b = torch.randn(BATCH, D, dtype=dtype), torch.randn(D, WIDTH, dtype=dtype)
+    times = []
+    for i in range(reps + 1):
+        t = time.perf_counter()
+        a @ b
+        if i:
+            times.append(time.perf_counter() - t)
+    return 2 * BATCH * D * WIDTH / statistics.median(times) / 1e9
+
+
+def bandwidth_gbps(mbytes: int = 512, reps: int = 5) -> float:
+    """Copy bandwidth: (read + write) bytes / seconds, median of reps."""
+    a = torch.ones(mbytes * 2**20 // 4)
+    b = torch.empty_like(a)
+    times = []
+    for i in range(reps + 1):
+        t = time.perf_counter()
+        b.copy_(a)
+        if i:
+            times.append(time.perf_counter() - t)
+    return 2 * a.numel() * 4 / statistics.median(times) / 1e9
+
+
+@dataclass
+class Entry:
+    arch: str
+    n_experts: int | None
+    match: str | None
+    dtype: str
+    batch_size: int
+    step_s: float
+    flops_train_per_token: float
+    bound_s: float
+    tokens_per_s: float
+    gflops: float  # achieved: flops_train_per_token * batch / step_s
+    flop_ratio_vs_topk: float  # theoretical: topk's training FLOPs / this entry's
+
+
+def build_entry(arch: str, n: int | None, match: str | None) -> tuple[SAE, float, int]:
+    """(module, training FLOPs per token as implemented, decoder parameters)."""
+    if arch == "topk":
+        sae = build("topk", d=D, width=WIDTH, k=K)
+        return sae, sae_cost(sae).train, WIDTH * D
+    e = WIDTH // n if match == "width" else WIDTH
+    if arch == "switch":
+        sae = SwitchSAE(d=D, n_experts=n, expert_width=e, k=K)
+        return sae, sae_cost(sae).train, n * e * D
+    # the reference: plain autograd through the full-width encoder, forward and backward, on every token
+    sae = SwitchReference(d=D, n_experts=n, expert_width=e, k=K)
+    return sae, sae_cost(sae, sparse_backward=False).train + 6 * D * (n * e - e), n * e * D
+
+
+def bound(sae: SAE, flops_per_token: float, dec_params: int, peak: float, bw: float) -> float:
+    """Roofline lower bound in seconds of one training step (module docstring)."""
+    params = sum(p.numel() for p in sae.parameters())
+    io = BATCH * D * 4 * 3 + BATCH * K * 12  # x in, reconstruction out and its gradient, codes
+    compute = max(BATCH * flops_per_token / (peak * 1e9), (params * 4 + io) / (bw * 1e9))
+    memory_only = (28 * params + 8 * params + 16 * dec_params) / (bw * 1e9)  # Adam, clip, constraint
+    return compute + memory_only
+
+
+def time_steps(sae: SAE, steps: int, dtype: torch.dtype) -> float:
+    """Median seconds of full training steps after one warm-up step."""
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, D) * 10
+    sae.init_from_batch(x[:1024])
+    params = list(sae.parameters())
+    opt = torch.optim.Adam(params, lr=1e-4)
+    times = []
+    for i in range(steps + 1):
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            loss = sae(x).losses["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        apply_update(sae, opt, params, 1.0)
+        if i:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per entry (after one warm-up)")
+    parser.add_argument("--quick", action="store_true", help="only topk, switch N=16 and the reference")
+    parser.add_argument("--out", default=str(ROOT / "results" / "bench" / "train.json"))
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    peak32, peak16, bw = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16, reps=1), bandwidth_gbps()
+    print(f"matmul peak fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s; copy bandwidth {bw:.1f} GB/s "
+          f"({torch.get_num_threads()} threads)")
+    grid = [("topk", None, None)] + [("switch", n, "width") for n in (4, 8, 16, 32, 64)]
+    grid += [("switch", n, "flops") for n in (2, 4, 8)] + [("switch_reference", 16, "width")]
+    if args.quick:
+        grid = [g for g in grid if g[0] == "topk" or g[1] == 16]
+    topk_flops = sae_cost(build("topk", d=D, width=WIDTH, k=K)).train
+    entries = []
+    print(f"{'entry':<26}{'step s':>9}{'tok/s':>9}{'GFLOP/s':>9}{'bound s':>9}{'step/bound':>11}{'FLOP ratio':>11}")
+    for arch, n, match in grid:
+        sae, flops, dec = build_entry(arch, n, match)
+        step = time_steps(sae, args.steps, torch.float32)
+        e = Entry(arch, n, match, "float32", BATCH, step, flops, bound(sae, flops, dec, peak32, bw), BATCH / step,
+                  flops * BATCH / step / 1e9, topk_flops / flops)
+        entries.append(e)
+        name = arch + (f" N={n} {match}" if n else "")
+        print(f"{name:<26}{e.step_s:>9.3f}{e.tokens_per_s:>9.0f}{e.gflops:>9.0f}{e.bound_s:>9.3f}"
+              f"{e.step_s / e.bound_s:>11.1f}{e.flop_ratio_vs_topk:>11.1f}")
+        del sae
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = [asdict(e) for e in entries] + [
+        {"arch": "matmul_peak", "dtype": "float32", "gflops": peak32},
+        {"arch": "matmul_peak", "dtype": "bfloat16", "gflops": peak16},
+        {"arch": "mem_bandwidth", "gbps": bw}]
+    out.write_text(json.dumps(rows, indent=2))
+    by = {(e.arch, e.n_experts, e.match): e.step_s for e in entries}
+    topk = by[("topk", None, None)]
+    for n in (16, 64):
+        if ("switch", n, "width") in by:
+            print(f"topk / switch N={n} width-matched step time: {topk / by[('switch', n, 'width')]:.2f}x")
+    if ("switch_reference", 16, "width") in by:
+        print(f"reference / switch N=16: {by[('switch_reference', 16, 'width')] / by[('switch', 16, 'width')]:.2f}x")
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()
