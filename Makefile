@@ -6,7 +6,7 @@ ARGS    ?=
 # `make harvest preset=demo` picks a preset; anything else goes through ARGS='key=value ...'
 HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
 
-.PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report demo reproduce clean-venv
+.PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report demo reproduce bench clean-venv
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
@@ -18,6 +18,7 @@ help:
 	@echo "make eval run=<run dir or sweep dir> [ARGS='ce=false ...']   metrics -> <run>/eval.json (stage 3)"
 	@echo "make report sweep=<dir>    pareto.png, scaling.png, report.md, runs.csv from evaluated runs"
 	@echo "make demo                  offline demo: harvest, 4 SAEs, eval, report -> results/demo (~15 min, 2 CPUs)"
+	@echo "make bench                 training step time of TopK / Switch / the reference vs roofline -> results/bench/train.json"
 	@echo "make reproduce             the paper's Figure 1 and 3 grids (GPT-2, OpenWebText, GPUs; see README)"
 
 setup: .venv/.installed data/models/smollm2-135m/model.safetensors data/corpus/offline.jsonl
@@ -81,3 +82,7 @@ reproduce: .venv/.installed
 	  $(PY) -m train -m +experiment=$$grid hydra.sweep.dir=$(REPRODUCE_DIR) $(ARGS) || exit 1; done
 	$(PY) -m eval run=$(REPRODUCE_DIR)
 	$(PY) -m eval.report sweep=$(REPRODUCE_DIR) title="Switch SAEs: the paper's grids (GPT-2 block 8, OpenWebText)"
+
+# Training step time vs the roofline bound (train/bench.py); ARGS='--quick' for three entries.
+bench: .venv/.installed
+	$(PY) -m train.bench $(ARGS)

@@ -52,3 +52,18 @@ def test_groups_cover_every_row_once():
     expert = torch.tensor([2, 0, 2, 2, 0])
     got = {i: rows.tolist() for i, rows in groups(expert, 4)}
     assert got == {0: [1, 4], 2: [0, 2, 3]}
+
+
+@pytest.mark.parametrize("arch", ["topk", "switch"])
+@pytest.mark.parametrize("sparse", [True, False])
+def test_bf16_autocast_trains(arch, sparse):
+    torch.manual_seed(0)
+    kwargs = dict(width=64, k=4) if arch == "topk" else dict(n_experts=4, expert_width=16, k=4)
+    sae = build(arch, d=16, **kwargs)
+    sae.sparse_backward = sparse
+    x = torch.randn(256, 16) * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sae(x)
+    out.losses["loss"].backward()
+    assert torch.isfinite(out.losses["loss"]) and all(torch.isfinite(p.grad).all() for p in sae.parameters())
+    assert sae.W_enc.grad.abs().sum() > 0

@@ -53,7 +53,7 @@ class TopKEncode(torch.autograd.Function):
             idx = torch.empty(len(xc), k, dtype=torch.long, device=xc.device)
             for i, rows in groups(expert, n_experts):
                 v, j = _pre_topk(xc[rows], w[i], None if b is None else b[i], k)
-                vals[rows], idx[rows] = v, j + i * e
+                vals[rows], idx[rows] = v.to(vals.dtype), j + i * e  # (v is bf16 under autocast)
         ctx.save_for_backward(xc, w, idx, vals)
         ctx.has_bias = b is not None
         ctx.mark_non_differentiable(idx)
@@ -93,6 +93,6 @@ def topk_encode_reference(xc: torch.Tensor, w: torch.Tensor, b: torch.Tensor | N
     idx = torch.empty(len(xc), k, dtype=torch.long, device=xc.device)
     for i, rows in groups(expert, w.shape[0]):
         v, j = _pre_topk(xc[rows], w[i], None if b is None else b[i], k)
-        vals = vals.index_put((rows,), v)
+        vals = vals.index_put((rows,), v.to(vals.dtype))
         idx[rows] = j + i * w.shape[1]
     return vals, idx
