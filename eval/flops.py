@@ -18,7 +18,13 @@ Conventions
   only the k active pre-activations get a gradient, so the encoder backward is two gathers of k
   rows (grad of the k active W_enc rows, 2kd, and grad of the input, 2kd) instead of two dense
   matmuls. It is the same 4kd for the dense TopK encoder as for a Switch expert. relu and gated have
-  dense codes and no such backward: asking for it raises ValueError.
+  dense codes and no such backward: asking for it raises ValueError. `sparse_backward=False` counts
+  the dense backward, whether plain autograd runs it or the grouped matmuls of train/saes/kernels.py
+  (the same 4de per token). `dense_decoder=True` (switch only) counts the decoder as narrow experts
+  run it by default (train/saes/kernels.py `decode_grouped`): each token's dense codes over its
+  expert's e latents times that expert's decoder, 2de forward and 4de backward instead of 2kd and
+  4kd: more FLOPs, fewer seconds. `algorithmic_cost` is the minimum (sparse backward, embedding-bag
+  decoder), independent of the kernels; eval reports it.
 
 Formulas (FLOPs per token)
 --------------------------
@@ -94,12 +100,13 @@ def _positive(name: str, value: Any) -> int:
 
 
 def cost(arch: str, d: int, *, width: int | None = None, k: int | None = None, n_experts: int | None = None,
-         expert_width: int | None = None, sparse_backward: bool = False) -> Cost:
+         expert_width: int | None = None, sparse_backward: bool = False, dense_decoder: bool = False) -> Cost:
     """Parameters and FLOPs per token of an `arch` SAE on d-dimensional inputs (see the module doc).
 
     topk: width (M), k; switch: n_experts (N), expert_width (e), k; relu, gated: width (M).
     Raises ValueError for an unknown arch, a missing, non-positive or inapplicable argument,
-    k larger than the (expert) width, or sparse_backward with relu/gated.
+    k larger than the (expert) width, sparse_backward with relu/gated, or dense_decoder with
+    anything but switch.
     """
     if arch not in _ARGS:
         raise ValueError(f"unknown SAE architecture {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -114,13 +121,16 @@ def cost(arch: str, d: int, *, width: int | None = None, k: int | None = None, n
     a = {name: _positive(name, given[name]) for name in _ARGS[arch]}
     if sparse_backward and arch in ("relu", "gated"):
         raise ValueError(f"sparse_backward applies to topk and switch only; {arch} has dense codes")
+    if dense_decoder and arch != "switch":
+        raise ValueError(f"dense_decoder applies to switch only, not {arch}")
 
     if arch in ("topk", "switch"):
         k = a["k"]
         e = a["expert_width"] if arch == "switch" else a["width"]
         if k > e:
             raise ValueError(f"k={k} must be at most the {'expert ' if arch == 'switch' else ''}width {e}")
-        decoder = 2 * k * d  # embedding bag of the k chosen decoder rows
+        # embedding bag of the k chosen decoder rows, or the expert's dense codes times its decoder
+        decoder = 2 * e * d if dense_decoder else 2 * k * d
         if arch == "topk":
             m = e
             params = 2 * m * d + m + d  # W_enc, W_dec [M, d]; b_enc [M]; b_pre [d]
@@ -132,7 +142,7 @@ def cost(arch: str, d: int, *, width: int | None = None, k: int | None = None, n
             router_fwd, router_bwd = 2 * d * n, 4 * d * n
         encoder = 2 * d * e  # per token: the whole encoder (topk), or the token's own expert (switch)
         forward = router_fwd + encoder + decoder
-        # decoder backward: grad of vals + grad of the k chosen W_dec rows
+        # decoder backward: grad of vals + grad of the k chosen W_dec rows (or of the expert's W_dec)
         decoder_bwd = 2 * decoder
         # encoder backward: grad W_enc + grad of x - b_pre; dense over e (or M) latents, or only k
         encoder_bwd = 2 * (2 * k * d if sparse_backward else encoder)
@@ -152,16 +162,29 @@ def cost(arch: str, d: int, *, width: int | None = None, k: int | None = None, n
     return Cost(params=params, forward=float(forward), train=float(train))
 
 
-def sae_cost(sae: SAE, sparse_backward: bool | None = None) -> Cost:
+def sae_cost(sae: SAE, sparse_backward: bool | None = None, dense_decoder: bool | None = None) -> Cost:
     """`cost` of a built SAE, from `sae.arch` and `sae.config()`; sparse_backward=None counts the
-    backward the module runs (`sae.sparse_backward`, True for topk and switch unless switched off)."""
+    backward the module runs (`sae.sparse_backward`: for topk and switch set by `sae.backward`, by
+    default sparse for wide experts, dense grouped matmuls for narrow ones; train/saes/kernels.py),
+    and likewise dense_decoder=None the decoder it runs (`sae.dense_decoder`, switch only)."""
     arch = getattr(sae, "arch", None)
     if arch not in _ARGS:
         raise ValueError(f"unknown SAE architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if sparse_backward is None:
-        sparse_backward = bool(getattr(sae, "sparse_backward", False))
+        sparse_backward = sae.sparse_backward
+    if dense_decoder is None:
+        dense_decoder = sae.dense_decoder
     config = sae.config()
-    return cost(arch, config["d"], **{name: config[name] for name in _ARGS[arch]}, sparse_backward=sparse_backward)
+    return cost(arch, config["d"], **{name: config[name] for name in _ARGS[arch]}, sparse_backward=sparse_backward,
+                dense_decoder=dense_decoder)
+
+
+def algorithmic_cost(sae: SAE) -> Cost:
+    """The fewest FLOPs the architecture needs, whatever kernels run it: the sparse backward and the
+    embedding-bag decoder for topk and switch (what eval reports and Figure 1 plots), the dense
+    count for relu and gated."""
+    sparse = sae.arch in ("topk", "switch")
+    return sae_cost(sae, sparse_backward=sparse, dense_decoder=False)
 
 
 def _bag_forward(weight, indices, *args: Any, **kwargs: Any) -> int:
@@ -188,14 +211,28 @@ def _sparse_addmm(out, sparse, dense, *args: Any, **kwargs: Any) -> int:
 _sparse_addmm._get_raw = True  # type: ignore[attr-defined]
 
 
+def _grouped_mm(a, b, *args: Any, **kwargs: Any) -> int:
+    """aten._grouped_mm: [T, K] x [G, K, n] (each row by its group's matrix) -> 2Tkn; [m, T] x [T, n]
+    (a weight gradient, summed within groups) -> 2mTn; [G, m, K] x [G, K, n] -> 2GmKn."""
+    if len(a) == 2 and len(b) == 3:
+        return 2 * a[0] * a[1] * b[2]
+    if len(a) == 2 and len(b) == 2:
+        return 2 * a[0] * a[1] * b[1]
+    if len(a) == 3 and len(b) == 3:
+        return 2 * a[0] * a[1] * a[2] * b[2]
+    raise NotImplementedError(f"grouped_mm of shapes {a} x {b}")
+
+
 def counter_mapping() -> dict:
     """`FlopCounterMode(custom_mapping=counter_mapping())`: teaches torch's counter the embedding-bag
-    ops of our sparse decoder and encoder backward and the sparse matmul of the encoder's weight
-    gradient (it counts them as 0 otherwise), each 2kd per token as above."""
+    ops of our sparse decoder and encoder backward, the sparse matmul of the encoder's weight
+    gradient (each 2kd per token as above) and the grouped matmul of Switch experts (it counts
+    them as 0 otherwise)."""
     import torch
 
     aten = torch.ops.aten
     return {aten._embedding_bag: _bag_forward,
             aten._embedding_bag_per_sample_weights_backward: _bag_weights_backward,
             aten._embedding_bag_backward: _bag_backward,
-            aten._sparse_addmm: _sparse_addmm}
+            aten._sparse_addmm: _sparse_addmm,
+            aten._grouped_mm: _grouped_mm}

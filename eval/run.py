@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from eval.ce import ce_metrics
-from eval.flops import sae_cost
+from eval.flops import algorithmic_cost, sae_cost
 from eval.metrics import reconstruction_metrics
 from harvest.config import HarvestError
 from harvest.lm import load_config, load_lm, pick_device
@@ -136,7 +136,7 @@ def recon_and_cost(run: Run, cfg: EvalConfig) -> dict[str, Any]:
     model = run.config["model"]
     done_file = run.dir / "done.json"
     done = json.loads(done_file.read_text()) if done_file.exists() else {}
-    cost = sae_cost(run.sae)  # the backward the trainer runs (sparse for topk and switch)
+    cost = algorithmic_cost(run.sae)  # sparse backward for topk and switch, whatever kernels the trainer ran
     dense = sae_cost(run.sae, sparse_backward=False)
     train_tokens = done.get("tokens", 0)
     first_pos = run.store.attrs["first_pos"]

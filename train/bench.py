@@ -14,11 +14,16 @@ every parameter every step and do not shrink with N). FLOPs from `eval.flops` (a
 reference algorithm adds its full-width encoder). Bytes are the unavoidable traffic in fp32: every
 parameter read once, the batch in, the reconstruction and its gradient, the codes; Adam reads
 parameter, gradient and both moments and writes three of them (28 bytes per parameter), clipping
-reads and rescales every gradient (8), the decoder constraint reads and writes the decoder and its
-gradient (16 per decoder parameter). Intermediates a fused kernel need not write (pre-activations)
+reads every gradient for the global norm (4; the rescale rides in Adam's pass), the decoder
+constraint reads and writes the decoder and its gradient (16 per decoder parameter). Intermediates a fused kernel need not write (pre-activations)
 are not counted, so the bound is optimistic, never pessimistic.
 
-    python -m train.bench [--steps 3] [--quick]     -> results/bench/train.json + a printed table
+bf16: the same steps under `torch.autocast(bfloat16)` for topk and switch N 16, bounded by the bf16
+matmul peak. It pays only where the CPU has bf16 matrix units (AMX) or on GPU tensor cores. The loss
+check trains topk twice with the real trainer on the demo store (200 steps, fp32 and bf16) and
+compares the final losses.
+
+    python -m train.bench [--steps 3] [--quick] [--compile]   -> results/bench/train.json + a table
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from pathlib import Path
 import torch
 
 from eval.flops import sae_cost
-from train.recipe import apply_update
+from train.recipe import apply_update, make_optimizer
 from train.saes import SAE, Codes, build
 from train.saes.switch import SwitchSAE
 from train.saes.kernels import topk_relu
@@ -94,6 +99,7 @@ class Entry:
     tokens_per_s: float
     gflops: float  # achieved: flops_train_per_token * batch / step_s
     flop_ratio_vs_topk: float  # theoretical: topk's training FLOPs / this entry's
+    compiled: bool  # torch.compile (--compile)
 
 
 def build_entry(arch: str, n: int | None, match: str | None) -> tuple[SAE, float, int]:
@@ -115,71 +121,120 @@ def bound(sae: SAE, flops_per_token: float, dec_params: int, peak: float, bw: fl
     params = sum(p.numel() for p in sae.parameters())
     io = BATCH * D * 4 * 3 + BATCH * K * 12  # x in, reconstruction out and its gradient, codes
     compute = max(BATCH * flops_per_token / (peak * 1e9), (params * 4 + io) / (bw * 1e9))
-    memory_only = (28 * params + 8 * params + 16 * dec_params) / (bw * 1e9)  # Adam, clip, constraint
+    memory_only = (28 * params + 4 * params + 16 * dec_params) / (bw * 1e9)  # Adam, clip, constraint
     return compute + memory_only
 
 
-def time_steps(sae: SAE, steps: int, dtype: torch.dtype) -> float:
-    """Median seconds of full training steps after one warm-up step."""
+def time_steps(sae: SAE, steps: int, dtype: torch.dtype, compile: bool = False) -> float:
+    """Median seconds of full training steps after warm-up (one step, two with `compile`)."""
     torch.manual_seed(0)
     x = torch.randn(BATCH, D) * 10
     sae.init_from_batch(x[:1024])
     params = list(sae.parameters())
-    opt = torch.optim.Adam(params, lr=1e-4)
+    opt = make_optimizer(params, 1e-4, (0.9, 0.999))
+    model = torch.compile(sae) if compile else sae
+    warmup = 2 if compile else 1
     times = []
-    for i in range(steps + 1):
+    for i in range(steps + warmup):
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
-            loss = sae(x).losses["loss"]
+            loss = model(x).losses["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         apply_update(sae, opt, params, 1.0)
-        if i:
+        if i >= warmup:
             times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
+def bf16_loss_check(steps: int = 200) -> dict | None:
+    """Final training loss of topk (width 2304, k 32, batch 1024) on the demo store after `steps`
+    steps in fp32 and in bf16 autocast, with the real trainer; None when the store is missing."""
+    import tempfile
+
+    from eval.demo import compose_app
+    from train.config import TrainConfig
+    from train.loop import train
+
+    if not Path(compose_app("train", []).data.store, "zarr.json").exists():
+        return None
+    losses, seconds = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        overrides = [f"steps={steps}", "batch_size=1024", "model=topk", "model.width=2304", "model.k=32",
+                     f"dtype={dtype}", "progress=false", f"log_every={steps}", "device=cpu"]
+        with tempfile.TemporaryDirectory() as tmp:
+            t = time.perf_counter()
+            train(TrainConfig.from_omegaconf(compose_app("train", overrides)), Path(tmp))
+            seconds[dtype] = time.perf_counter() - t
+            last = json.loads((Path(tmp) / "metrics.jsonl").read_text().splitlines()[-1])
+            losses[dtype] = last["loss"]
+    return {"arch": "bf16_loss_check", "steps": steps, "batch_size": 1024, "width": 2304,
+            "loss_float32": losses["float32"], "loss_bfloat16": losses["bfloat16"],
+            "rel_diff": abs(losses["bfloat16"] - losses["float32"]) / losses["float32"],
+            "seconds_float32": seconds["float32"], "seconds_bfloat16": seconds["bfloat16"]}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per entry (after one warm-up)")
-    parser.add_argument("--quick", action="store_true", help="only topk, switch N=16 and the reference")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per entry (after warm-up)")
+    parser.add_argument("--quick", action="store_true", help="only topk, switch N=16 and the reference, fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every entry's module")
+    parser.add_argument("--no-loss-check", action="store_true", help="skip the bf16 loss check")
     parser.add_argument("--out", default=str(ROOT / "results" / "bench" / "train.json"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     peak32, peak16, bw = matmul_gflops(torch.float32), matmul_gflops(torch.bfloat16, reps=1), bandwidth_gbps()
+    peaks = {torch.float32: peak32, torch.bfloat16: peak16}
     print(f"matmul peak fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s; copy bandwidth {bw:.1f} GB/s "
           f"({torch.get_num_threads()} threads)")
-    grid = [("topk", None, None)] + [("switch", n, "width") for n in (4, 8, 16, 32, 64)]
-    grid += [("switch", n, "flops") for n in (2, 4, 8)] + [("switch_reference", 16, "width")]
+    fp32, bf16 = torch.float32, torch.bfloat16
+    grid = [("topk", None, None, fp32)] + [("switch", n, "width", fp32) for n in (4, 8, 16, 32, 64)]
+    grid += [("switch", n, "flops", fp32) for n in (2, 4, 8)] + [("switch_reference", 16, "width", fp32)]
+    grid += [("topk", None, None, bf16), ("switch", 16, "width", bf16)]
     if args.quick:
-        grid = [g for g in grid if g[0] == "topk" or g[1] == 16]
+        grid = [g for g in grid if (g[0] == "topk" or g[1] == 16) and g[3] == fp32]
     topk_flops = sae_cost(build("topk", d=D, width=WIDTH, k=K)).train
     entries = []
-    print(f"{'entry':<26}{'step s':>9}{'tok/s':>9}{'GFLOP/s':>9}{'bound s':>9}{'step/bound':>11}{'FLOP ratio':>11}")
-    for arch, n, match in grid:
+    print(f"{'entry':<32}{'step s':>9}{'tok/s':>9}{'GFLOP/s':>9}{'bound s':>9}{'step/bound':>11}{'FLOP ratio':>11}")
+    for arch, n, match, dtype in grid:
         sae, flops, dec = build_entry(arch, n, match)
-        step = time_steps(sae, args.steps, torch.float32)
-        e = Entry(arch, n, match, "float32", BATCH, step, flops, bound(sae, flops, dec, peak32, bw), BATCH / step,
-                  flops * BATCH / step / 1e9, topk_flops / flops)
+        step = time_steps(sae, args.steps, dtype, args.compile)
+        dt = str(dtype).removeprefix("torch.")
+        e = Entry(arch, n, match, dt, BATCH, step, flops, bound(sae, flops, dec, peaks[dtype], bw), BATCH / step,
+                  flops * BATCH / step / 1e9, topk_flops / flops, args.compile)
         entries.append(e)
-        name = arch + (f" N={n} {match}" if n else "")
-        print(f"{name:<26}{e.step_s:>9.3f}{e.tokens_per_s:>9.0f}{e.gflops:>9.0f}{e.bound_s:>9.3f}"
+        name = arch + (f" N={n} {match}" if n else "") + ("" if dtype == fp32 else f" {dt}")
+        print(f"{name:<32}{e.step_s:>9.3f}{e.tokens_per_s:>9.0f}{e.gflops:>9.0f}{e.bound_s:>9.3f}"
               f"{e.step_s / e.bound_s:>11.1f}{e.flop_ratio_vs_topk:>11.1f}")
         del sae
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     rows = [asdict(e) for e in entries] + [
         {"arch": "matmul_peak", "dtype": "float32", "gflops": peak32},
         {"arch": "matmul_peak", "dtype": "bfloat16", "gflops": peak16},
         {"arch": "mem_bandwidth", "gbps": bw}]
-    out.write_text(json.dumps(rows, indent=2))
-    by = {(e.arch, e.n_experts, e.match): e.step_s for e in entries}
-    topk = by[("topk", None, None)]
+    by = {(e.arch, e.n_experts, e.match, e.dtype): e.step_s for e in entries}
+    topk = by[("topk", None, None, "float32")]
     for n in (16, 64):
-        if ("switch", n, "width") in by:
-            print(f"topk / switch N={n} width-matched step time: {topk / by[('switch', n, 'width')]:.2f}x")
-    if ("switch_reference", 16, "width") in by:
-        print(f"reference / switch N=16: {by[('switch_reference', 16, 'width')] / by[('switch', 16, 'width')]:.2f}x")
+        if ("switch", n, "width", "float32") in by:
+            print(f"topk / switch N={n} width-matched step time: {topk / by[('switch', n, 'width', 'float32')]:.2f}x")
+    if ("switch_reference", 16, "width", "float32") in by:
+        ratio = by[("switch_reference", 16, "width", "float32")] / by[("switch", 16, "width", "float32")]
+        print(f"reference / switch N=16: {ratio:.2f}x")
+    if ("switch", 8, "flops", "float32") in by:
+        print(f"switch N=8 flop-matched / topk: {by[('switch', 8, 'flops', 'float32')] / topk:.2f}x")
+    if ("topk", None, None, "bfloat16") in by:
+        print(f"topk fp32 / bf16 step time: {topk / by[('topk', None, None, 'bfloat16')]:.2f}x")
+    if not (args.quick or args.no_loss_check):
+        check = bf16_loss_check()
+        if check is None:
+            print("bf16 loss check skipped: no demo store (make demo, or make harvest, builds it)")
+        else:
+            rows.append(check)
+            print(f"bf16 loss check (topk 2304, 200 steps x 1024 demo tokens): fp32 {check['loss_float32']:.1f}, "
+                  f"bf16 {check['loss_bfloat16']:.1f}, relative difference {check['rel_diff']:.2%}; "
+                  f"{check['seconds_float32']:.0f} s vs {check['seconds_bfloat16']:.0f} s")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2))
     print(f"written: {out}")
 
 

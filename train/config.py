@@ -53,6 +53,7 @@ class TrainConfig:
     resume: bool
     device: str
     dtype: str
+    compile: bool
     progress: bool
 
     @classmethod

@@ -22,7 +22,7 @@ from harvest.lm import autocast, pick_device
 from harvest.store import ActivationStore
 from train.config import TrainConfig, TrainError
 from train.loader import Batches, norm_cut, split_chunks
-from train.recipe import apply_update, default_lr, lr_factor
+from train.recipe import apply_update, default_lr, lr_factor, make_optimizer
 from train.saes import SAE, Output, build, save
 
 CHECKPOINT = "checkpoint.pt"
@@ -93,7 +93,7 @@ def _drop_metrics_after(path: Path, step: int) -> None:
 
 
 # Keys that may change between launches of the same run (they do not change what is trained).
-RUNTIME_KEYS = ("resume", "device", "progress", "log_every", "checkpoint_every")
+RUNTIME_KEYS = ("resume", "device", "progress", "log_every", "checkpoint_every", "compile")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -131,7 +131,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> Path:
     sae = _build(cfg, store.d_model).to(device)
     train_ids, _ = split_chunks(store.n_chunks, cfg.data.eval_frac)
     base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.n_latents)
-    opt = torch.optim.Adam(sae.parameters(), lr=base_lr, betas=cfg.adam_betas)
+    opt = make_optimizer(list(sae.parameters()), base_lr, cfg.adam_betas)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps, cfg.lr_decay_frac))
     dead = DeadLatents(sae.n_latents, cfg.dead_window, device)
     step = 0
@@ -163,6 +163,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> Path:
     batches = itertools.chain([first], batches)
     dtype = getattr(torch, cfg.dtype)
     params = list(sae.parameters())
+    model = torch.compile(sae) if cfg.compile else sae
     last_good = step
     bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model['arch']}", disable=not cfg.progress)
     t_log, tokens_log = time.perf_counter(), 0
@@ -171,7 +172,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> Path:
             x = next(batches)
             sae.schedule(step, cfg.steps)
             with autocast(device, dtype):
-                out = sae(x)
+                out = model(x)
             loss = out.losses["loss"]
             if not torch.isfinite(loss):
                 raise TrainError(f"loss became {loss.item()} at step {step}; stopped. The last good checkpoint "

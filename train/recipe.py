@@ -5,7 +5,13 @@
     project_out_parallel_grad_(w)  remove each decoder row's gradient component along that row
     default_lr(n_latents)          2e-4 / sqrt(M / 2^14), M the total number of latents
     lr_factor(step, steps, decay)  1, then linear decay to 0 over the last `decay` fraction of steps
+    make_optimizer(params, ...)    Adam, fused (one pass over parameters, gradients and moments)
     apply_update(sae, opt, ...)    the step after backward: projection, clip, Adam, renormalisation
+
+The per-step work that touches every parameter is memory-bound and does not shrink with the
+number of Switch experts, so it is kept to few passes: the projection is a row dot product and one
+in-place multiply-add, the clip only measures the norm (fused Adam divides the gradients by the
+clip factor as it reads them), Adam is one fused kernel, renormalisation one norm and one divide.
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ def project_out_parallel_grad_(w: torch.Tensor) -> None:
     """
     if w.grad is None:
         return
-    w.grad.sub_((w.grad * w).sum(dim=-1, keepdim=True) * w)
+    g, d = w.grad, w.shape[-1]
+    dot = torch.bmm(g.reshape(-1, 1, d), w.detach().reshape(-1, d, 1)).view(*w.shape[:-1], 1)  # no [.., n, d] temporary
+    g.addcmul_(dot, w, value=-1.0)
 
 
 def default_lr(n_latents: int) -> float:
@@ -62,12 +70,28 @@ def lr_factor(step: int, steps: int, decay_frac: float = 0.2) -> float:
     return max(0.0, min(1.0, (steps - step) / decay_steps))
 
 
+def make_optimizer(params: list[torch.Tensor], lr: float, betas: tuple[float, float], fused: bool = True
+                   ) -> torch.optim.Adam:
+    """Adam; `fused` (CPU and CUDA) updates each parameter in one pass instead of several."""
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=fused)
+
+
+@torch.no_grad()
 def apply_update(sae: torch.nn.Module, opt: torch.optim.Optimizer, params: list[torch.Tensor], grad_clip: float) -> None:
     """Everything a step does after `loss.backward()`: remove the gradient along each decoder
-    direction, clip the global gradient norm, take the optimizer step, renormalise decoder rows."""
+    direction, clip the global gradient norm to `grad_clip`, take the optimizer step, renormalise
+    decoder rows. With a fused Adam the clip costs one read of the gradients (Adam's `grad_scale`,
+    the hook GradScaler uses, divides them as it goes), otherwise a read and a rescale."""
     for w in sae.unit_norm_decoders():
         project_out_parallel_grad_(w)
-    torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    opt.step()
+    grads = [p.grad for p in params if p.grad is not None]
+    scale = (torch.nn.utils.get_total_norm(grads) / grad_clip).clamp_min(1.0)  # divide the gradients by this
+    if opt.defaults.get("fused"):
+        opt.grad_scale = scale
+        opt.step()
+        del opt.grad_scale
+    else:
+        torch._foreach_div_(grads, scale)
+        opt.step()
     for w in sae.unit_norm_decoders():
         normalize_rows_(w.data)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from eval.flops import Cost, cost, counter_mapping, sae_cost
+from eval.flops import Cost, algorithmic_cost, cost, counter_mapping, sae_cost
 from train.saes import SAE, build
 
 D, M, N, K, B = 16, 64, 4, 4, 32
@@ -79,18 +79,36 @@ def test_forward_matches_flop_counter(arch):
 def test_dense_train_matches_flop_counter(arch):
     """The plain autograd path (the reference path for topk and switch)."""
     sae, x = make(arch)
-    sae.sparse_backward = False
+    sae.backward = "reference"
+    assert not sae.sparse_backward
     assert counted(lambda: train_step(sae, x)) == B * sae_cost(sae).train == B * sae_cost(sae, False).train
     assert all(p.grad is not None for p in sae.parameters())
 
 
 @pytest.mark.parametrize("arch", ["topk", "switch"])
-def test_the_fast_path_runs_the_sparse_backward_count(arch):
-    """train.saes.kernels: embedding bag + sparse matmul instead of the dense encoder backward."""
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+def test_the_fast_paths_run_their_counts(arch, backward):
+    """train.saes.kernels: embedding bag + sparse matmul, or grouped matmuls (the dense count)."""
     sae, x = make(arch)
-    assert sae.sparse_backward
-    assert counted(lambda: train_step(sae, x)) == B * sae_cost(sae).train == B * cost(
-        arch, D, **KWARGS[arch], sparse_backward=True).train
+    sae.backward = backward
+    assert sae.sparse_backward == (backward == "sparse")
+    assert sae.dense_decoder == (arch == "switch" and backward == "dense")
+    expected = cost(arch, D, **KWARGS[arch], sparse_backward=backward == "sparse", dense_decoder=sae.dense_decoder)
+    assert counted(lambda: train_step(sae, x)) == B * sae_cost(sae).train == B * expected.train
+    with torch.no_grad():
+        assert counted(lambda: sae.decode(sae.encode(x))) == B * expected.forward
+
+
+def test_dense_decoder_and_algorithmic_counts():
+    e, dense = E, cost("switch", D, **KWARGS["switch"], dense_decoder=True)
+    assert dense.forward == 2 * D * N + 4 * D * e
+    assert dense.train == 6 * D * N + 12 * D * e  # decoder 2de + 4de, encoder 2de + 4de
+    with pytest.raises(ValueError, match="switch only"):
+        cost("topk", D, width=M, k=K, dense_decoder=True)
+    for arch in ARCHS:
+        sae, _ = make(arch)
+        sae.backward = "dense"
+        assert algorithmic_cost(sae) == cost(arch, D, **KWARGS[arch], sparse_backward=arch in ("topk", "switch"))
 
 
 def test_closed_forms_of_the_small_shapes():
@@ -129,6 +147,7 @@ def test_switch_count_is_independent_of_routing():
 def test_switch_flops_matched_width():
     """model.match=flops: every expert has the full width e = M (so M_total = N * M)."""
     sae, x = make("switch", expert_width=M)
+    sae.backward = "sparse"  # the embedding-bag decoder, as topk's
     c = sae_cost(sae)
     assert c.forward == cost("topk", D, width=M, k=K).forward + 2 * D * N  # + the router
     with torch.no_grad():
@@ -191,6 +210,7 @@ def check_sparse_step(step: Callable[[], None], result: dict, sae: SAE, x: torch
 
 def test_switch_sparse_backward_matches_flop_counter_and_autograd():
     sae, x = make("switch")
+    sae.backward = "sparse"
     c = cost("switch", D, **KWARGS["switch"], sparse_backward=True)
     assert c.forward == sae_cost(sae).forward
     result = {}

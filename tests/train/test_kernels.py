@@ -1,25 +1,29 @@
-"""train.saes.kernels: the sparse-backward TopK encoder equals plain autograd, values and gradients."""
+"""train.saes.kernels: the grouped TopK encoder, with its sparse and its dense backward, equals plain
+autograd, values and gradients."""
 
 import pytest
 import torch
 
 from train.saes import build
-from train.saes.kernels import groups, topk_encode, topk_encode_reference
+from train.saes.kernels import grouped_mm, runs_sparse, topk_encode, topk_encode_reference
 
 
-@pytest.mark.parametrize(("n_experts", "bias"), [(1, True), (1, False), (4, False), (5, True)])
-def test_fast_encoder_matches_reference(n_experts, bias):
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize(("n_experts", "bias"), [(1, True), (1, False), (4, False), (5, True), (7, False)])
+def test_fast_encoder_matches_reference(n_experts, bias, sparse):
     torch.manual_seed(0)
     B, d, e, k = 300, 24, 40, 6
     xc = torch.randn(B, d, dtype=torch.float64)
     w = torch.randn(n_experts, e, d, dtype=torch.float64)
     b = torch.randn(n_experts, e, dtype=torch.float64) if bias else None
-    expert = torch.randint(0, n_experts, (B,)) if n_experts > 1 else None
+    # 7 experts: two get no tokens at all (empty groups)
+    expert = torch.randint(0, min(n_experts, 5), (B,)) if n_experts > 1 else None
     g_out = torch.randn(B, k, dtype=torch.float64)
     results = []
-    for encode in (topk_encode, topk_encode_reference):
+    for fast in (True, False):
         leaves = [t.clone().requires_grad_() for t in (xc, w) + ((b,) if bias else ())]
-        vals, idx = encode(leaves[0], leaves[1], leaves[2] if bias else None, expert, k)
+        args = (leaves[0], leaves[1], leaves[2] if bias else None, expert, k)
+        vals, idx = topk_encode(*args, sparse) if fast else topk_encode_reference(*args)
         # compare per token as sets: sort each row's (idx, vals) by idx
         order = idx.argsort(dim=1)
         (vals * g_out).sum().backward()
@@ -32,13 +36,15 @@ def test_fast_encoder_matches_reference(n_experts, bias):
 
 
 @pytest.mark.parametrize("arch", ["topk", "switch"])
-def test_sae_fast_and_reference_paths_agree_in_float32(arch):
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+def test_sae_fast_and_reference_paths_agree_in_float32(arch, backward):
     torch.manual_seed(0)
     kwargs = dict(width=64, k=4) if arch == "topk" else dict(n_experts=4, expert_width=16, k=4)
     fast = build(arch, d=16, **kwargs)
+    fast.backward = backward
     ref = build(arch, d=16, **kwargs)
     ref.load_state_dict(fast.state_dict())
-    ref.sparse_backward = False
+    ref.backward = "reference"
     x = torch.randn(256, 16) * 3
     out_f, out_r = fast(x), ref(x)
     torch.testing.assert_close(out_f.recon, out_r.recon, rtol=1e-5, atol=1e-5)
@@ -48,19 +54,31 @@ def test_sae_fast_and_reference_paths_agree_in_float32(arch):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def test_groups_cover_every_row_once():
-    expert = torch.tensor([2, 0, 2, 2, 0])
-    got = {i: rows.tolist() for i, rows in groups(expert, 4)}
-    assert got == {0: [1, 4], 2: [0, 2, 3]}
+def test_grouped_mm_both_shapes_with_an_empty_group():
+    torch.manual_seed(0)
+    a, w = torch.randn(9, 5), torch.randn(3, 5, 4)
+    offs = torch.tensor([4, 4, 9], dtype=torch.int32)  # groups rows 0-3, none, 4-8
+    out = grouped_mm(a, w, offs)
+    torch.testing.assert_close(out, torch.cat([a[:4] @ w[0], a[4:] @ w[2]]))
+    g = torch.randn(9, 6)
+    wg = grouped_mm(g.T, a, offs)  # per group: g_i^T a_i
+    torch.testing.assert_close(wg, torch.stack([g[:4].T @ a[:4], torch.zeros(6, 5), g[4:].T @ a[4:]]))
+
+
+def test_backward_choice():
+    assert runs_sparse("auto", 24576, 32) and not runs_sparse("auto", 384, 32)
+    assert runs_sparse("sparse", 8, 4) and not runs_sparse("dense", 24576, 32) and not runs_sparse("reference", 24576, 32)
+    with pytest.raises(ValueError, match="choose one of"):
+        runs_sparse("fast", 64, 4)
 
 
 @pytest.mark.parametrize("arch", ["topk", "switch"])
-@pytest.mark.parametrize("sparse", [True, False])
-def test_bf16_autocast_trains(arch, sparse):
+@pytest.mark.parametrize("backward", ["sparse", "dense", "reference"])
+def test_bf16_autocast_trains(arch, backward):
     torch.manual_seed(0)
     kwargs = dict(width=64, k=4) if arch == "topk" else dict(n_experts=4, expert_width=16, k=4)
     sae = build(arch, d=16, **kwargs)
-    sae.sparse_backward = sparse
+    sae.backward = backward
     x = torch.randn(256, 16) * 3
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = sae(x)

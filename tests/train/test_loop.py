@@ -173,3 +173,13 @@ def test_unknown_model_group_on_the_command_line_is_one_line():
     out = subprocess.run([sys.executable, "-m", "train", "model=topk,moe", "steps=1"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and out.stderr == "train: error: unknown model 'moe'; choose one of gated, relu, switch, topk\n"
+
+
+def test_compiled_training_matches_eager(store, tmp_path):
+    """compile=true runs the same steps through torch.compile (relu: the quickest to compile)."""
+    runs = {}
+    for compiled in (False, True):
+        cfg = make_cfg(store, "model=relu", "model.width=64", "steps=4", f"compile={str(compiled).lower()}")
+        runs[compiled] = load(train(cfg, tmp_path / str(compiled)))
+    for (name, p), q in zip(runs[False].named_parameters(), runs[True].parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from train.recipe import default_lr, geometric_median, lr_factor, normalize_rows_, project_out_parallel_grad_
+from train.recipe import (apply_update, default_lr, geometric_median, lr_factor, make_optimizer, normalize_rows_,
+                          project_out_parallel_grad_)
+from train.saes import build
 
 
 def test_geometric_median_matches_a_brute_force_minimiser():
@@ -38,3 +40,28 @@ def test_lr_defaults_and_schedule():
     assert default_lr(24576) == pytest.approx(1.633e-4, rel=1e-3)
     assert default_lr(196608) == pytest.approx(5.77e-5, rel=1e-3)
     assert [lr_factor(s, 100) for s in (0, 79, 80, 90, 99, 100)] == [1.0, 1.0, 1.0, 0.5, pytest.approx(0.05), 0.0]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_apply_update_equals_the_textbook_step(fused):
+    """Projection, clip to the global norm, Adam, renormalisation, spelled out with torch's own
+    clip_grad_norm_ and a plain Adam; the fused path folds the clip into Adam's grad_scale."""
+    torch.manual_seed(0)
+    ours, ref = build("topk", d=8, width=32, k=4), build("topk", d=8, width=32, k=4)
+    ref.load_state_dict(ours.state_dict())
+    opt = make_optimizer(list(ours.parameters()), 1e-2, (0.9, 0.999), fused=fused)
+    opt_ref = torch.optim.Adam(ref.parameters(), lr=1e-2, foreach=False)
+    for step in range(4):
+        x = torch.randn(64, 8) * (3 if step % 2 else 0.01)  # clipped on odd steps only
+        for sae, o in ((ours, opt), (ref, opt_ref)):
+            o.zero_grad()
+            sae(x).losses["loss"].backward()
+        apply_update(ours, opt, list(ours.parameters()), grad_clip=1.0)
+        project_out_parallel_grad_(ref.W_dec)
+        norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        assert (norm > 1.0) == bool(step % 2)
+        opt_ref.step()
+        normalize_rows_(ref.W_dec.data)
+        for (name, p), q in zip(ours.named_parameters(), ref.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert not hasattr(opt, "grad_scale")

@@ -54,6 +54,9 @@ class SAE(nn.Module):
     forward(x) -> Output and config()."""
 
     arch: ClassVar[str]
+    # topk and switch: the encoder's backward, "auto" | "sparse" | "dense" (the fast kernels of
+    # train/saes/kernels.py; auto picks by expert width / k) | "reference" (plain autograd)
+    backward: str = "auto"
 
     def __init__(self, d: int):
         super().__init__()
@@ -68,6 +71,16 @@ class SAE(nn.Module):
     def config(self) -> dict[str, Any]:
         """Constructor arguments: `build(arch, **config())` rebuilds the same architecture."""
         raise NotImplementedError
+
+    @property
+    def sparse_backward(self) -> bool:
+        """True when training runs the sparse encoder backward (what eval.flops counts)."""
+        return False
+
+    @property
+    def dense_decoder(self) -> bool:
+        """True when a TopK-style decoder runs as dense grouped matmuls (Switch, narrow experts)."""
+        return False
 
     def schedule(self, step: int, steps: int) -> None:
         """Called before every training step: architectures with a warmed-up penalty update it here."""

@@ -6,8 +6,8 @@
     loss   = ||x - x_hat||^2 + alpha * d * N * sum_i f_i P_i
              f_i = fraction of tokens routed to i, P_i = mean router probability of i
 
-Each expert's encoder runs only on the tokens routed to it (train/saes/kernels.py: one sort, a
-loop over experts, a sparse backward): compute and pre-activation memory scale with B x M/N, not B x M.
+Each expert's encoder runs only on the tokens routed to it (train/saes/kernels.py: one sort, one
+grouped matmul, a sparse or grouped backward): compute and pre-activation memory scale with B x M/N, not B x M.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from train.saes.base import SAE, Codes, Output, register
-from train.saes.kernels import topk_encode, topk_encode_reference
+from train.saes.kernels import decode_grouped, runs_sparse, topk_encode, topk_encode_reference
 from train.saes.topk import decode_rows, init_tied_
 from train.recipe import geometric_median
 
@@ -26,7 +26,6 @@ from train.recipe import geometric_median
 @register
 class SwitchSAE(SAE):
     arch = "switch"
-    sparse_backward = True  # False: plain autograd (dense backward per expert), the reference path
 
     def __init__(self, d: int, n_experts: int, expert_width: int, k: int, alpha: float = 3.0):
         super().__init__(d)
@@ -52,6 +51,16 @@ class SwitchSAE(SAE):
     def unit_norm_decoders(self) -> list[nn.Parameter]:
         return [self.W_dec]
 
+    @property
+    def sparse_backward(self) -> bool:
+        return runs_sparse(self.backward, self.expert_width, self.k)
+
+    @property
+    def dense_decoder(self) -> bool:
+        """Narrow experts decode with grouped matmuls (backward="dense", or "auto" for them),
+        otherwise an embedding bag (train/saes/kernels.py)."""
+        return self.backward != "reference" and not self.sparse_backward
+
     @torch.no_grad()
     def init_from_batch(self, x: torch.Tensor) -> None:
         """b_pre and b_router both start at the batch's geometric median (not tied afterwards)."""
@@ -68,13 +77,16 @@ class SwitchSAE(SAE):
         """x [B, d] -> expert [B], probs [B, N], global latent idx [B, k] in 0..M-1 and vals [B, k]
         already multiplied by the gate p_i* (so decoding is linear and the router gets gradient)."""
         probs, expert = self.route(x)
-        encode = topk_encode if self.sparse_backward else topk_encode_reference
-        vals, idx = encode(x - self.b_pre, self.W_enc, None, expert, self.k)  # each expert on its own tokens
+        args = (x - self.b_pre, self.W_enc, None, expert, self.k)  # each expert on its own tokens
+        sparse = self.sparse_backward
+        vals, idx = topk_encode_reference(*args) if self.backward == "reference" else topk_encode(*args, sparse)
         gate = probs.gather(1, expert[:, None])  # [B, 1]: p_i*
         return Codes(idx=idx, vals=gate * vals, expert=expert, probs=probs)
 
     def decode(self, codes: Codes) -> torch.Tensor:
         """-> x_hat [B, d] = p_i* E_i*(x - b_pre) + b_pre (the gate is in the values)."""
+        if self.dense_decoder:
+            return decode_grouped(codes.idx, codes.vals, self.W_dec, codes.expert) + self.b_pre
         return decode_rows(codes.idx, codes.vals, self.W_dec.view(-1, self.d)) + self.b_pre
 
     def forward(self, x: torch.Tensor) -> Output:

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 
 from train.recipe import normalize_rows_
 from train.saes.base import SAE, Codes, Output, register
-from train.saes.kernels import topk_encode, topk_encode_reference
+from train.saes.kernels import runs_sparse, topk_encode, topk_encode_reference
 
 
 def decode_rows(idx: torch.Tensor, vals: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
@@ -32,7 +32,6 @@ def init_tied_(w_enc: torch.Tensor, w_dec: torch.Tensor, generator: torch.Genera
 @register
 class TopKSAE(SAE):
     arch = "topk"
-    sparse_backward = True  # False: plain autograd (dense encoder backward), the reference path
 
     def __init__(self, d: int, width: int, k: int):
         super().__init__(d)
@@ -54,10 +53,15 @@ class TopKSAE(SAE):
     def unit_norm_decoders(self) -> list[nn.Parameter]:
         return [self.W_dec]
 
+    @property
+    def sparse_backward(self) -> bool:
+        return runs_sparse(self.backward, self.width, self.k)
+
     def encode(self, x: torch.Tensor) -> Codes:
-        """x [B, d] -> idx, vals [B, k] (sparse backward unless sparse_backward is False)."""
-        encode = topk_encode if self.sparse_backward else topk_encode_reference
-        vals, idx = encode(x - self.b_pre, self.W_enc[None], self.b_enc[None], None, self.k)
+        """x [B, d] -> idx, vals [B, k] (the encoder's backward set by `self.backward`)."""
+        args = (x - self.b_pre, self.W_enc[None], self.b_enc[None], None, self.k)
+        sparse = self.sparse_backward
+        vals, idx = topk_encode_reference(*args) if self.backward == "reference" else topk_encode(*args, sparse)
         return Codes(idx=idx, vals=vals)
 
     def decode(self, codes: Codes) -> torch.Tensor:
