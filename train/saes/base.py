@@ -106,6 +106,12 @@ class SAE(nn.Module):
         raise NotImplementedError
 
 
+def sq_error(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """The paper's MSE: squared error summed over d, mean over tokens; x, recon [B, d] -> scalar.
+    One fused kernel forward and backward (no [B, d] difference and square kept for autograd)."""
+    return torch.nn.functional.mse_loss(recon, x, reduction="sum") / len(x)
+
+
 REGISTRY: dict[str, type[SAE]] = {}
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.saes.base import SAE, Codes, Output, register
+from train.saes.base import SAE, Codes, Output, register, sq_error
 from train.saes.topk import init_tied_
 
 
@@ -62,10 +62,10 @@ class GatedSAE(SAE):
         pi, mag = self._pre(x)
         codes = Codes(dense=(pi > 0).to(x.dtype) * torch.relu(mag))
         recon = self.decode(codes)
-        mse = (x - recon).pow(2).sum(-1).mean()
+        mse = sq_error(x, recon)
         gate_act = torch.relu(pi)
         l1 = gate_act.sum(-1).mean()
         aux_recon = gate_act @ self.W_dec.detach() + self.b_pre.detach()
-        aux = (x - aux_recon).pow(2).sum(-1).mean()
+        aux = sq_error(x, aux_recon)
         loss = mse + self.l1_coeff * l1 + aux
         return Output(recon=recon, codes=codes, losses={"loss": loss, "mse": mse, "l1": l1, "aux": aux})

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from train.recipe import normalize_rows_
-from train.saes.base import SAE, Codes, Output, register
+from train.saes.base import SAE, Codes, Output, register, sq_error
 
 
 @register
@@ -57,6 +57,6 @@ class ReLUSAE(SAE):
     def forward(self, x: torch.Tensor) -> Output:
         codes = self.encode(x)
         recon = self.decode(codes)
-        mse = (x - recon).pow(2).sum(-1).mean()
+        mse = sq_error(x, recon)
         l1 = (codes.dense * self.W_dec.norm(dim=-1)).sum(-1).mean()
         return Output(recon=recon, codes=codes, losses={"loss": mse + self.l1_now * l1, "mse": mse, "l1": l1})

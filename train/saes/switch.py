@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from train.saes.base import SAE, Codes, Output, register
+from train.saes.base import SAE, Codes, Output, register, sq_error
 from train.saes.kernels import decode_grouped, runs_sparse, topk_encode, topk_encode_reference
 from train.saes.topk import decode_rows, init_tied_
 from train.recipe import geometric_median
@@ -92,7 +92,7 @@ class SwitchSAE(SAE):
     def forward(self, x: torch.Tensor) -> Output:
         codes = self.encode(x)
         recon = self.decode(codes)
-        mse = (x - recon).pow(2).sum(-1).mean()
+        mse = sq_error(x, recon)
         load = torch.bincount(codes.expert, minlength=self.n_experts).to(x.dtype) / len(x)  # f_i
         aux = self.n_experts * (load * codes.probs.mean(dim=0)).sum()
         loss = mse + self.alpha * self.d * aux

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from train.recipe import normalize_rows_
-from train.saes.base import SAE, Codes, Output, register
+from train.saes.base import SAE, Codes, Output, register, sq_error
 from train.saes.kernels import runs_sparse, topk_encode, topk_encode_reference
 
 
@@ -71,5 +71,5 @@ class TopKSAE(SAE):
     def forward(self, x: torch.Tensor) -> Output:
         codes = self.encode(x)
         recon = self.decode(codes)
-        mse = (x - recon).pow(2).sum(-1).mean()
+        mse = sq_error(x, recon)
         return Output(recon=recon, codes=codes, losses={"loss": mse, "mse": mse})
