@@ -10,13 +10,16 @@ One run, one machine, the same inputs for every entry (d 768, batch 8192, k 32, 
 
 Roofline bound of a step (`bound`), two phases: forward + backward, max(FLOPs / matmul peak,
 bytes / bandwidth), plus the per-parameter updates, bytes / bandwidth (memory-bound: they touch
-every parameter every step and do not shrink with N). FLOPs from `eval.flops` (as implemented; the
-reference algorithm adds its full-width encoder). Bytes are the unavoidable traffic in fp32: every
-parameter read once, the batch in, the reconstruction and its gradient, the codes; Adam reads
-parameter, gradient and both moments and writes three of them (28 bytes per parameter), clipping
-reads every gradient for the global norm (4; the rescale rides in Adam's pass), the decoder
-constraint reads and writes the decoder and its gradient (16 per decoder parameter). Intermediates a fused kernel need not write (pre-activations)
-are not counted, so the bound is optimistic, never pessimistic.
+every parameter every step and do not shrink with N). FLOPs from `eval.flops.sae_cost`, as the
+entry's kernels run them (the dense grouped path of narrow experts does more FLOPs than the sparse
+one; the reference algorithm adds its full-width encoder); the FLOP ratio column is theoretical
+(`algorithmic_cost`). Bytes are the unavoidable traffic in fp32: every parameter read once, the
+batch in, the reconstruction and its gradient, the codes; Adam reads parameter, gradient and both
+moments and writes three of them (28 bytes per parameter), clipping reads every gradient for the
+global norm (4; the rescale rides in Adam's pass), the decoder constraint reads and writes the
+decoder and its gradient (16 per decoder parameter). Intermediates a fused kernel need not write
+(pre-activations) and the k-row gathers of the sparse path (B k d reads, 0.8 GB per pass at paper
+scale, each row read ~10 times per batch) are not counted, so the bound is optimistic.
 
 bf16: the same steps under `torch.autocast(bfloat16)` for topk and switch N 16, bounded by the bf16
 matmul peak. It pays only where the CPU has bf16 matrix units (AMX) or on GPU tensor cores. The loss
@@ -37,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from eval.flops import sae_cost
+from eval.flops import algorithmic_cost, sae_cost
 from train.recipe import apply_update, make_optimizer
 from train.saes import SAE, Codes, build
 from train.saes.switch import SwitchSAE
@@ -98,7 +101,7 @@ class Entry:
     bound_s: float
     tokens_per_s: float
     gflops: float  # achieved: flops_train_per_token * batch / step_s
-    flop_ratio_vs_topk: float  # theoretical: topk's training FLOPs / this entry's
+    flop_ratio_vs_topk: float  # theoretical: topk's training FLOPs / this entry's (eval.flops.algorithmic_cost)
     compiled: bool  # torch.compile (--compile)
 
 
@@ -193,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     grid += [("topk", None, None, bf16), ("switch", 16, "width", bf16)]
     if args.quick:
         grid = [g for g in grid if (g[0] == "topk" or g[1] == 16) and g[3] == fp32]
-    topk_flops = sae_cost(build("topk", d=D, width=WIDTH, k=K)).train
+    topk_flops = algorithmic_cost(build("topk", d=D, width=WIDTH, k=K)).train
     entries = []
     print(f"{'entry':<32}{'step s':>9}{'tok/s':>9}{'GFLOP/s':>9}{'bound s':>9}{'step/bound':>11}{'FLOP ratio':>11}")
     for arch, n, match, dtype in grid:
@@ -201,11 +204,11 @@ def main(argv: list[str] | None = None) -> None:
         step = time_steps(sae, args.steps, dtype, args.compile)
         dt = str(dtype).removeprefix("torch.")
         e = Entry(arch, n, match, dt, BATCH, step, flops, bound(sae, flops, dec, peaks[dtype], bw), BATCH / step,
-                  flops * BATCH / step / 1e9, topk_flops / flops, args.compile)
+                  flops * BATCH / step / 1e9, topk_flops / algorithmic_cost(sae).train, args.compile)
         entries.append(e)
         name = arch + (f" N={n} {match}" if n else "") + ("" if dtype == fp32 else f" {dt}")
         print(f"{name:<32}{e.step_s:>9.3f}{e.tokens_per_s:>9.0f}{e.gflops:>9.0f}{e.bound_s:>9.3f}"
-              f"{e.step_s / e.bound_s:>11.1f}{e.flop_ratio_vs_topk:>11.1f}")
+              f"{e.step_s / e.bound_s:>11.1f}{e.flop_ratio_vs_topk:>11.1f}", flush=True)
         del sae
     rows = [asdict(e) for e in entries] + [
         {"arch": "matmul_peak", "dtype": "float32", "gflops": peak32},

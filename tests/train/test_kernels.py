@@ -85,3 +85,39 @@ def test_bf16_autocast_trains(arch, backward):
     out.losses["loss"].backward()
     assert torch.isfinite(out.losses["loss"]) and all(torch.isfinite(p.grad).all() for p in sae.parameters())
     assert sae.W_enc.grad.abs().sum() > 0
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of the largest tensor any op produces (a sparse one: its stored values)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t._nnz() if t.is_sparse else t.numel())
+        return out
+
+
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+def test_switch_never_materialises_full_width_preactivations(backward):
+    """Forward and backward of a training step: no tensor as large as [B, M]; the reference
+    algorithm (full-width encoder, then mask) does make one, which shows the check can fail."""
+    from train.bench import SwitchReference
+
+    B, d, n, e, k = 512, 8, 16, 16, 4  # B x M = 131072; B x e = 8192; parameters N x e x d = 2048
+    torch.manual_seed(0)
+    x = torch.randn(B, d)
+    for cls, mode in ((build, backward), (SwitchReference, "reference")):
+        sae = cls("switch", d=d, n_experts=n, expert_width=e, k=k) if cls is build else cls(d=d, n_experts=n,
+                                                                                          expert_width=e, k=k)
+        sae.backward = mode
+        with LargestTensor() as seen:
+            sae(x).losses["loss"].backward()
+        if mode == "reference":
+            assert seen.largest >= B * n * e
+        else:
+            assert seen.largest <= B * e
