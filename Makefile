@@ -6,7 +6,7 @@ ARGS    ?=
 # `make harvest preset=demo` picks a preset; anything else goes through ARGS='key=value ...'
 HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
 
-.PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report demo reproduce bench clean-venv
+.PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report geometry dashboard autointerp demo reproduce bench clean-venv
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
@@ -17,6 +17,9 @@ help:
 	@echo "make sweep [SWEEP_GRID='...']   Hydra multirun grid; re-run to resume/skip finished runs"
 	@echo "make eval run=<run dir or sweep dir> [ARGS='ce=false ...']   metrics -> <run>/eval.json (stage 3)"
 	@echo "make report sweep=<dir>    pareto.png, scaling.png, report.md, runs.csv from evaluated runs"
+	@echo "make geometry run=<dir or [a,b]> [ARGS='topk_run=... tsne=false']   feature geometry -> <run>/geometry.json + PNGs"
+	@echo "make dashboard run=<dir> [ARGS='n_features=50']   static HTML feature dashboards -> <run>/dashboard/"
+	@echo "make autointerp run=<dir> ARGS='explainer.model=<name> ...'   detection scoring -> <run>/autointerp.json"
 	@echo "make demo                  offline demo: harvest, 4 SAEs, eval, report -> results/demo (~15 min, 2 CPUs)"
 	@echo "make bench                 training step time of TopK / Switch / the reference vs roofline -> results/bench/train.json"
 	@echo "make reproduce             the paper's Figure 1 and 3 grids (GPT-2, OpenWebText, GPUs; see README)"
@@ -67,6 +70,16 @@ eval: .venv/.installed
 
 report: .venv/.installed
 	$(PY) -m eval.report $(if $(sweep),sweep=$(sweep)) $(ARGS)
+
+# Feature analyses (paper sections 4.3-4.4): conf/eval/{geometry,dashboard,autointerp}.yaml
+geometry: .venv/.installed
+	$(PY) -m eval.geometry $(if $(run),run=$(run)) $(ARGS)
+
+dashboard: .venv/.installed
+	$(PY) -m eval.dashboard $(if $(run),run=$(run)) $(ARGS)
+
+autointerp: .venv/.installed
+	$(PY) -m eval.autointerp $(if $(run),run=$(run)) $(ARGS)
 
 # The offline demo (conf/demo/demo.yaml): reuses a complete demo store, skips finished runs.
 demo: setup
