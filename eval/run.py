@@ -51,6 +51,8 @@ class EvalConfig:
 
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> EvalConfig:
+        if OmegaConf.is_missing(cfg, "run"):
+            raise EvalError("run= is required: a run directory or a folder of runs")
         raw = OmegaConf.to_container(cfg, resolve=True)
         try:
             out = cls(**raw)  # type: ignore[arg-type]

@@ -86,5 +86,7 @@ def test_bad_input_is_one_line_and_writes_nothing(sweep, tmp_path):
         for bad, message in [("outlier_factor=0.5", "outlier_factor"), ("dtype=float8", "dtype"), ("ce_seqs=0", "ce_seqs")]:
             with pytest.raises(EvalError, match=message):
                 EvalConfig.from_omegaconf(compose_cfg("eval", overrides=[f"run={run}", bad]))
+        with pytest.raises(EvalError, match="run= is required"):
+            EvalConfig.from_omegaconf(compose_cfg("eval"))
     after = (run / "eval.json").read_text() if (run / "eval.json").exists() else None
     assert after == before
