@@ -14,7 +14,7 @@ help:
 	@echo "make harvest [preset=demo] [ARGS='tokens=... store=...']   cache activations (stage 1)"
 	@echo "make bench-harvest         tokens/s of forward-to-block vs harvest vs full forward (demo model)"
 	@echo "make train [model=switch] [N=8] [ARGS='steps=... data.store=...']   train an SAE (stage 2)"
-	@echo "make sweep [SWEEP_GRID='...']   Hydra multirun grid; re-run to resume/skip finished runs"
+	@echo "make sweep [SWEEP_GRID='...'] [launcher=slurm]   Hydra multirun grid (on SLURM with launcher=slurm); re-run to resume"
 	@echo "make eval run=<run dir or sweep dir> [ARGS='ce=false ...']   metrics -> <run>/eval.json (stage 3)"
 	@echo "make report sweep=<dir>    pareto.png, scaling.png, report.md, runs.csv from evaluated runs"
 	@echo "make geometry run=<dir or [a,b]> [ARGS='topk_run=... tsne=false']   feature geometry -> <run>/geometry.json + PNGs"
@@ -59,7 +59,7 @@ train: .venv/.installed
 # Re-running it skips finished runs and resumes interrupted ones.
 SWEEP_GRID ?= model=topk,switch model.k=16,32,64 model.width=2048 steps=2000 batch_size=4096
 sweep: .venv/.installed
-	$(PY) -m train -m $(SWEEP_GRID) $(ARGS)
+	$(PY) -m train -m $(if $(launcher),hydra/launcher=$(launcher)) $(SWEEP_GRID) $(ARGS)
 
 bench-loader: .venv/.installed
 	$(PY) -m train.bench_loader $(ARGS)
