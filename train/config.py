@@ -55,6 +55,7 @@ class TrainConfig:
     dtype: str
     compile: bool
     progress: bool
+    expert_parallel: int
 
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> TrainConfig:
@@ -96,6 +97,15 @@ class TrainConfig:
             raise TrainError(f"unknown model {arch!r}; choose one of {', '.join(sorted(REGISTRY))}")
         if arch == "switch" and self.model.get("match") not in ("width", "flops"):
             raise TrainError(f"model.match must be width or flops, got {self.model.get('match')!r}")
+        ep = self.expert_parallel
+        if ep != 1:
+            if not (isinstance(ep, int) and ep > 1):
+                raise TrainError(f"expert_parallel must be an integer >= 1, got {ep!r}")
+            if arch != "switch" or self.model["n_experts"] % ep:
+                raise TrainError(f"expert_parallel={ep} needs model=switch with n_experts divisible by it "
+                                 f"(got model={arch}{', n_experts=' + str(self.model['n_experts']) if arch == 'switch' else ''})")
+            if self.compile:
+                raise TrainError("compile=true is not supported with expert_parallel > 1")
         checks = [
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),

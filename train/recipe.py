@@ -17,6 +17,7 @@ clip factor as it reads them), Adam is one fused kernel, renormalisation one nor
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -77,15 +78,17 @@ def make_optimizer(params: list[torch.Tensor], lr: float, betas: tuple[float, fl
 
 
 @torch.no_grad()
-def apply_update(sae: torch.nn.Module, opt: torch.optim.Optimizer, params: list[torch.Tensor], grad_clip: float) -> None:
+def apply_update(sae: torch.nn.Module, opt: torch.optim.Optimizer, params: list[torch.Tensor], grad_clip: float,
+                 grad_norm: Callable[[list[torch.Tensor]], torch.Tensor] = torch.nn.utils.get_total_norm) -> None:
     """Everything a step does after `loss.backward()`: remove the gradient along each decoder
     direction, clip the global gradient norm to `grad_clip`, take the optimizer step, renormalise
     decoder rows. With a fused Adam the clip costs one read of the gradients (Adam's `grad_scale`,
-    the hook GradScaler uses, divides them as it goes), otherwise a read and a rescale."""
+    the hook GradScaler uses, divides them as it goes), otherwise a read and a rescale. `grad_norm`
+    measures the norm of the gradients (the one of the whole SAE when its parameters are sharded)."""
     for w in sae.unit_norm_decoders():
         project_out_parallel_grad_(w)
     grads = [p.grad for p in params if p.grad is not None]
-    scale = (torch.nn.utils.get_total_norm(grads) / grad_clip).clamp_min(1.0)  # divide the gradients by this
+    scale = (grad_norm(grads) / grad_clip).clamp_min(1.0)  # divide the gradients by this
     if opt.defaults.get("fused"):
         opt.grad_scale = scale
         opt.step()

@@ -12,6 +12,7 @@ grouped matmul, a sparse or grouped backward): compute and pre-activation memory
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,6 +27,9 @@ from train.recipe import geometric_median
 @register
 class SwitchSAE(SAE):
     arch = "switch"
+    # Data parallel (train.dist): the loop sets this to a differentiable mean over ranks, so that f_i
+    # and P_i are statistics of every rank's tokens and the aux loss is the one of the global batch.
+    global_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __init__(self, d: int, n_experts: int, expert_width: int, k: int, alpha: float = 3.0):
         super().__init__(d)
@@ -77,24 +81,49 @@ class SwitchSAE(SAE):
         """x [B, d] -> expert [B], probs [B, N], global latent idx [B, k] in 0..M-1 and vals [B, k]
         already multiplied by the gate p_i* (so decoding is linear and the router gets gradient)."""
         probs, expert = self.route(x)
-        args = (x - self.b_pre, self.W_enc, None, expert, self.k)  # each expert on its own tokens
-        sparse = self.sparse_backward
-        vals, idx = topk_encode_reference(*args) if self.backward == "reference" else topk_encode(*args, sparse)
+        vals, idx = self.encode_experts(x - self.b_pre, expert)
         gate = probs.gather(1, expert[:, None])  # [B, 1]: p_i*
         return Codes(idx=idx, vals=gate * vals, expert=expert, probs=probs)
 
+    def encode_experts(self, xc: torch.Tensor, expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts this module holds (all N, or a shard of them), each on its own tokens:
+        xc [B, d] (x - b_pre), expert [B] in 0..held-1 -> vals [B, k] >= 0 (no gate), idx [B, k] in
+        0..held * e - 1."""
+        args = (xc, self.W_enc, None, expert, self.k)
+        if self.backward == "reference":
+            return topk_encode_reference(*args)
+        return topk_encode(*args, self.sparse_backward)
+
+    def decode_experts(self, idx: torch.Tensor, vals: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """sum_j vals[:, j] W_dec[idx[:, j]] over the held experts: idx, vals [B, k], expert [B] -> [B, d]."""
+        if self.dense_decoder:
+            return decode_grouped(idx, vals, self.W_dec, expert)
+        return decode_rows(idx, vals, self.W_dec.view(-1, self.d))
+
     def decode(self, codes: Codes) -> torch.Tensor:
         """-> x_hat [B, d] = p_i* E_i*(x - b_pre) + b_pre (the gate is in the values)."""
-        if self.dense_decoder:
-            return decode_grouped(codes.idx, codes.vals, self.W_dec, codes.expert) + self.b_pre
-        return decode_rows(codes.idx, codes.vals, self.W_dec.view(-1, self.d)) + self.b_pre
+        return self.decode_experts(codes.idx, codes.vals, codes.expert) + self.b_pre
+
+    def balance(self, expert: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The load-balancing loss L_aux = N sum_i f_i P_i and the expert load f_i [N], from the chosen
+        expert [B] and router probabilities [B, N] (of every rank's tokens when `global_mean` is set)."""
+        load = torch.bincount(expert, minlength=self.n_experts).to(probs.dtype) / len(expert)  # f_i
+        mean_probs = probs.mean(dim=0)  # P_i
+        if self.global_mean is not None:  # one collective for both; f_i carries no gradient
+            load, mean_probs = self.global_mean(torch.cat([load, mean_probs])).split(self.n_experts)
+            load = load.detach()
+        return self.n_experts * (load * mean_probs).sum(), load
 
     def forward(self, x: torch.Tensor) -> Output:
         codes = self.encode(x)
         recon = self.decode(codes)
+        return self.output(x, recon, codes, codes.expert, codes.probs)
+
+    def output(self, x: torch.Tensor, recon: torch.Tensor, codes: Codes, expert: torch.Tensor, probs: torch.Tensor
+               ) -> Output:
+        """The Output of a forward pass: x, recon [B, d], the routing of x (expert [B], probs [B, N])."""
         mse = sq_error(x, recon)
-        load = torch.bincount(codes.expert, minlength=self.n_experts).to(x.dtype) / len(x)  # f_i
-        aux = self.n_experts * (load * codes.probs.mean(dim=0)).sum()
+        aux, load = self.balance(expert, probs)
         loss = mse + self.alpha * self.d * aux
         return Output(recon=recon, codes=codes, losses={"loss": loss, "mse": mse, "aux": aux},
                       stats={"expert_load": load})
