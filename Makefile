@@ -6,14 +6,15 @@ ARGS    ?=
 # `make harvest preset=demo` picks a preset; anything else goes through ARGS='key=value ...'
 HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
 
-.PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report geometry dashboard autointerp demo reproduce bench clean-venv
+.PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report geometry dashboard autointerp demo reproduce bench bench-dist clean-venv
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
 	@echo "make test                  run the test suite (offline)"
 	@echo "make harvest [preset=demo] [ARGS='tokens=... store=...']   cache activations (stage 1)"
 	@echo "make bench-harvest         tokens/s of forward-to-block vs harvest vs full forward (demo model)"
-	@echo "make train [model=switch] [N=8] [ARGS='steps=... data.store=...']   train an SAE (stage 2)"
+	@echo "make train [model=switch] [N=8] [nproc=R [ep=G]] [ARGS='steps=... data.store=...']   train an SAE (stage 2)"
+	@echo "                           nproc=R: R processes (data parallel); ep=G: Switch experts split over G ranks"
 	@echo "make sweep [SWEEP_GRID='...'] [launcher=slurm]   Hydra multirun grid (on SLURM with launcher=slurm); re-run to resume"
 	@echo "make eval run=<run dir or sweep dir> [ARGS='ce=false ...']   metrics -> <run>/eval.json (stage 3)"
 	@echo "make report sweep=<dir>    pareto.png, scaling.png, report.md, runs.csv from evaluated runs"
@@ -22,6 +23,7 @@ help:
 	@echo "make autointerp run=<dir> ARGS='explainer.model=<name> ...'   detection scoring -> <run>/autointerp.json"
 	@echo "make demo                  offline demo: harvest, 4 SAEs, eval, report -> results/demo (~15 min, 2 CPUs)"
 	@echo "make bench                 training step time of TopK / Switch / the reference vs roofline -> results/bench/train.json"
+	@echo "make bench-dist            expert-parallel vs one-process Switch tokens/s, all-to-all bytes vs minimum -> results/bench/dist.json"
 	@echo "make reproduce             the paper's Figure 1 and 3 grids (GPT-2, OpenWebText, GPUs; see README)"
 
 setup: .venv/.installed data/models/smollm2-135m/model.safetensors data/corpus/offline.jsonl
@@ -50,10 +52,12 @@ bench-harvest: setup
 clean-venv:
 	rm -rf .venv
 
-# `make train model=switch N=8 ARGS='steps=2000'`
-TRAIN_ARGS := $(if $(model),model=$(model)) $(if $(N),model.n_experts=$(N)) $(ARGS)
+# `make train model=switch N=8 ARGS='steps=2000'`; on R processes (torchrun, one per GPU): nproc=R,
+# data parallel, or with ep=G the Switch experts split over G of them (train/dist.py, README)
+TRAIN_ARGS := $(if $(model),model=$(model)) $(if $(N),model.n_experts=$(N)) $(if $(ep),expert_parallel=$(ep)) $(ARGS)
+LAUNCH     := $(if $(nproc),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(nproc),$(PY))
 train: .venv/.installed
-	$(PY) -m train $(TRAIN_ARGS)
+	$(LAUNCH) -m train $(TRAIN_ARGS)
 
 # A documented grid: TopK vs width-matched Switch at three sparsities, on the demo store.
 # Re-running it skips finished runs and resumes interrupted ones.
@@ -99,3 +103,8 @@ reproduce: .venv/.installed
 # Training step time vs the roofline bound (train/bench.py); ARGS='--quick' for three entries.
 bench: .venv/.installed
 	$(PY) -m train.bench $(ARGS)
+
+# Expert-parallel vs one-process Switch training (2 gloo processes on CPU) and all-to-all bytes vs the
+# minimum (train/bench_dist.py); ARGS='--quick' for a small shape.
+bench-dist: .venv/.installed
+	$(PY) -m train.bench_dist $(ARGS)

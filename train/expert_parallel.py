@@ -128,8 +128,7 @@ class ExpertParallelSwitch(SwitchSAE):
         g, held = self.groups, self.W_enc.shape[0]
         order = expert.argsort(stable=True)  # grouped by expert, so by owning rank
         counts = torch.bincount(expert, minlength=self.n_experts)  # [N]
-        got = torch.empty_like(counts)  # [G * held]: from each sender, its counts for my experts
-        td.all_to_all_single(got, counts, group=g.experts)
+        got = g.all_to_all(counts, [held] * g.size, [held] * g.size, "forward")  # [G * held]: per sender, per my expert
         send, recv = counts.view(g.size, held).sum(1).tolist(), got.view(g.size, held).sum(1).tolist()
         x_in = _Exchange.apply(xc[order], send, recv, g)  # [n_in, d], by sender, then by expert
         e_in = torch.arange(held, device=xc.device).repeat(g.size).repeat_interleave(got)  # [n_in] local expert

@@ -256,17 +256,22 @@ def test_a_batch_that_does_not_split_over_the_ranks_is_refused(dp):
         assert (run_dir / f"error{rank}.txt").read_text() == "batch_size 63 is not divisible by the number of ranks 2"
 
 
-def test_torchrun_launches_python_m_train(dp, tmp_path):
-    """The documented launch line, end to end through Hydra: both ranks find the same run folder."""
+def test_make_train_nproc_launches_torchrun(dp, tmp_path):
+    """`make train model=switch N=4 nproc=2 ep=2`, end to end through torchrun and Hydra: both ranks
+    find the same run folder and split the experts."""
     store = dp["topk"][0].data.store
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}", "-m", "train",
-           *MODELS["topk"], f"data.store={store}", "steps=4", "batch_size=64", "log_every=1", "progress=false",
-           "device=cpu", "data.window_chunks=4", "data.eval_frac=0.1", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = (f"data.store={store} model.width=64 model.k=4 steps=4 batch_size=64 log_every=1 progress=false device=cpu "
+            f"data.window_chunks=4 data.eval_frac=0.1 hydra.run.dir={tmp_path / 'run'}")
+    cmd = ["make", "--no-print-directory", "train", "model=switch", "N=4", f"nproc={WORLD}", "ep=2", f"ARGS={args}",
+           f"PY={sys.executable}", "-o", ".venv/.installed"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
+    assert "torch.distributed.run --standalone --nproc_per_node=2 -m train" in out.stdout
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4]
-    assert json.loads((tmp_path / "run" / "done.json").read_text())["world_size"] == WORLD
+    done = json.loads((tmp_path / "run" / "done.json").read_text())
+    assert done["world_size"] == WORLD
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["expert_parallel"] == 2
 
 
 def test_expert_parallel_with_an_empty_shard(dp):
@@ -275,7 +280,9 @@ def test_expert_parallel_with_an_empty_shard(dp):
     ranks = torch.load(dp["tmp"] / "switch_ep_one_expert.grads.pt")
     sae, x = sae_and_batch("switch_ep_one_expert")
     sae(x).losses["loss"].backward()
-    assert ranks["sent"]["forward"] == 32 * 32 * 4  # rank 0 keeps its 32 tokens; rank 1 sends its 32 (float32)
+    # rank 0 keeps its own 32 tokens and sends rank 1's 32 outputs back (float32, d 32), after its
+    # token counts for rank 1's 2 experts (int64)
+    assert ranks["sent"] == {"forward": 32 * 32 * 4 + 2 * 8, "backward": 32 * 32 * 4}
     for name, p in sae.named_parameters():
         torch.testing.assert_close(ranks["grads"][name], p.grad, rtol=1e-5, atol=1e-6 * p.grad.abs().max().item())
 
