@@ -5,13 +5,15 @@ PYTHON3 ?= python3
 ARGS    ?=
 # `make harvest preset=demo` picks a preset; anything else goes through ARGS='key=value ...'
 HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
+# nproc=R: harvest and train run as R processes under torchrun (one per GPU; README "Many processes")
+LAUNCH       := $(if $(nproc),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(nproc),$(PY))
 
 .PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report geometry dashboard autointerp demo reproduce bench bench-dist clean-venv
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
 	@echo "make test                  run the test suite (offline)"
-	@echo "make harvest [preset=demo] [ARGS='tokens=... store=...']   cache activations (stage 1)"
+	@echo "make harvest [preset=demo] [nproc=R] [ARGS='tokens=... store=...']   cache activations (stage 1), on R processes"
 	@echo "make bench-harvest         tokens/s of forward-to-block vs harvest vs full forward (demo model)"
 	@echo "make train [model=switch] [N=8] [nproc=R [ep=G]] [ARGS='steps=... data.store=...']   train an SAE (stage 2)"
 	@echo "                           nproc=R: R processes (data parallel); ep=G: Switch experts split over G ranks"
@@ -44,7 +46,7 @@ test: .venv/.installed
 	$(PY) -m pytest -q
 
 harvest: .venv/.installed
-	$(PY) -m harvest $(HARVEST_ARGS)
+	$(LAUNCH) -m harvest $(HARVEST_ARGS)
 
 bench-harvest: setup
 	$(PY) -m harvest.bench $(ARGS)
@@ -55,7 +57,6 @@ clean-venv:
 # `make train model=switch N=8 ARGS='steps=2000'`; on R processes (torchrun, one per GPU): nproc=R,
 # data parallel, or with ep=G the Switch experts split over G of them (train/dist.py, README)
 TRAIN_ARGS := $(if $(model),model=$(model)) $(if $(N),model.n_experts=$(N)) $(if $(ep),expert_parallel=$(ep)) $(ARGS)
-LAUNCH     := $(if $(nproc),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(nproc),$(PY))
 train: .venv/.installed
 	$(LAUNCH) -m train $(TRAIN_ARGS)
 

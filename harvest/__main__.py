@@ -1,4 +1,7 @@
-"""`python -m harvest [overrides]`: the Hydra entry point of stage 1 (see conf/harvest.yaml)."""
+"""`python -m harvest [overrides]`: the Hydra entry point of stage 1 (see conf/harvest.yaml).
+
+`torchrun --standalone --nproc_per_node=R -m harvest [overrides]` runs it on R processes (harvest/run.py);
+a refusal is printed by every rank that raises it, everything else by rank 0 only."""
 
 import os
 import sys
@@ -20,6 +23,8 @@ def main(cfg: DictConfig) -> None:
     except HarvestError as e:
         print(f"harvest: error: {e}", file=sys.stderr)
         sys.exit(2)
+    if result.rank:
+        return  # under torchrun, rank 0 reports for all
     if result.rows:
         print(f"wrote {result.rows:,} tokens in {result.seconds:.1f} s ({result.rows / result.seconds:,.0f} tok/s)")
     print(f"store: {result.store}")

@@ -6,11 +6,18 @@
 Chunk i always holds sequences [i * chunk_seqs, (i + 1) * chunk_seqs) of the packed token
 stream, so an interrupted harvest re-run with the same config writes the same rows in the same
 order. Writing chunk i (a background thread) overlaps the forward passes of chunk i + 1.
+
+Several processes (`torchrun --nproc_per_node=R -m harvest ...`, harvest/ranks.py) write one
+parted store (see harvest/store.py): document j goes to rank j % R, which packs its own token
+stream from its documents and writes global chunks r, r + R, ... from it. Rank 0 alone creates,
+resizes and finally merges the store, with barriers around; each rank resumes from its own state.
+A parted store continues only with the same R (and a single-process one only with one process).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,22 +30,34 @@ from tqdm import tqdm
 
 from harvest import lm, store, text
 from harvest.config import HarvestConfig, HarvestError
+from harvest.ranks import Ranks, barrier, join
 
 @dataclass
 class Plan:
-    """What preflight found: the config with `auto` values resolved, the device, the store layout."""
+    """What preflight found: the config with `auto` values resolved, this process's place, the store layout."""
 
     cfg: HarvestConfig
-    device: torch.device
+    ranks: Ranks  # rank, world and device of this process
     layout: store.Layout
     meta: dict
-    resume: bool  # an unfinished or extendable store with the same config exists
+    progress: store.Progress | None  # of an existing store with the same config to resume, extend or finish
+
+    @property
+    def device(self) -> torch.device:
+        return self.ranks.device
+
+    @property
+    def finished(self) -> bool:
+        """Every rank of the existing store has written its share: at most marking it complete is left."""
+        return self.progress is not None and self.progress.finished(self.layout.n_chunks)
 
 
 def preflight(cfg: HarvestConfig) -> Plan:
-    """All checks that can fail, cheapest first. Reads only the model's config, never its weights."""
-    device = lm.pick_device(cfg.device)
-    cfg = dataclasses.replace(cfg, dtype=lm.pick_dtype(cfg.dtype, device))  # the store records what ran
+    """All checks that can fail, cheapest first. Reads only the model's config, never its weights.
+
+    Under torchrun every rank runs it on the same files, so a refusal is raised on every rank."""
+    ranks = join(lm.pick_device(cfg.device))
+    cfg = dataclasses.replace(cfg, dtype=lm.pick_dtype(cfg.dtype, ranks.device))  # the store records what ran
     text.check_dataset(cfg.dataset)
     config = lm.load_config(cfg.model)
     depth = lm.n_layers(config)
@@ -53,19 +72,20 @@ def preflight(cfg: HarvestConfig) -> Plan:
     )
     meta = {"model": cfg.model, "layer": cfg.layer, "site": cfg.site, "config": cfg.to_dict(),
             "tokenizer": cfg.model, "n_layers": depth}  # lm.load_lm reads the tokenizer from the model's name
-    return Plan(cfg, device, layout, meta, resume=_check_store(cfg))
+    return Plan(cfg, ranks, layout, meta, progress=_check_store(cfg, ranks.world))
 
 
-def _check_store(cfg: HarvestConfig) -> bool:
-    """True if a resumable store with this config exists; raises if the path cannot be used."""
+def _check_store(cfg: HarvestConfig, world: int) -> store.Progress | None:
+    """The progress of a resumable store with this config; None for a new store. Raises if the path
+    cannot be used, or if the store needs more chunks from another number of processes than `world`."""
     path = Path(cfg.store)
     if path.exists():
         if not store.is_store(path):
             if path.is_dir() and not any(path.iterdir()):
-                return False  # an empty folder: fine to harvest into
+                return None  # an empty folder: fine to harvest into
             raise HarvestError(f"store path {path} exists and is not an activation store; choose another store=")
         if cfg.overwrite:
-            return False
+            return None
         old = store.ActivationStore(path)
         old_identity = {k: v for k, v in old.attrs["config"].items() if k in cfg.identity()}
         if old_identity != cfg.identity():
@@ -73,11 +93,17 @@ def _check_store(cfg: HarvestConfig) -> bool:
                              if old_identity.get(k) != v)
             raise HarvestError(f"store {path} was harvested with a different config ({diff}); "
                                "choose another store= or pass overwrite=true to replace it")
-        done = old.attrs["progress"]["chunks_done"]
-        if done > cfg.n_chunks:
-            raise HarvestError(f"store {path} already holds {done * old.chunk_rows} tokens, more than tokens={cfg.tokens}; "
-                               "raise tokens or choose another store=")
-        return True
+        progress = store.read_progress(path)
+        if not progress.fits(cfg.n_chunks):
+            raise HarvestError(f"store {path} already holds {sum(progress.done) * old.chunk_rows} tokens, "
+                               f"more than tokens={cfg.tokens}; raise tokens or choose another store=")
+        if progress.world != world and not progress.finished(cfg.n_chunks):
+            how = "one process (python -m harvest)" if progress.world == 1 else \
+                f"torchrun --nproc_per_node={progress.world}"
+            raise HarvestError(f"store {path} was harvested by {progress.world} process(es) and can only be "
+                               f"continued by as many, not {world}: relaunch with {how}, choose another store= or pass "
+                               "overwrite=true to replace it")
+        return progress
     ancestor = path.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -87,53 +113,51 @@ def _check_store(cfg: HarvestConfig) -> bool:
         tempfile.TemporaryDirectory(dir=ancestor).cleanup()
     except OSError as e:
         raise HarvestError(f"store {path} is not writable: cannot create anything in {ancestor} ({e.strerror})") from None
-    return False
+    return None
 
 
 @dataclass
 class Result:
     store: Path
-    rows: int  # rows written by this call
+    rows: int  # rows written by this call (by all ranks)
     seconds: float  # wall time of the chunk loop (model loading excluded)
-    write_seconds: float  # of which spent writing chunks (overlapped with the forward passes)
+    write_seconds: float  # of which spent writing this rank's chunks (overlapped with the forward passes)
+    rank: int = 0  # the process that returns it (0: the one that prints)
 
 
 def harvest(cfg: HarvestConfig) -> Result:
-    """Run (or resume) a harvest into cfg.store."""
+    """Run (or resume) a harvest into cfg.store; under torchrun, this rank's part of it."""
     plan = preflight(cfg)
-    cfg, L = plan.cfg, plan.layout
-    if cfg.overwrite and store.is_store(cfg.store):
-        store.remove(cfg.store)
-        plan.resume = False
-    if plan.resume:
-        writer = store.StoreWriter.reopen(cfg.store, L, plan.meta)
-    else:
-        writer = store.StoreWriter.create(cfg.store, L, store.codec(cfg.codec, cfg.codec_level), plan.meta)
-    if writer.chunks_done == L.n_chunks:
-        print(f"store {cfg.store} is complete ({writer.chunks_done * L.chunk_rows:,} tokens); nothing to do")
-        return Result(Path(cfg.store), 0, 0.0, 0.0)
-
+    cfg, L, ranks = plan.cfg, plan.layout, plan.ranks
+    before = sum(plan.progress.done) if plan.progress else 0
+    barrier(ranks)  # every rank has read the store before rank 0 changes it
+    if plan.finished:
+        if ranks.is_main:
+            store.finish(cfg.store, L, plan.meta)
+            print(f"store {cfg.store} is complete ({L.n_rows:,} tokens); nothing to do")
+        barrier(ranks)
+        return Result(Path(cfg.store), 0, 0.0, 0.0, ranks.rank)
+    writer = _open_writer(plan)
     model, tokenizer = lm.load_lm(cfg.model, plan.device, keep_layers=cfg.layer + 1)
     reader = lm.SiteReader(model, cfg.layer, cfg.site, getattr(torch, cfg.dtype))
+    documents = itertools.islice(text.iter_documents(cfg.dataset, cfg.seed), ranks.rank, None, ranks.world)
     packer = text.Packer(
-        text.iter_documents(cfg.dataset, cfg.seed), tokenizer, cfg.context_size,
-        text.separator_id(tokenizer, cfg.dataset.separator), text.PackState(**writer.pack_state),
-        packing=cfg.dataset.packing,
+        documents, tokenizer, cfg.context_size, text.separator_id(tokenizer, cfg.dataset.separator),
+        text.PackState(**writer.pack_state), packing=cfg.dataset.packing,
     )
 
-    bar = tqdm(total=L.n_rows, initial=writer.chunks_done * L.chunk_rows, unit="tok", unit_scale=True,
-               desc=f"harvest {Path(cfg.store).name}", disable=not cfg.progress, smoothing=0.1)
+    todo = writer.chunk_ids[writer.chunks_done :]
+    share = f" (rank 0 of {ranks.world})" if ranks.world > 1 else ""
+    bar = tqdm(total=len(writer.chunk_ids) * L.chunk_rows, initial=writer.chunks_done * L.chunk_rows, unit="tok",
+               unit_scale=True, desc=f"harvest {Path(cfg.store).name}{share}",
+               disable=not (cfg.progress and ranks.is_main), smoothing=0.1)
     pending: Future | None = None
-    start_chunk, t0 = writer.chunks_done, time.perf_counter()
+    t0 = time.perf_counter()
     with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as pool:
-        for i in range(writer.chunks_done, L.n_chunks):
+        for i in todo:
             seqs = packer.take(L.chunk_seqs)
             if len(seqs) < L.chunk_seqs:
-                if pending is not None:
-                    pending.result()
-                done = writer.chunks_done * L.chunk_rows
-                raise HarvestError(f"the dataset ran out after {done:,} stored tokens (< tokens={cfg.tokens:,}); "
-                                   f"add text, or pass tokens={done} to mark this store complete")
+                break  # this rank's text ran out: every rank says so once all have stopped
             acts = _forward_chunk(reader, seqs, cfg.batch_size, plan.device, L)
             if pending is not None:
                 pending.result()  # at most one chunk in flight; commits stay in order
@@ -141,8 +165,42 @@ def harvest(cfg: HarvestConfig) -> Result:
             bar.update(L.chunk_rows)
         if pending is not None:
             pending.result()
-    rows = (writer.chunks_done - start_chunk) * L.chunk_rows
-    return Result(Path(cfg.store), rows, time.perf_counter() - t0, writer.write_seconds)
+    seconds = time.perf_counter() - t0
+    barrier(ranks)  # every rank has committed its last chunk
+    progress = store.read_progress(cfg.store)
+    if not progress.finished(L.n_chunks):
+        raise HarvestError(_ran_out(cfg, L, progress))
+    if ranks.is_main:
+        store.finish(cfg.store, L, plan.meta)
+    barrier(ranks)  # the store is complete on every rank's return
+    rows = (sum(progress.done) - before) * L.chunk_rows
+    return Result(Path(cfg.store), rows, seconds, writer.write_seconds, ranks.rank)
+
+
+def _open_writer(plan: Plan) -> store.StoreWriter:
+    """This rank's writer: rank 0 creates (or replaces, or reopens and resizes) the store, then the others attach."""
+    cfg, L, ranks = plan.cfg, plan.layout, plan.ranks
+    if not ranks.is_main:
+        barrier(ranks)  # the arrays exist, at their final size
+        return store.StoreWriter.attach(cfg.store, L, ranks.rank)
+    if cfg.overwrite and store.is_store(cfg.store):
+        store.remove(cfg.store)
+    if plan.progress is not None:
+        writer = store.StoreWriter.reopen(cfg.store, L, plan.meta)
+    else:
+        writer = store.StoreWriter.create(cfg.store, L, store.codec(cfg.codec, cfg.codec_level), plan.meta,
+                                          world=ranks.world)
+    barrier(ranks)
+    return writer
+
+
+def _ran_out(cfg: HarvestConfig, L: store.Layout, progress: store.Progress) -> str:
+    """The one line for a text that ran out before every rank had its share: what to pass instead."""
+    stored, fit = sum(progress.done) * L.chunk_rows, progress.prefix * L.chunk_rows
+    head = f"the dataset ran out after {stored:,} stored tokens (< tokens={cfg.tokens:,}); add text, or "
+    if progress.finished(progress.prefix):  # always so with one process
+        return head + f"pass tokens={fit} to mark this store complete"
+    return head + f"harvest tokens={fit} (what every rank's share of the text holds) into another store="
 
 
 def _state_dict(state: text.PackState) -> dict:

@@ -12,16 +12,30 @@ chunk_seqs * rows_per_seq rows, i.e. whole sequences, and is the unit of writing
 
 Group attributes: model, layer, site, d_model, context_size, tokenizer, n_tokens, complete,
 config (the full harvest config), mean and var (per dimension, over the rows written, computed in
-float64 from the stored 16-bit values), plus layout fields and the resume state `progress`.
+float64 from the stored 16-bit values), plus layout fields and, in a single-process store, the
+resume state `progress`.
 
 Crash safety: zarr writes every chunk file and zarr.json through a temporary file + rename. A
 chunk's data is written first; then the attributes, which advance `progress`, are written in one
 atomic step. A kill at any moment leaves either the old or the new progress; chunks past it are
 simply written again, with the same bytes.
+
+Parted stores (one store written by W processes, W > 1): rank r writes the global chunks
+r, r + W, r + 2W, ... (`chunk_ids`), each to its own chunk files, so the ranks never write the same
+file. The arrays are created and resized once, by rank 0, before the other ranks open the store.
+Each rank keeps its resume state (chunks done, pack state, running statistics) in its own file
+`parts/rank-<r>.json` (temporary file + rename), never in the shared attributes, which hold
+`parts: {world: W}` and say incomplete while the ranks work. When every rank has written its share,
+rank 0 `finish`es: the parts' statistics merged exactly (`RunningStats.merge`, in rank order) and
+the root attributes written once: n_tokens, complete, mean, var and the manifest
+`parts: {world, ranks: [{rank, chunk_ids: {start, stop, step}, n_tokens, docs_consumed}]}`.
+The result reads exactly like a single-process store.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -34,6 +48,7 @@ import zarr.codecs
 
 FORMAT = "switch-sae/activations"
 FORMAT_VERSION = 1
+PARTS = "parts"  # folder of a parted store's per-rank resume files
 
 
 def codec(name: str, level: int) -> list:
@@ -53,7 +68,7 @@ def codec(name: str, level: int) -> list:
 
 
 class RunningStats:
-    """Per-dimension count, mean and sum of squared deviations, merged chunk by chunk (Chan et al.).
+    """Per-dimension count, mean and sum of squared deviations, merged block by block (Chan et al.).
 
     Kept in float64 and saved exactly (JSON round-trips doubles), so a resumed harvest ends with
     the same statistics as an uninterrupted one.
@@ -64,17 +79,31 @@ class RunningStats:
         self.mean = np.zeros(d) if mean is None else np.asarray(mean, dtype=np.float64)
         self.m2 = np.zeros(d) if m2 is None else np.asarray(m2, dtype=np.float64)
 
-    def update(self, x: np.ndarray) -> None:
-        """x [rows, d] (any float dtype)."""
+    @classmethod
+    def of(cls, x: np.ndarray) -> RunningStats:
+        """The statistics of x [rows, d] (any float dtype), computed in float64."""
         x = x.astype(np.float64)
-        nb = len(x)
-        mb = x.mean(axis=0)
-        m2b = ((x - mb) ** 2).sum(axis=0)
-        n = self.n + nb
-        delta = mb - self.mean
-        self.mean = self.mean + delta * (nb / n)
-        self.m2 = self.m2 + m2b + delta**2 * (self.n * nb / n)
+        mean = x.mean(axis=0)
+        return cls(x.shape[1], len(x), mean, ((x - mean) ** 2).sum(axis=0))
+
+    @classmethod
+    def from_json(cls, d: int, saved: dict[str, Any] | None) -> RunningStats:
+        """Inverse of to_json; None (nothing saved yet) gives empty statistics."""
+        return cls(d, saved["n"], saved["mean"], saved["m2"]) if saved else cls(d)
+
+    def merge(self, other: RunningStats) -> None:
+        """Become the statistics of the union of both sets of rows (exact up to float64 rounding)."""
+        if other.n == 0:
+            return
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (other.n / n)
+        self.m2 = self.m2 + other.m2 + delta**2 * (self.n * other.n / n)
         self.n = n
+
+    def update(self, x: np.ndarray) -> None:
+        """Add the rows x [rows, d] (any float dtype)."""
+        self.merge(RunningStats.of(x))
 
     @property
     def var(self) -> np.ndarray:
@@ -109,6 +138,36 @@ class Layout:
         return self.n_chunks * self.chunk_rows
 
 
+def chunk_ids(n_chunks: int, rank: int = 0, world: int = 1) -> range:
+    """Global ids of the chunks that rank `rank` of `world` writes: rank, rank + world, ... < n_chunks."""
+    return range(rank, n_chunks, world)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a store's harvest got: the processes that write it and the chunks each has written."""
+
+    world: int  # 1, or W for a parted store
+    done: tuple[int, ...]  # [world]: rank r has written its first done[r] chunk ids
+
+    def shares(self, n_chunks: int) -> tuple[int, ...]:
+        """[world] chunks each rank writes for a budget of n_chunks."""
+        return tuple(len(chunk_ids(n_chunks, r, self.world)) for r in range(self.world))
+
+    def fits(self, n_chunks: int) -> bool:
+        """No rank has written more than its share of n_chunks."""
+        return all(d <= s for d, s in zip(self.done, self.shares(n_chunks)))
+
+    def finished(self, n_chunks: int) -> bool:
+        """Every rank has written exactly its share of n_chunks."""
+        return self.done == self.shares(n_chunks)
+
+    @property
+    def prefix(self) -> int:
+        """Chunks 0..prefix-1 are all written: the largest budget this store's parts cover."""
+        return min(d * self.world + r for r, d in enumerate(self.done))
+
+
 def is_store(path: str | Path) -> bool:
     try:
         return zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT
@@ -123,29 +182,58 @@ def remove(path: str | Path) -> None:
     shutil.rmtree(path)
 
 
-class StoreWriter:
-    """Creates a store or reopens one to resume/extend it, and commits chunks in order."""
+def _world(attrs: dict[str, Any]) -> int:
+    return attrs.get("parts", {}).get("world", 1)
 
-    def __init__(self, group: zarr.Group, layout: Layout):
+
+def _part_file(path: str | Path, rank: int) -> Path:
+    return Path(path) / PARTS / f"rank-{rank}.json"
+
+
+def _state(path: str | Path, attrs: dict[str, Any], rank: int) -> dict[str, Any]:
+    """Rank `rank`'s resume state {chunks_done, pack_state, stats}; {} before its first chunk."""
+    if _world(attrs) == 1:
+        return attrs.get("progress", {})
+    f = _part_file(path, rank)
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def read_progress(path: str | Path) -> Progress:
+    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    world = _world(attrs)
+    return Progress(world, tuple(_state(path, attrs, r).get("chunks_done", 0) for r in range(world)))
+
+
+class StoreWriter:
+    """Creates a store or reopens one to resume/extend it, and commits one rank's chunks in order.
+
+    Rank 0 (the only rank of a single-process harvest) creates or reopens the store; the other ranks
+    of a parted harvest `attach` to it afterwards.
+    """
+
+    def __init__(self, group: zarr.Group, layout: Layout, rank: int = 0):
         self.group = group
         self.layout = layout
+        self.path = Path(group.store.root)
+        self.rank = rank
         attrs = dict(group.attrs)
-        progress = attrs.get("progress", {})
-        self.chunks_done: int = progress.get("chunks_done", 0)
+        self.world = _world(attrs)
+        self.chunk_ids = chunk_ids(layout.n_chunks, rank, self.world)
+        progress = _state(self.path, attrs, rank)
+        self.chunks_done: int = progress.get("chunks_done", 0)  # of this rank's chunk_ids
         self.pack_state: dict[str, Any] = progress.get("pack_state", {"docs_consumed": 0, "carry": []})
-        s = progress.get("stats")
-        self.stats = RunningStats(layout.d_model, s["n"], s["mean"], s["m2"]) if s else RunningStats(layout.d_model)
+        self.stats = RunningStats.from_json(layout.d_model, progress.get("stats"))
         self._acts = group["acts"]
         self._tokens = group["tokens"]
         self._contexts = group["contexts"]
         self.write_seconds = 0.0  # time spent in write_chunk, for benchmarks
-        for partial in Path(group.store.root).rglob("*.partial"):  # litter from a kill mid-write
-            partial.unlink(missing_ok=True)
-        self._resize(layout.n_chunks)
 
     @classmethod
-    def create(cls, path: str | Path, layout: Layout, compressors: list, meta: dict[str, Any]) -> StoreWriter:
-        """Build the empty store beside `path` and rename it into place: it appears whole or not at all."""
+    def create(cls, path: str | Path, layout: Layout, compressors: list, meta: dict[str, Any],
+               world: int = 1) -> StoreWriter:
+        """Build the empty store beside `path` and rename it into place: it appears whole or not at all.
+
+        world > 1: a parted store, for rank 0 of `world`; the other ranks `attach` once it exists."""
         path = Path(path)
         staging = path.with_name(path.name + ".creating")
         shutil.rmtree(staging, ignore_errors=True)
@@ -165,56 +253,108 @@ class StoreWriter:
             "d_model": L.d_model, "context_size": L.context_size, "first_pos": L.first_pos,
             "rows_per_seq": L.rows_per_seq, "chunk_rows": L.chunk_rows, "acts_dtype": L.acts_dtype,
             "n_tokens": 0, "complete": False, "n_chunks_target": L.n_chunks,
+            **({"parts": {"world": world}} if world > 1 else {}),
         })
+        if world > 1:
+            (staging / PARTS).mkdir()
         staging.rename(path)  # replaces `path` only if it is an empty folder
         return cls(zarr.open_group(str(path), mode="r+"), layout)
 
     @classmethod
     def reopen(cls, path: str | Path, layout: Layout, meta: dict[str, Any]) -> StoreWriter:
+        """Rank 0: resume or extend the store with the same number of processes that wrote it."""
         group = zarr.open_group(str(path), mode="r+")
-        done = group.attrs.get("progress", {}).get("chunks_done", 0)
+        attrs = dict(group.attrs)
+        done = attrs.get("progress", {}).get("chunks_done", 0)
         if layout.n_chunks < done:
             raise ValueError(f"the store already holds {done} chunks, more than the {layout.n_chunks} asked for")
-        # the budget may have grown (extend) or shrunk to what is written; config/runtime keys refresh
+        # the budget may have grown (extend) or shrunk to what is written; config/runtime keys refresh.
+        # A parted store is complete only once `finish` has merged its parts.
         group.attrs.update({**meta, "n_chunks_target": layout.n_chunks,
-                            "complete": done == layout.n_chunks})
+                            "complete": _world(attrs) == 1 and done == layout.n_chunks})
+        _tidy(group, layout)
         return cls(group, layout)
 
-    def _resize(self, n_chunks: int) -> None:
-        L = self.layout
-        if self._acts.shape[0] != n_chunks * L.chunk_rows:
-            self._acts.resize((n_chunks * L.chunk_rows, L.d_model))
-            self._tokens.resize((n_chunks * L.chunk_rows,))
-            self._contexts.resize((n_chunks * L.chunk_seqs, L.context_size))
+    @classmethod
+    def attach(cls, path: str | Path, layout: Layout, rank: int) -> StoreWriter:
+        """Rank `rank` > 0 of a parted harvest, once rank 0 has created or reopened the store."""
+        return cls(zarr.open_group(str(path), mode="r+"), layout, rank)
 
     def write_chunk(self, i: int, acts: np.ndarray, contexts: np.ndarray, pack_state: dict[str, Any]) -> None:
-        """Write chunk i (must be the next one) and commit it.
+        """Write global chunk i (must be this rank's next one) and commit it.
 
         acts [chunk_rows, d] float16 or uint16 (bfloat16 bits); contexts [chunk_seqs, ctx] int.
         """
         t0 = time.perf_counter()
         L = self.layout
-        assert i == self.chunks_done, f"chunk {i} written out of order (next is {self.chunks_done})"
+        expected = self.chunk_ids[self.chunks_done]
+        assert i == expected, f"chunk {i} written out of order (next is {expected})"
         assert acts.shape == (L.chunk_rows, L.d_model) and contexts.shape == (L.chunk_seqs, L.context_size)
         rows = slice(i * L.chunk_rows, (i + 1) * L.chunk_rows)
         self._acts[rows] = acts
         self._tokens[rows] = contexts[:, L.first_pos :].reshape(-1).astype(np.int32)
         self._contexts[i * L.chunk_seqs : (i + 1) * L.chunk_seqs] = contexts.astype(np.int32)
         self.stats.update(as_float(acts, L.acts_dtype))
-        self.chunks_done = i + 1
+        self.chunks_done += 1
         self._commit(pack_state)
         self.write_seconds += time.perf_counter() - t0
 
     def _commit(self, pack_state: dict[str, Any]) -> None:
         L = self.layout
         self.pack_state = pack_state
+        progress = {"chunks_done": self.chunks_done, "pack_state": pack_state, "stats": self.stats.to_json()}
+        if self.world > 1:
+            _write_json(_part_file(self.path, self.rank), progress)
+            return
         self.group.attrs.update({
             "n_tokens": self.chunks_done * L.chunk_rows,
             "complete": self.chunks_done == L.n_chunks,
             "mean": self.stats.mean.tolist(),
             "var": self.stats.var.tolist(),
-            "progress": {"chunks_done": self.chunks_done, "pack_state": pack_state, "stats": self.stats.to_json()},
+            "progress": progress,
         })
+
+
+def finish(path: str | Path, layout: Layout, meta: dict[str, Any]) -> None:
+    """Rank 0, once every rank has written its share of layout.n_chunks: mark the store complete,
+    in one write of the root attributes. A parted store's statistics are merged from its parts (in
+    rank order) and its manifest written; a single-process store's are already in place."""
+    group = zarr.open_group(str(path), mode="r+")
+    attrs = dict(group.attrs)
+    world = _world(attrs)
+    update: dict[str, Any] = {**meta, "n_chunks_target": layout.n_chunks, "complete": True}
+    if world > 1:
+        states = [_state(path, attrs, r) for r in range(world)]
+        stats = RunningStats(layout.d_model)
+        for state in states:
+            stats.merge(RunningStats.from_json(layout.d_model, state.get("stats")))
+        ranks = [{"rank": r, "chunk_ids": {"start": r, "stop": layout.n_chunks, "step": world},
+                  "n_tokens": state.get("chunks_done", 0) * layout.chunk_rows,
+                  "docs_consumed": state.get("pack_state", {}).get("docs_consumed", 0)}
+                 for r, state in enumerate(states)]
+        update |= {"n_tokens": layout.n_rows, "mean": stats.mean.tolist(), "var": stats.var.tolist(),
+                   "parts": {"world": world, "ranks": ranks}}
+    group.attrs.update(update)
+    _tidy(group, layout)
+
+
+def _tidy(group: zarr.Group, layout: Layout) -> None:
+    """Rank 0, while no other rank writes: clear litter of a killed write, size the arrays to the budget."""
+    for partial in Path(group.store.root).rglob("*.partial"):
+        partial.unlink(missing_ok=True)
+    L = layout
+    acts = group["acts"]
+    if acts.shape[0] != L.n_rows:
+        acts.resize((L.n_rows, L.d_model))
+        group["tokens"].resize((L.n_rows,))
+        group["contexts"].resize((L.n_chunks * L.chunk_seqs, L.context_size))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write a JSON file atomically: a temporary file beside it, then a rename over it."""
+    tmp = path.with_name(path.name + ".partial")  # cleared by `_tidy` if a kill leaves it
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
 
 
 def as_float(acts: np.ndarray, acts_dtype: str) -> np.ndarray:
