@@ -60,6 +60,9 @@ def _time(args: argparse.Namespace, dist: Dist, layout_name: str) -> dict:
     for i in range(args.steps + 1):
         if i == 1:  # after the warm-up step
             sent = dict(layout.groups.sent) if layout_name == "expert" else {}
+        if i >= 1 and layout_name == "expert":  # tokens the step keeps local (this routing, outside the timing)
+            with torch.no_grad():
+                local += int((sae.route(x)[1] // (args.n_experts // WORLD) == dist.rank).sum())
         dist.barrier()
         t = time.perf_counter()
         loss = sae(x).losses["loss"]
@@ -70,10 +73,6 @@ def _time(args: argparse.Namespace, dist: Dist, layout_name: str) -> dict:
         dist.barrier()
         if i >= 1:
             times.append(time.perf_counter() - t)
-            if layout_name == "expert":  # tokens whose expert this rank holds (routing outside the timing)
-                with torch.no_grad():
-                    owner = sae.route(x)[1] // (args.n_experts // WORLD)
-                local += int((owner == dist.rank).sum())
     out = {"step_s": statistics.median(times)}
     if layout_name == "expert":
         out.update({k: (v - sent[k]) / args.steps for k, v in layout.groups.sent.items()}, local=local / args.steps)

@@ -28,6 +28,7 @@ on any number of ranks and any G that divides N.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -116,6 +117,11 @@ class ExpertParallelSwitch(SwitchSAE):
         self.to(full.b_pre.device)
         self.load_state_dict({k: groups.shard(v) if k in EXPERT_KEYS else v for k, v in full.state_dict().items()})
 
+    def encode(self, x: torch.Tensor) -> Codes:
+        raise NotImplementedError("a shard of the experts cannot encode alone: use ExpertParallel.full_sae(sae)")
+
+    decode = encode
+
     def forward(self, x: torch.Tensor) -> Output:
         probs, expert = self.route(x)  # [B, N], [B]
         y, codes = self.run_experts(x - self.b_pre, expert)
@@ -157,9 +163,9 @@ class ExpertParallel(DataParallel):
         return [name in EXPERT_KEYS for name, _ in self.sae.named_parameters()]
 
     def sync_grads(self) -> None:
-        grads = [p.grad for p in self.sae.parameters()]
-        self.dist.all_reduce_mean_([g for g, e in zip(grads, self._is_expert()) if not e])
-        self.dist.all_reduce_mean_([g for g, e in zip(grads, self._is_expert()) if e], group=self.groups.replicas,
+        grads = list(zip([p.grad for p in self.sae.parameters()], self._is_expert()))
+        self.dist.all_reduce_mean_([g for g, expert in grads if not expert])
+        self.dist.all_reduce_mean_([g for g, expert in grads if expert], group=self.groups.replicas,
                                    divisor=self.dist.world)
 
     def grad_norm(self, grads: list[torch.Tensor]) -> torch.Tensor:
@@ -168,7 +174,7 @@ class ExpertParallel(DataParallel):
         td.all_reduce(own, group=self.groups.experts)
         return (torch.nn.utils.get_total_norm([g for g in grads if id(g) not in shards]) ** 2 + own).sqrt()
 
-    def _map_opt(self, state: dict, fn) -> dict:
+    def _map_opt(self, state: dict, fn: Callable[[torch.Tensor], torch.Tensor]) -> dict:
         """An Adam state_dict with fn applied to the moments of the expert parameters."""
         experts = {i for i, e in enumerate(self._is_expert()) if e}
         return {**state, "state": {i: {k: fn(v) if i in experts and k != "step" else v for k, v in s.items()}

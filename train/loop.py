@@ -95,7 +95,7 @@ def batch_metrics(out: Output, dist: Dist) -> dict:
     cover another number of tokens, as with expert parallelism: L0 is a ratio of sums.)"""
     active = out.codes.active()
     sums = dist.all_reduce_sum(torch.stack([*(v.detach().float() for v in out.losses.values()),
-                                            active.sum().float(), torch.tensor(float(len(active)))]))
+                                            active.sum().float(), active.new_tensor(len(active), dtype=torch.float)]))
     record = dict(zip(out.losses, (sums[:-2] / dist.world).tolist()))
     record["l0"] = (sums[-2] / sums[-1]).item()
     if "expert_load" in out.stats:
