@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import atexit
 import os
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as td
+import torch.multiprocessing as mp
 
 
 @dataclass(frozen=True)
@@ -60,3 +64,20 @@ def barrier(ranks: Ranks) -> None:
     """Wait until every rank gets here (nothing with one process)."""
     if ranks.world > 1:
         td.barrier()
+
+
+def spawn_local(fn: Callable[..., Any], world: int, *args: Any) -> None:
+    """Run fn(*args) in `world` new processes on this machine, each with the environment torchrun
+    gives its workers (rendezvous on a free loopback port) and one thread: torchrun's stand-in for
+    tests and benchmarks. fn must be importable (defined at a module's top level)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_local_worker, args=(world, port, fn, args), nprocs=world, join=True)
+
+
+def _local_worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    fn(*args)

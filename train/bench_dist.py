@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
+from harvest.ranks import spawn_local
 from train.dist import DataParallel, Dist, init
 from train.expert_parallel import ExpertParallel
 from train.recipe import apply_update, make_optimizer
@@ -79,10 +77,8 @@ def _time(args: argparse.Namespace, dist: Dist, layout_name: str) -> dict:
     return out
 
 
-def _rank(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
+def _ranks(args: argparse.Namespace, out: str) -> None:
+    """One of the WORLD processes (`spawn_local`): both layouts timed; rank 0 writes the results."""
     dist = init(torch.device("cpu"))
     results = {}
     for layout_name in ("expert", "data"):
@@ -93,12 +89,6 @@ def _rank(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
             results[layout_name].update(forward_bytes=fwd, backward_bytes=bwd, local_tokens=local)
     if dist.is_main:
         Path(out).write_text(json.dumps(results))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(WORLD)
     one = _time(args, Dist(0, 1, 0, torch.device("cpu")), "data")
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank, args=(_free_port(), args, f"{tmp}/ranks.json"), nprocs=WORLD, join=True)
+        spawn_local(_ranks, WORLD, args, f"{tmp}/ranks.json")
         ranks = json.loads(Path(tmp, "ranks.json").read_text())
     ep, dp = ranks["expert"], ranks["data"]
     row_bytes = args.d * 4

@@ -2,7 +2,7 @@
 
 The `parted` fixture makes every store once: the reference store through the real command line
 (`python -m torch.distributed.run --standalone --nproc_per_node=2 -m harvest ...`), single-process
-harvests of the even and of the odd documents, and, in one `torch.multiprocessing.spawn` of 2
+harvests of the even and of the odd documents, and, in one `harvest.ranks.spawn_local` of 2
 ranks, a harvest killed mid-chunk and resumed, one left killed, and runs that must be refused.
 Every process computes on one thread (see test_cli's kill test), so equal means equal bytes.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from transformers import AutoTokenizer
 
 from harvest import store
 from harvest.config import HarvestError
+from harvest.ranks import spawn_local
 from harvest.run import harvest
 from harvest.store import ActivationStore, RunningStats
 from tests.conftest import ROOT, compose, documents, harvest_overrides
@@ -69,21 +68,12 @@ def _job(cfg, outcome: Path, kill: dict[int, int] | None = None) -> None:
     outcome.with_name(f"{outcome.name}.{os.environ['RANK']}.json").write_text(json.dumps(result))
 
 
-def _rank(rank: int, port: int, jobs: list) -> None:
-    """One of the WORLD processes: torchrun's environment, then the jobs in order (the same on every rank),
-    each begun once every rank has ended the previous one, as a relaunched job would."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(WORLD))
-    torch.set_num_threads(1)
+def _run_jobs(jobs: list) -> None:
+    """One rank of a `spawn_local` job: the jobs in order (the same on every rank), each begun once
+    every rank has ended the previous one, as a relaunched job would."""
     for job, *args in jobs:
         job(*args)
         torch.distributed.barrier()  # the first job's harvest joined the process group
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _outcomes(path: Path) -> list[dict]:
@@ -135,7 +125,7 @@ def parted(tiny_gpt2, corpus_jsonl, tmp_path_factory):
         (_job, compose(args("two")), tmp / "again"),
         (_job, compose(harvest_overrides(tiny_gpt2, small, tmp / "short", tokens=3000)), tmp / "short"),
     ]
-    mp.spawn(_rank, args=(_free_port(), jobs), nprocs=WORLD, join=True)
+    spawn_local(_run_jobs, WORLD, jobs)
     return {"tmp": tmp, "torchrun": torchrun, "single_digest": single_digest, "two_digest": two_digest,
             "args": args}
 

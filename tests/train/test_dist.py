@@ -3,7 +3,7 @@
 ranks' batches (Switch's load balancing on global statistics), the run directory written once,
 resume on another number of ranks or layout, one-line refusals.
 
-All 2-rank runs happen in one `torch.multiprocessing.spawn` (the `dp` fixture); the tests then
+All 2-rank runs happen in one `harvest.ranks.spawn_local` (the `dp` fixture); the tests then
 compare them with one-process runs made here."""
 
 from __future__ import annotations
@@ -12,15 +12,14 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import train.loop as loop
+from harvest.ranks import spawn_local
 from tests.conftest import ROOT
 from tests.train.test_loop import make_cfg, synthetic_store
 from train.config import TrainError
@@ -110,19 +109,10 @@ def gradients_job(arch, path):
                     "held": sae.W_enc.shape[0], "sent": layout.groups.sent if ep else None}, path)
 
 
-def _rank(rank: int, port: int, world: int, jobs: list) -> None:
-    """One of `world` processes: torchrun's environment, then the jobs in order (the same on every rank)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+def run_jobs(jobs: list) -> None:
+    """One rank of a `spawn_local` job: the jobs in order (the same on every rank)."""
     for job, *args in jobs:
         job(*args)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +131,7 @@ def dp(tmp_path_factory):
     shutil.copytree(tmp / "one_then_ep", tmp / "one_then_ep.at3")  # the reference continues this copy
     jobs = [(train_job, *args) for args in runs.values()]
     jobs += [(gradients_job, arch, tmp / f"{arch}.grads.pt") for arch in [*MODELS, "switch_ep_one_expert"]]
-    mp.spawn(_rank, args=(_free_port(), WORLD, jobs), nprocs=WORLD, join=True)
+    spawn_local(run_jobs, WORLD, jobs)
     return {"tmp": tmp, **{name: args[:2] for name, args in runs.items()}}
 
 
@@ -149,7 +139,7 @@ def dp(tmp_path_factory):
 def four_ranks(dp):
     """Switch on 4 ranks: 2 replicas (data parallel) x 2 expert shards."""
     cfg, run_dir = cfg_for(dp["switch"][0].data.store, "switch_ep", "seed=5"), dp["tmp"] / "four_ranks"
-    mp.spawn(_rank, args=(_free_port(), 4, [(train_job, cfg, run_dir)]), nprocs=4, join=True)
+    spawn_local(run_jobs, 4, [(train_job, cfg, run_dir)])
     return cfg, run_dir
 
 
