@@ -101,9 +101,9 @@ class TrainConfig:
         if ep != 1:
             if not (isinstance(ep, int) and ep > 1):
                 raise TrainError(f"expert_parallel must be an integer >= 1, got {ep!r}")
+            got = f"model={arch}" + (f", n_experts={self.model['n_experts']}" if arch == "switch" else "")
             if arch != "switch" or self.model["n_experts"] % ep:
-                raise TrainError(f"expert_parallel={ep} needs model=switch with n_experts divisible by it "
-                                 f"(got model={arch}{', n_experts=' + str(self.model['n_experts']) if arch == 'switch' else ''})")
+                raise TrainError(f"expert_parallel={ep} needs model=switch with n_experts divisible by it (got {got})")
             if self.compile:
                 raise TrainError("compile=true is not supported with expert_parallel > 1")
         checks = [
