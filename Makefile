@@ -49,7 +49,7 @@ harvest: .venv/.installed
 	$(LAUNCH) -m harvest $(HARVEST_ARGS)
 
 bench-harvest: setup
-	$(PY) -m harvest.bench $(ARGS)
+	$(PY) -m bench.harvest_speed $(ARGS)
 
 clean-venv:
 	rm -rf .venv
@@ -67,7 +67,7 @@ sweep: .venv/.installed
 	$(PY) -m train -m $(if $(launcher),hydra/launcher=$(launcher)) $(SWEEP_GRID) $(ARGS)
 
 bench-loader: .venv/.installed
-	$(PY) -m train.bench_loader $(ARGS)
+	$(PY) -m bench.loader $(ARGS)
 
 # Stage 3. `make eval run=runs/topk/default` or a whole sweep: `make eval run=multirun/2026-11-22`
 eval: .venv/.installed
@@ -88,7 +88,7 @@ autointerp: .venv/.installed
 
 # The offline demo (conf/demo/demo.yaml): reuses a complete demo store, skips finished runs.
 demo: setup
-	$(PY) -m eval.demo $(ARGS)
+	$(PY) -m pipeline.demo $(ARGS)
 
 # The paper's Figure 1 and 3 grids at paper scale (conf/train/experiment/*.yaml): needs the hub for
 # the harvest and GPUs for the ~50 training runs (cost in the README). Re-running resumes everything.
@@ -101,11 +101,11 @@ reproduce: .venv/.installed
 	$(PY) -m eval run=$(REPRODUCE_DIR)
 	$(PY) -m eval.report sweep=$(REPRODUCE_DIR) title="Switch SAEs: the paper's grids (GPT-2 block 8, OpenWebText)"
 
-# Training step time vs the roofline bound (train/bench.py); ARGS='--quick' for three entries.
+# Training step time vs the roofline bound (bench/train_step.py); ARGS='--quick' for three entries.
 bench: .venv/.installed
-	$(PY) -m train.bench $(ARGS)
+	$(PY) -m bench.train_step $(ARGS)
 
 # Expert-parallel vs one-process Switch training (2 gloo processes on CPU) and all-to-all bytes vs the
-# minimum (train/bench_dist.py); ARGS='--quick' for a small shape.
+# minimum (bench/dist.py); ARGS='--quick' for a small shape.
 bench-dist: .venv/.installed
-	$(PY) -m train.bench_dist $(ARGS)
+	$(PY) -m bench.dist $(ARGS)

@@ -11,17 +11,13 @@ non-activating accuracy) / 2), per feature with Wilson intervals and averaged ov
 percentile-bootstrap intervals (features resampled). Writes `<run>/autointerp.json` and
 `<run>/autointerp.png`.
 
-Two layers: `collect` (here) needs the SAE and its store and returns `FeatureSample`s (plain text);
-`eval.detection.explain_and_score` needs only those and two `ChatClient`s (eval/llm.py), so it is
-testable alone.
+Two layers: `collect` (here, reading the firings with eval/firings.py) needs the SAE and its store
+and returns `FeatureSample`s (plain text); `eval.detection.explain_and_score` needs only those and
+two `ChatClient`s (eval/llm.py), so it is testable alone.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,50 +27,56 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import harvest  # noqa: F401  (reproducible MKL settings before torch runs)
-from eval.detection import N_DECILES, Context, FeatureSample, aggregate, explain_and_score
+from eval.detection import Context, FeatureSample, aggregate, explain_and_score
+from eval.firings import N_DECILES, Firings, choose, deciles, open_run, scan, sequence_rows, top, values_at, window
 from eval.llm import ChatClient, Counters, Endpoint, ResponseCache, base_url_problem
-from eval.run import EvalConfig, EvalError, Run, open_run
-from harvest.config import HarvestError
-from harvest.lm import load_config, pick_device
+from eval.options import outlier_factor_check
+from eval.plots import figure, save_png
+from runtime.config import require
+from runtime.errors import ToolkitError, one_line_errors, reraise_as
+from train.run_dir import RunDir, TrainedRun
 
 
 
-class AutointerpError(Exception):
+CACHE_DIR = "autointerp_cache"  # answers already received, in the run folder unless cache_dir is set
+PLOT = "autointerp.png"
+
+
+class AutointerpError(ToolkitError):
     """Bad input; printed as one line (`autointerp: error: ...`) before any work starts."""
 
 
 @dataclass(frozen=True)
 class AutointerpConfig:
-    """Every key of conf/eval/autointerp.yaml (documented there)."""
+    """Every key of conf/eval/autointerp.yaml, which holds and documents every default."""
 
     run: str
     explainer: Endpoint
     scorer: Endpoint
-    store: str | None = None
-    features: list[int] | None = None
-    n_features: int = 50
-    min_active: int | None = None
-    seed: int = 0
-    max_tokens: int = 1_000_000
-    batch_size: int = 4096
-    outlier_factor: float | str | None = "run"
-    window: int = 32
-    after: int = 4
-    n_explain: int = 20
-    per_decile: int = 5
-    n_negative: int = 50
-    batch_contexts: int = 5
-    concurrency: int = 8
-    timeout_s: float = 120.0
-    max_retries: int = 5
-    backoff_s: float = 1.0
-    cache: bool = True
-    cache_dir: str | None = None
-    ci: float = 0.95
-    n_bootstrap: int = 1000
-    device: str = "auto"
-    progress: bool = True
+    store: str | None
+    features: list[int] | None
+    n_features: int
+    min_active: int | None
+    seed: int
+    max_tokens: int
+    batch_size: int
+    outlier_factor: float | str | None
+    window: int
+    after: int
+    n_explain: int
+    per_decile: int
+    n_negative: int
+    batch_contexts: int
+    concurrency: int
+    timeout_s: float
+    max_retries: int
+    backoff_s: float
+    cache: bool
+    cache_dir: str | None
+    ci: float
+    n_bootstrap: int
+    device: str
+    progress: bool
 
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> AutointerpConfig:
@@ -114,18 +116,14 @@ class AutointerpConfig:
             (self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s}"),
             (0 < self.ci < 1, f"ci must be in (0, 1), got {self.ci}"),
             (self.n_bootstrap >= 1, f"n_bootstrap must be >= 1, got {self.n_bootstrap}"),
-            (self.outlier_factor in ("run", None) or (isinstance(self.outlier_factor, (int, float))
-                                                      and self.outlier_factor > 1),
-             f"outlier_factor must be run, null or a number > 1, got {self.outlier_factor!r}"),
+            outlier_factor_check(self.outlier_factor),
         ]
         for role, e in (("explainer", self.explainer), ("scorer", self.scorer)):
             problem = base_url_problem(e.base_url)
             checks += [(problem is None, f"{role}.base_url {problem}"),
                        (isinstance(e.model, str) and e.model.strip() != "", f"{role}.model must be a model name"),
                        (e.max_tokens >= 1 and e.temperature >= 0, f"{role}: need max_tokens >= 1 and temperature >= 0")]
-        for ok, message in checks:
-            if not ok:
-                raise AutointerpError(message)
+        require(checks, AutointerpError)
 
 
 # ---------------------------------------------------------------- collecting examples (needs the SAE)
@@ -134,27 +132,13 @@ class AutointerpConfig:
 class Windows:
     """Renders the window of a store row (`window` tokens ending `after` tokens past the row's token)."""
 
-    def __init__(self, run: Run, tokenizer: Any, window: int, after: int):
-        self.store, self.tok, self.window, self.after = run.store, tokenizer, window, after
-        a = run.store.attrs
-        self.rps, self.first, self.ctx = a["rows_per_seq"], a["first_pos"], a["context_size"]
-        self.chunk_seqs = a["chunk_rows"] // a["rows_per_seq"]
-        self._chunks: dict[int, np.ndarray] = {}
+    def __init__(self, run: TrainedRun, tokenizer: Any, window: int, after: int):
+        self.store, self.tok, self.before, self.after = run.store, tokenizer, window - 1 - after, after
 
-    def span(self, row: int) -> tuple[np.ndarray, int, int, int, int]:
-        """(sequence ids, sequence index, window start, window end, position of the row)."""
-        seq, off = divmod(row, self.rps)
-        c = seq // self.chunk_seqs
-        if c not in self._chunks:
-            self._chunks[c] = np.asarray(self.store.contexts[c * self.chunk_seqs : (c + 1) * self.chunk_seqs])
-        pos = self.first + off
-        lo, hi = max(0, pos - (self.window - 1 - self.after)), min(self.ctx, pos + self.after + 1)
-        return self._chunks[c][seq % self.chunk_seqs], seq, lo, hi, pos
-
-    def rows(self, row: int) -> list[int]:
+    def rows(self, row: int) -> np.ndarray:
         """The store rows inside the window of `row`."""
-        _, seq, lo, hi, _ = self.span(row)
-        return [seq * self.rps + p - self.first for p in range(max(lo, self.first), hi)]
+        _, rows, _ = window(self.store, row, self.before, self.after)
+        return rows[rows >= 0]
 
     def _pieces(self, ids: list[int]) -> list[str]:
         """Each token's text, from decoding growing prefixes (keeps word-initial spaces)."""
@@ -165,10 +149,12 @@ class Windows:
             prev = cur
         return [p.replace("\n", "\\n") for p in out]
 
-    def render(self, row: int, acts: dict[int, float], decile: int) -> Context:
-        ids, seq, lo, hi, pos = self.span(row)
-        pieces = self._pieces([int(t) for t in ids[lo:hi]])
-        vals = [acts.get(seq * self.rps + p - self.first, 0.0) if p >= self.first else 0.0 for p in range(lo, hi)]
+    def render(self, row: int, f_rows: np.ndarray, f_vals: np.ndarray, decile: int) -> Context:
+        """The context of `row`, its tokens marked where the feature (firings f_rows [n_f] ascending,
+        f_vals [n_f]) fires."""
+        ids, rows, center = window(self.store, row, self.before, self.after)
+        pieces = self._pieces([int(t) for t in ids])
+        vals = values_at(rows, f_rows, f_vals)
         marked, run_open = [], False
         for piece, v in zip(pieces, vals, strict=True):
             if v > 0 and not run_open:
@@ -179,108 +165,57 @@ class Windows:
             marked.append(piece)
         marked.append(">>" if run_open else "")
         tokens = [(p, float(v)) for p, v in zip(pieces, vals, strict=True) if v > 0]
-        return Context(row, decile, float(acts.get(row, 0.0)), "".join(pieces), "".join(marked), tokens)
+        return Context(row, decile, float(vals[center]), "".join(pieces), "".join(marked), tokens)
 
 
-def active_codes(codes: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(batch row, latent, value) of every non-zero code."""
-    if codes.dense is not None:
-        r, j = (codes.dense > 0).nonzero(as_tuple=True)
-        return r, j, codes.dense[r, j]
-    r, kk = (codes.vals > 0).nonzero(as_tuple=True)
-    return r, codes.idx[r, kk], codes.vals[r, kk]
+def scan_held_out(run: TrainedRun, cfg: AutointerpConfig, device: torch.device, only: list[int]) -> Firings:
+    """The firings of `only` ([]: counts only) in whole held-out chunks until max_tokens rows are read."""
+    return scan(run, device, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size, whole_chunks=True, only=only,
+                progress=cfg.progress)
 
 
-def _encoded(run: Run, cfg: AutointerpConfig, device: torch.device) -> Iterator[tuple[np.ndarray, tuple]]:
-    """(store row ids, active codes) batch by batch over the held-out chunks (whole chunks until
-    max_tokens rows are read; rows above the run's norm cut are skipped)."""
-    C, seen = run.store.chunk_rows, 0
-    for i in run.held:
-        x = run.store.read_chunk(i)
-        rows = np.arange(i * C, (i + 1) * C)
-        if run.cut is not None:
-            keep = np.linalg.norm(x, axis=1) <= run.cut
-            x, rows = x[keep], rows[keep]
-        for s in range(0, len(x), cfg.batch_size):
-            with torch.no_grad():
-                codes = run.sae.encode(torch.from_numpy(x[s : s + cfg.batch_size]).to(device))
-                active = tuple(t.cpu() for t in active_codes(codes))
-            yield rows[s : s + cfg.batch_size], active
-        seen += C
-        if seen >= cfg.max_tokens:
-            return
-
-
-def choose_features(run: Run, cfg: AutointerpConfig, device: torch.device) -> list[int]:
+def choose_features(run: TrainedRun, cfg: AutointerpConfig, device: torch.device) -> list[int]:
     """`cfg.features`, or n_features latents drawn (seeded) among those firing >= min_active times."""
     if cfg.features is not None:
-        return sorted(set(cfg.features))
-    counts, n_rows = torch.zeros(run.sae.n_latents, dtype=torch.long), 0
-    for rows, (_, j, _) in _encoded(run, cfg, device):
-        counts += torch.bincount(j, minlength=run.sae.n_latents)
-        n_rows += len(rows)
+        return choose(None, cfg.features, cfg.n_features, cfg.seed)
+    counted = scan_held_out(run, cfg, device, only=[])
     need = cfg.min_active or cfg.n_explain + N_DECILES * cfg.per_decile
-    alive = np.flatnonzero(counts.numpy() >= need)
-    if len(alive) == 0:
-        raise AutointerpError(f"no latent fires {need}+ times in the {n_rows:,} scanned held-out rows; lower "
-                              f"min_active or n_explain/per_decile, or raise max_tokens")
-    rng = np.random.default_rng(cfg.seed)
-    return sorted(int(f) for f in rng.choice(alive, min(cfg.n_features, len(alive)), replace=False))
-
-
-def gather(run: Run, cfg: AutointerpConfig, features: list[int], device: torch.device
-           ) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], np.ndarray]:
-    """({feature: (rows, values) where it fires}, every scanned row id)."""
-    where = torch.full((run.sae.n_latents,), -1, dtype=torch.long)
-    where[torch.tensor(features)] = torch.arange(len(features))
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    scanned = []
-    for rows, (r, j, v) in _encoded(run, cfg, device):
-        f = where[j]
-        keep = f >= 0
-        parts.append((f[keep].numpy(), rows[r[keep].numpy()], v[keep].float().numpy()))
-        scanned.append(rows)
-    f, rows, vals = (np.concatenate(p) for p in zip(*parts, strict=True)) if parts else (np.zeros(0, int),) * 3
-    every = np.concatenate(scanned) if scanned else np.zeros(0, dtype=np.int64)
-    return {feat: (rows[f == i], vals[f == i]) for i, feat in enumerate(features)}, every
+    chosen = choose(counted.counts, "random", cfg.n_features, cfg.seed, min_count=need)
+    if not chosen:
+        raise AutointerpError(f"no latent fires {need}+ times in the {len(counted.seen):,} scanned held-out rows; "
+                              f"lower min_active or n_explain/per_decile, or raise max_tokens")
+    return chosen
 
 
 def sample_feature(feature: int, rows: np.ndarray, vals: np.ndarray, scanned: np.ndarray, win: Windows,
                    cfg: AutointerpConfig) -> FeatureSample:
     """Top examples (one per sequence) to explain from; deciles of the other sequences' activating
-    rows and non-activating windows to score on. Seeded by (seed, feature)."""
+    rows and non-activating windows to score on. rows [n_f] ascending, vals [n_f]: the feature's
+    firings; scanned [n]: every scanned row. Seeded by (seed, feature)."""
     rng = np.random.default_rng([cfg.seed, feature])
-    acts = dict(zip(rows.tolist(), vals.tolist(), strict=True))
-    order = np.argsort(vals, kind="stable")
-    top, seqs = [], set()
-    for i in order[::-1]:
-        if len(top) == cfg.n_explain:
-            break
-        if (s := rows[i] // win.rps) not in seqs:
-            top.append(i)
-            seqs.add(s)
-    pool = np.array([i for i in order if rows[i] // win.rps not in seqs], dtype=int)  # ascending activation
-    contexts = []
-    for d, part in enumerate(np.array_split(pool, N_DECILES), start=1):
-        for i in rng.choice(part, min(cfg.per_decile, len(part)), replace=False):
-            contexts.append(win.render(int(rows[i]), acts, d))
+    explain = top(win.store, rows, vals, cfg.n_explain, one_per_sequence=True)
+    shown = [sequence_rows(win.store, win.store.locate(rows[i])[0]) for i in explain]
+    pool = np.flatnonzero(~np.isin(rows, np.concatenate(shown) if shown else []))
+    contexts = [win.render(int(rows[i]), rows, vals, d)
+                for d, (_, pick) in enumerate(deciles(vals, cfg.per_decile, rng, among=pool), start=1) for i in pick]
     negatives: set[int] = set()
     for row in rng.choice(scanned, min(len(scanned), 20 * cfg.n_negative + 20), replace=False) if len(scanned) else []:
         if len(negatives) == cfg.n_negative:
             break
-        if not any(r in acts for r in win.rows(int(row))):
+        if not np.isin(win.rows(int(row)), rows).any():
             negatives.add(int(row))
-    contexts += [win.render(r, acts, 0) for r in sorted(negatives)]
+    contexts += [win.render(r, rows, vals, 0) for r in sorted(negatives)]
     return FeatureSample(feature, len(rows), float(vals.max()) if len(vals) else 0.0,
-                         [win.render(int(rows[i]), acts, -1) for i in top], contexts)
+                         [win.render(int(rows[i]), rows, vals, -1) for i in explain], contexts)
 
 
-def collect(run: Run, cfg: AutointerpConfig, tokenizer: Any, device: torch.device) -> tuple[list[FeatureSample], int]:
-    """The samples of the chosen features and the number of held-out rows scanned."""
+def collect(run: TrainedRun, cfg: AutointerpConfig, tokenizer: Any, device: torch.device) -> tuple[list[FeatureSample], int]:
+    """The samples of the chosen features and the number of held-out rows scanned. Drawn features cost
+    two passes (one only counting), so that only the chosen features' firings are ever held."""
     features = choose_features(run, cfg, device)
-    found, scanned = gather(run, cfg, features, device)
+    firings = scan_held_out(run, cfg, device, only=features)
     win = Windows(run, tokenizer, cfg.window, cfg.after)
-    return [sample_feature(f, *found[f], scanned, win, cfg) for f in features], len(scanned)
+    return [sample_feature(f, *firings.of(f), firings.seen, win, cfg) for f in features], len(firings.seen)
 
 
 # ---------------------------------------------------------------- outputs
@@ -288,17 +223,13 @@ def collect(run: Run, cfg: AutointerpConfig, tokenizer: Any, device: torch.devic
 
 def plot(agg: dict[str, Any], path: Path, title: str) -> None:
     """Figure 6 style: mean recall per decile and non-activating accuracy, bootstrap CI error bars."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     bars = [*agg["recall"], agg["negative_accuracy"]]
     labels = [str(d) for d in range(1, N_DECILES + 1)] + ["not\nactive"]
     mean = [b["mean"] if b["mean"] is not None else 0.0 for b in bars]
     err = [[m - b["lo"] if b["mean"] is not None else 0.0 for m, b in zip(mean, bars, strict=True)],
            [b["hi"] - m if b["mean"] is not None else 0.0 for m, b in zip(mean, bars, strict=True)]]
-    fig = Figure(figsize=(7, 3.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    fig, axes = figure(1, 1, (7, 3.8))
+    ax = axes[0, 0]
     ax.bar(range(len(bars)), mean, yerr=err, capsize=3, color=["tab:blue"] * N_DECILES + ["tab:gray"])
     ax.set_xticks(range(len(bars)), labels)
     ax.set_ylim(0, 1.05)
@@ -306,7 +237,7 @@ def plot(agg: dict[str, Any], path: Path, title: str) -> None:
     ax.set_ylabel("fraction judged correctly")
     ax.set_title(title, fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
 
 
 def _cell(b: dict[str, Any]) -> str:
@@ -328,44 +259,19 @@ def table(out: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
-
-
-def _open(cfg: AutointerpConfig) -> tuple[Run, Any, torch.device]:
+def _open(cfg: AutointerpConfig) -> tuple[TrainedRun, Any, torch.device]:
     """Check the run and load its SAE, store and tokenizer (every check before any work)."""
-    run_dir = Path(cfg.run)
-    if not run_dir.is_dir():
-        raise AutointerpError(f"run {run_dir} does not exist")
-    if not (run_dir / "sae" / "sae.json").exists():
-        raise AutointerpError(f"no trained SAE in {run_dir}: expected {run_dir}/sae/sae.json")
-    try:
-        device = pick_device(cfg.device)
-        ecfg = EvalConfig(run=cfg.run, store=cfg.store, max_tokens=cfg.max_tokens, batch_size=cfg.batch_size,
-                          dead_window=None, outlier_factor=cfg.outlier_factor, ce=False, ce_seqs=1, ce_batch=1,
-                          redo=True, device=cfg.device, dtype="float32", progress=False)
-        run = open_run(run_dir, ecfg, device)
-        name = run.store.attrs.get("tokenizer") or run.store.attrs["model"]
-        load_config(name)  # one clear line for a missing model / unreachable hub
-    except (EvalError, HarvestError) as e:
-        raise AutointerpError(str(e)) from None
+    with reraise_as(AutointerpError):
+        run, tokenizer, device = open_run(cfg.run, cfg.store, cfg.outlier_factor, cfg.device)
     bad = [f for f in cfg.features or [] if f >= run.sae.n_latents]
     if bad:
         raise AutointerpError(f"features {bad} out of range: the SAE has {run.sae.n_latents} latents")
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    except Exception as e:  # noqa: BLE001  (any loader failure is one line)
-        raise AutointerpError(f"cannot load the tokenizer of {name!r}: {str(e).strip().splitlines()[0]}") from None
     return run, tokenizer, device
 
 
-def clients(cfg: AutointerpConfig, run_dir: Path) -> tuple[ChatClient, ChatClient, Counters]:
+def clients(cfg: AutointerpConfig, run: RunDir) -> tuple[ChatClient, ChatClient, Counters]:
     counters = Counters()
-    cache = ResponseCache(cfg.cache_dir or run_dir / "autointerp_cache") if cfg.cache else None
+    cache = ResponseCache(cfg.cache_dir or run.file(CACHE_DIR)) if cfg.cache else None
     kw = dict(counters=counters, cache=cache, timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
               backoff_s=cfg.backoff_s)
     return ChatClient(cfg.explainer, **kw), ChatClient(cfg.scorer, **kw), counters
@@ -395,8 +301,8 @@ def run_autointerp(cfg: AutointerpConfig) -> dict[str, Any]:
                   "no_examples (the feature never fires in the scanned rows); only ok features are aggregated"],
         "features": results,
     }
-    _write_json(run.dir / "autointerp.json", out)
-    plot(agg, run.dir / "autointerp.png", f"Detection scoring: {run.dir.parent.name}/{run.dir.name} "
+    run.dir.write_result(RunDir.AUTOINTERP, out, indent=1)
+    plot(agg, run.dir.file(PLOT), f"Detection scoring: {run.dir.path.parent.name}/{run.dir.name} "
                                           f"({out['n_scored']} features, scorer {cfg.scorer.model})")
     return out
 
@@ -404,11 +310,8 @@ def run_autointerp(cfg: AutointerpConfig) -> dict[str, Any]:
 @hydra.main(config_path="../conf/eval", config_name="autointerp", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: one line `autointerp: error: ...` and exit 2 on bad input."""
-    try:
+    with one_line_errors("autointerp"):
         out = run_autointerp(AutointerpConfig.from_omegaconf(cfg))
-    except AutointerpError as e:
-        print(f"autointerp: error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(table(out))
     print(f"written: {out['run']}/autointerp.json, {out['run']}/autointerp.png")
 

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from harvest.lm import autocast, site_module
+from harvest.lm import site_module
+from runtime.device import autocast
 from train.saes import SAE
 
 

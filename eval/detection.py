@@ -19,9 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from eval.firings import N_DECILES  # the activation deciles contexts are drawn from
 from eval.llm import ChatClient, LLMError, map_concurrent
-
-N_DECILES = 10
 
 
 @dataclass

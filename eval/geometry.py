@@ -16,24 +16,27 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import harvest  # noqa: F401  (reproducible MKL settings before torch is used)
-from harvest.config import HarvestError
-from train.saes import REGISTRY, SAE, load
+from eval.plots import figure, save_png
+from runtime.config import instantiate, require
+from runtime.device import pick_device
+from runtime.errors import ToolkitError, one_line_errors, reraise_as
+from runtime.files import write_text
+from train.run_dir import RunDir
+from train.saes import REGISTRY, SAE
 
 MATRICES = ("decoder", "encoder")
 
 
-class GeometryError(Exception):
+class GeometryError(ToolkitError):
     """Bad input; printed as one line before any work starts."""
 
 
@@ -91,8 +94,9 @@ def cross_expert_max(gmax: torch.Tensor) -> torch.Tensor:
 
 
 def feature_vectors(sae: SAE) -> dict[str, torch.Tensor]:
-    """{"decoder": W_dec, "encoder": W_enc (W_gate for gated)}, each [M, d], or [N, e, d] for switch."""
-    return {"decoder": sae.W_dec, "encoder": sae.W_gate if sae.arch == "gated" else sae.W_enc}
+    """{"decoder": W_dec, "encoder": the architecture's encoder directions (W_enc, W_gate for gated)},
+    each [M, d], or [N, e, d] for switch."""
+    return {"decoder": sae.W_dec, "encoder": sae.encoder_directions()}
 
 
 def summary(nn: torch.Tensor, threshold: float) -> dict[str, Any]:
@@ -151,10 +155,7 @@ class GeometryConfig:
             raise GeometryError("run=<dir> is required: a run directory (holding sae/) or a list run=[a,b]")
         raw = OmegaConf.to_container(cfg, resolve=True)
         raw["run"] = [raw["run"]] if isinstance(raw["run"], str) else raw["run"]
-        try:
-            out = cls(**raw)  # type: ignore[arg-type]
-        except TypeError as e:
-            raise GeometryError(f"bad geometry config: {e}") from None
+        out = instantiate(cls, raw, GeometryError, "geometry")
 
         def num(x: Any) -> bool:
             return isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -162,7 +163,7 @@ class GeometryConfig:
         def whole(x: Any) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)
 
-        checks = [
+        require([
             (isinstance(out.run, list) and all(isinstance(r, str) for r in out.run),
              f"run must be a path or a list of paths, got {out.run!r}"),
             (num(out.threshold) and 0 < out.threshold <= 1, f"threshold must be in (0, 1], got {out.threshold!r}"),
@@ -177,10 +178,7 @@ class GeometryConfig:
             (whole(out.tsne_pca) and out.tsne_pca >= 0, f"tsne_pca must be an integer >= 0, got {out.tsne_pca!r}"),
             (whole(out.tsne_iter) and out.tsne_iter >= 250,
              f"tsne_iter must be an integer >= 250, got {out.tsne_iter!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise GeometryError(message)
+        ], GeometryError)
         return out
 
 
@@ -199,15 +197,16 @@ class Target:
 def _read_run(path: str, what: str) -> Target:
     """Check that `path` is a run with a readable sae/sae.json; its shape without loading weights."""
     p = Path(path)
-    if not p.is_dir():
-        raise GeometryError(f"{what} {p} does not exist" if not p.exists() else f"{what} {p} is not a directory")
-    meta_file = p / "sae" / "sae.json"
-    if not meta_file.exists():
-        raise GeometryError(f"{what} {p} has no trained SAE: expected {meta_file}")
+    if p.exists() and not p.is_dir():
+        raise GeometryError(f"{what} {p} is not a directory")
+    run = RunDir(p)
+    with reraise_as(GeometryError):
+        run.check_trained(what)
+    meta_file = p / RunDir.SAE / "sae.json"
     try:
-        meta = json.loads(meta_file.read_text())
+        meta = run.sae_config()
         arch, d = meta["arch"], int(meta["d"])
-        n = int(meta["n_experts"]) if arch == "switch" else None
+        n = int(meta["n_experts"]) if "n_experts" in meta else None
         m = n * int(meta["expert_width"]) if n is not None else int(meta["width"])
     except (ValueError, KeyError, TypeError) as e:
         raise GeometryError(f"{meta_file} is not a valid sae.json ({type(e).__name__}: {e})") from None
@@ -236,12 +235,12 @@ def plan(cfg: GeometryConfig) -> tuple[list[Target], Target | None, Path | None]
             t.out = Path(cfg.out) / name if len(targets) > 1 else Path(cfg.out)
     base = _read_run(cfg.topk_run, "topk_run") if cfg.topk_run is not None else None
     if base is not None:
-        if base.arch == "switch":
-            raise GeometryError(f"topk_run {base.dir} is a switch run; the baseline needs a single-dictionary "
+        if REGISTRY[base.arch].has_experts:
+            raise GeometryError(f"topk_run {base.dir} is a {base.arch} run; the baseline needs a single-dictionary "
                                 "SAE (topk)")
         for t in targets:
-            if t.arch == "switch" and (t.m, t.d) != (base.m, base.d):
-                raise GeometryError(f"topk_run {base.dir} has M={base.m}, d={base.d} but switch run {t.dir} has "
+            if REGISTRY[t.arch].has_experts and (t.m, t.d) != (base.m, base.d):
+                raise GeometryError(f"topk_run {base.dir} has M={base.m}, d={base.d} but {t.arch} run {t.dir} has "
                                     f"M={t.m}, d={t.d}: the baseline needs the same total width and d")
     compare = None
     if len(targets) > 1:
@@ -251,29 +250,14 @@ def plan(cfg: GeometryConfig) -> tuple[list[Target], Target | None, Path | None]
 
 # ----------------------------------------------------------------------------------------- output
 
-def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) then os.replace(tmp, path): readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save(fig: Any, path: Path) -> None:
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    save_png(fig, path, dpi=110)
 
 
 def _figure(cols: int, size: tuple[float, float]) -> tuple[Any, Any]:
-    """A pyplot-free figure on the Agg canvas with 1 x cols axes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(1, cols, squeeze=False)[0]
+    """A figure with 1 x cols axes."""
+    fig, axes = figure(1, cols, size)
+    return fig, axes[0]
 
 
 def plot_hist(series: dict[str, dict[str, np.ndarray]], threshold: float, bins: int, path: Path) -> None:
@@ -360,7 +344,7 @@ def _baseline(base: Target | None, n: int, e: int, d: int, cfg: GeometryConfig,
     if base is None:
         w, label = torch.randn(n * e, d, generator=g), "random unit vectors (no topk_run given)"
     else:
-        w = load(base.dir / "sae", "cpu").W_dec.detach()
+        w = RunDir(base.dir).load_sae("cpu").W_dec.detach()
         w, label = w[torch.randperm(len(w), generator=g)], f"random blocks of {base.arch} run {base.dir.name}"
     return label, expert_similarity(w.to(device).view(n, e, d), cfg.block)
 
@@ -370,12 +354,12 @@ def analyse(t: Target, cfg: GeometryConfig, base: Target | None, device: torch.d
             cache: dict[tuple[int, int, int], tuple[str, torch.Tensor]],
             ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Everything for one run: writes its PNGs and geometry.json; returns (the json dict, nn cosines)."""
-    sae = load(t.dir / "sae", device)
+    sae = RunDir(t.dir).load_sae(device)
     vecs = feature_vectors(sae)
     result: dict[str, Any] = {"run": str(t.dir), "arch": t.arch, "n_latents": t.m, "d": t.d, "n_experts": t.n_experts,
                               "threshold": cfg.threshold}
     nns: dict[str, np.ndarray] = {}
-    files = ["geometry.json", "geometry_nn_cos.png"]
+    files = [RunDir.GEOMETRY, "geometry_nn_cos.png"]
     for matrix, w in vecs.items():
         gmax = group_max(w.reshape(t.m, t.d), t.n_experts or 1, cfg.block)
         nn = gmax.amax(1)
@@ -418,7 +402,8 @@ def analyse(t: Target, cfg: GeometryConfig, base: Target | None, device: torch.d
                   notes=["cosines of rows scaled to unit norm; a feature's own row is excluded",
                          f"dup_frac: fraction of features whose nearest neighbour has cosine > {cfg.threshold:g}"])
     result = _clean(result)
-    _atomic(t.out / "geometry.json", lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
+    t.out.mkdir(parents=True, exist_ok=True)
+    write_text(t.out / RunDir.GEOMETRY, json.dumps(result, indent=2) + "\n")
     return result, nns
 
 
@@ -426,21 +411,14 @@ def geometry(cfg: GeometryConfig) -> tuple[list[dict[str, Any]], list[Path]]:
     """Analyse every run of `cfg` (all inputs checked first; GeometryError on bad input).
     Returns (the geometry.json dicts, the geometry.json paths and the comparison plot written)."""
     targets, base, compare = plan(cfg)
-    try:
-        if cfg.device == "cpu":  # harvest.lm imports transformers (seconds): not needed for the plain CPU
-            device = torch.device("cpu")
-        else:
-            from harvest.lm import pick_device
-
-            device = pick_device(cfg.device)
-    except HarvestError as e:
-        raise GeometryError(str(e)) from None
+    with reraise_as(GeometryError):
+        device = pick_device(cfg.device)
     results, written, series, cache = [], [], {}, {}
     for t in targets:
         print(f"geometry: {t.dir} ({t.arch}, M={t.m}, d={t.d}, device {device})", flush=True)
         result, nns = analyse(t, cfg, base, device, cache)
         results.append(result)
-        written.append(t.out / "geometry.json")
+        written.append(t.out / RunDir.GEOMETRY)
         series[t.dir.name if t.dir.name not in series else str(t.dir)] = nns
     if compare is not None:
         plot_hist(series, cfg.threshold, cfg.bins, compare / "geometry_compare.png")
@@ -472,11 +450,8 @@ def table(results: list[dict[str, Any]]) -> str:
 @hydra.main(config_path="../conf/eval", config_name="geometry", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: one line `geometry: error: ...` and exit 2 on bad input."""
-    try:
+    with one_line_errors("geometry"):
         results, written = geometry(GeometryConfig.from_omegaconf(cfg))
-    except GeometryError as e:
-        print(f"geometry: error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(table(results))
     print("written: " + ", ".join(map(str, written)))
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from harvest.lm import autocast
+from runtime.device import autocast
 from train.saes import SAE, Codes
 
 
@@ -53,10 +53,7 @@ class ReconMetrics:
         self.active += int(active.sum())
         take = len(x) if self.dead_window is None else max(0, min(len(x), self.dead_window - self.window_seen))
         if take:
-            if codes.idx is not None:
-                self.fired[codes.idx.cpu()[:take][active[:take]]] = True
-            else:
-                self.fired |= active[:take].any(0)
+            self.fired |= codes.fired(len(self.fired), take).cpu()
             self.window_seen += take
         if self.load is not None:
             self.load += torch.bincount(codes.expert.cpu(), minlength=len(self.load)).double()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,8 +25,11 @@ from typing import Any, Callable
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-ARCHS = ("topk", "switch", "relu", "gated")
-ARCH_NAMES = {"topk": "TopK", "switch": "Switch", "relu": "ReLU", "gated": "Gated"}
+from eval.plots import figure, save_png
+from runtime.errors import ToolkitError, one_line_errors
+from train.run_dir import RunDir
+from train.saes import REGISTRY, SAE
+
 REQUIRED = ("arch", "n_latents", "l0", "mse")
 INT_KEYS = ("n_latents", "k", "n_experts", "d", "train_steps", "train_tokens", "params", "eval_tokens", "ce_tokens")
 FLOAT_KEYS = ("mse", "nmse", "fve", "l0", "dead_frac", "expert_entropy", "flops_forward_per_token",
@@ -36,12 +38,12 @@ FLOAT_KEYS = ("mse", "nmse", "fve", "l0", "dead_frac", "expert_entropy", "flops_
 MISSING = "—"
 
 
-class ReportError(Exception):
+class ReportError(ToolkitError):
     """Bad input for the report: no sweep folder, no eval.json in it, or a malformed eval.json."""
 
 
 @dataclass(frozen=True)
-class Run:
+class EvaluatedRun:
     """One evaluated run: its label (folder relative to the sweep) and the contents of its eval.json."""
 
     label: str
@@ -51,10 +53,15 @@ class Run:
         return self.data.get(key)
 
     @property
+    def sae(self) -> type[SAE]:
+        """The run's architecture class (its display name and kind)."""
+        return REGISTRY[self.data["arch"]]
+
+    @property
     def series(self) -> str:
-        """Legend name: the architecture, and for Switch also N ("Switch N=8")."""
-        name = ARCH_NAMES[self.data["arch"]]
-        return f"{name} N={self.data.get('n_experts')}" if self.data["arch"] == "switch" else name
+        """Legend name: the architecture, and with experts also N ("Switch N=8")."""
+        name = self.sae.display_name
+        return f"{name} N={self.data.get('n_experts')}" if self.sae.has_experts else name
 
     @property
     def sort_key(self) -> tuple:
@@ -71,8 +78,8 @@ def _check(path: Path, data: Any) -> dict[str, Any]:
     missing = [k for k in REQUIRED if data.get(k) is None]
     if missing:
         raise ReportError(f"{path}: missing {', '.join(missing)}")
-    if data["arch"] not in ARCHS:
-        raise ReportError(f"{path}: arch must be one of {', '.join(ARCHS)}, got {data['arch']!r}")
+    if not isinstance(data["arch"], str) or data["arch"] not in REGISTRY:
+        raise ReportError(f"{path}: arch must be one of {', '.join(REGISTRY)}, got {data['arch']!r}")
     for key in INT_KEYS + FLOAT_KEYS:
         value = data.get(key)
         ok = (int,) if key in INT_KEYS else (int, float)
@@ -80,25 +87,25 @@ def _check(path: Path, data: Any) -> dict[str, Any]:
             raise ReportError(f"{path}: {key} must be a number or null, got {value!r}")
     if data.get("match") not in (None, "width", "flops"):
         raise ReportError(f"{path}: match must be width, flops or null, got {data['match']!r}")
-    if data["arch"] == "switch" and data.get("n_experts") is None:
-        raise ReportError(f"{path}: a switch run needs n_experts")
+    if REGISTRY[data["arch"]].has_experts and data.get("n_experts") is None:
+        raise ReportError(f"{path}: a {data['arch']} run needs n_experts")
     notes = data.get("notes") or []
     if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
         raise ReportError(f"{path}: notes must be a list of strings")
     return data
 
 
-def load_runs(sweep: Path) -> list[Run]:
+def load_runs(sweep: Path) -> list[EvaluatedRun]:
     """Every eval.json under `sweep`, checked, sorted by (arch, match, N, n_latents, k)."""
     if not sweep.is_dir():
         raise ReportError(f"sweep folder {sweep} does not exist")
     runs = []
-    for path in sorted(sweep.rglob("eval.json")):
+    for path in sorted(sweep.rglob(RunDir.EVAL)):
         try:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise ReportError(f"{path}: not valid JSON ({e})") from None
-        runs.append(Run(path.parent.relative_to(sweep).as_posix(), _check(path, data)))
+        runs.append(EvaluatedRun(path.parent.relative_to(sweep).as_posix(), _check(path, data)))
     if not runs:
         raise ReportError(f"no eval.json found under {sweep}")
     return sorted(runs, key=lambda r: r.sort_key)
@@ -106,16 +113,17 @@ def load_runs(sweep: Path) -> list[Run]:
 
 # --------------------------------------------------------------------------------------- plots
 
-def _styles(runs: list[Run]) -> dict[str, dict[str, Any]]:
-    """One colour and marker per series, the same in every panel and figure."""
-    order = {"topk": 0, "relu": 1, "gated": 2, "switch": 3}
-    keys = {r.series: (order[r.data["arch"]], r.get("n_experts") or 0) for r in runs}
+def _styles(runs: list[EvaluatedRun]) -> dict[str, dict[str, Any]]:
+    """One colour and marker per series, the same in every panel and figure: the architectures in
+    registry order, those with experts last (by N)."""
+    order = {arch: i for i, arch in enumerate(REGISTRY)}
+    keys = {r.series: (r.sae.has_experts, order[r.data["arch"]], r.get("n_experts") or 0) for r in runs}
     names = sorted(keys, key=keys.__getitem__)
     markers = "osD^v<>pP*Xh"
     return {s: {"color": f"C{i % 10}", "marker": markers[i % len(markers)]} for i, s in enumerate(names)}
 
 
-def _panel(ax: Any, runs: list[Run], x: Callable[[Run], Any], y: Callable[[Run], Any],
+def _panel(ax: Any, runs: list[EvaluatedRun], x: Callable[[EvaluatedRun], Any], y: Callable[[EvaluatedRun], Any],
            styles: dict[str, dict[str, Any]], skipped_what: str = "") -> None:
     """Draw one panel: a line per series through its points sorted by x, hollow markers for FLOP-matched
     Switch points, log x; runs whose x or y is missing are skipped and counted in a corner note."""
@@ -133,7 +141,7 @@ def _panel(ax: Any, runs: list[Run], x: Callable[[Run], Any], y: Callable[[Run],
             continue
         ax.plot([p[0] for p in pts], [p[1] for p in pts], color=style["color"], lw=1.2, alpha=0.8)
         for hollow in (False, True):
-            sel = [p for p in pts if (p[2].get("match") == "flops" and p[2].data["arch"] == "switch") == hollow]
+            sel = [p for p in pts if (p[2].get("match") == "flops" and p[2].sae.has_experts) == hollow]
             if sel:
                 ax.scatter([p[0] for p in sel], [p[1] for p in sel], marker=style["marker"], s=36, zorder=3,
                            edgecolors=style["color"], facecolors="none" if hollow else style["color"],
@@ -154,28 +162,19 @@ def _panel(ax: Any, runs: list[Run], x: Callable[[Run], Any], y: Callable[[Run],
     ax.grid(True, which="both", alpha=0.3)
 
 
-def _figure(shape: tuple[int, int], size: tuple[float, float]) -> tuple[Any, Any]:
-    """A pyplot-free figure on the Agg canvas (no global backend state is touched)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(*shape, squeeze=False)
-
-
-def _lost(r: Run) -> float | None:
+def _lost(r: EvaluatedRun) -> float | None:
     """1 - loss recovered, or None when CE was not measured."""
     lr = r.get("loss_recovered")
     return None if lr is None else 1 - lr
 
 
-def plot_pareto(runs: list[Run], path: Path, styles: dict[str, dict[str, Any]]) -> None:
+def plot_pareto(runs: list[EvaluatedRun], path: Path, styles: dict[str, dict[str, Any]]) -> None:
     """Figure 3: MSE and 1 - loss recovered vs L0; width-matched (left) and FLOP-matched (right)."""
-    fig, axes = _figure((2, 2), (11, 8.5))
-    dense = [r for r in runs if r.data["arch"] != "switch"]
-    columns = {"width-matched": dense + [r for r in runs if r.data["arch"] == "switch" and r.get("match") != "flops"],
-               "FLOP-matched": dense + [r for r in runs if r.data["arch"] == "switch" and r.get("match") == "flops"]}
+    fig, axes = figure(2, 2, (11, 8.5))
+    dense = [r for r in runs if not r.sae.has_experts]
+    experts = [r for r in runs if r.sae.has_experts]
+    columns = {"width-matched": dense + [r for r in experts if r.get("match") != "flops"],
+               "FLOP-matched": dense + [r for r in experts if r.get("match") == "flops"]}
     for j, (name, col) in enumerate(columns.items()):
         _panel(axes[0, j], col, lambda r: r.get("l0"), lambda r: r.get("mse"), styles)
         _panel(axes[1, j], col, lambda r: r.get("l0"), _lost, styles, skipped_what="CE")
@@ -183,18 +182,18 @@ def plot_pareto(runs: list[Run], path: Path, styles: dict[str, dict[str, Any]]) 
         axes[0, j].set_ylabel("MSE")
         axes[1, j].set_ylabel("1 − loss recovered")
         axes[1, j].set_xlabel("L0 (active latents per token)")
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
 
 
-def plot_scaling(runs: list[Run], path: Path, styles: dict[str, dict[str, Any]]) -> None:
+def plot_scaling(runs: list[EvaluatedRun], path: Path, styles: dict[str, dict[str, Any]]) -> None:
     """Figure 1: MSE vs training FLOPs and vs parameters, TopK and Switch (hollow: FLOP-matched)."""
-    fig, axes = _figure((1, 2), (11, 4.5))
-    sel = [r for r in runs if r.data["arch"] in ("topk", "switch")]
+    fig, axes = figure(1, 2, (11, 4.5))
+    sel = [r for r in runs if r.sae.sparse_codes]  # the TopK-style SAEs: topk and switch
     for ax, key, label in ((axes[0, 0], "train_flops", "training FLOPs"), (axes[0, 1], "params", "parameters")):
         _panel(ax, sel, lambda r, key=key: r.get(key), lambda r: r.get("mse"), styles, skipped_what=label)
         ax.set_xlabel(label)
         ax.set_ylabel("MSE")
-    fig.savefig(path, dpi=120)
+    save_png(fig, path)
 
 
 # --------------------------------------------------------------------------------------- table
@@ -215,11 +214,11 @@ def _sci(x: Any) -> str:
     return MISSING if x is None else f"{x:.2e}"
 
 
-def _n_experts(r: Run) -> Any:
-    return r.get("n_experts") if r.data["arch"] == "switch" else None
+def _n_experts(r: EvaluatedRun) -> Any:
+    return r.get("n_experts") if r.sae.has_experts else None
 
 
-COLUMNS: list[tuple[str, Callable[[Run], Any], Callable[[Any], str]]] = [
+COLUMNS: list[tuple[str, Callable[[EvaluatedRun], Any], Callable[[Any], str]]] = [
     ("label", lambda r: r.label, str),
     ("arch", lambda r: r.data["arch"], str),
     ("match", lambda r: r.get("match"), lambda x: MISSING if x is None else x),
@@ -239,7 +238,7 @@ COLUMNS: list[tuple[str, Callable[[Run], Any], Callable[[Any], str]]] = [
 ]
 
 
-def markdown_table(runs: list[Run]) -> str:
+def markdown_table(runs: list[EvaluatedRun]) -> str:
     """One row per run; `|` in labels is escaped."""
     lines = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for r in runs:
@@ -247,7 +246,7 @@ def markdown_table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(runs: list[Run], path: Path) -> None:
+def write_csv(runs: list[EvaluatedRun], path: Path) -> None:
     """The table's columns with unrounded values; missing values are empty cells."""
     with path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -256,7 +255,7 @@ def write_csv(runs: list[Run], path: Path) -> None:
             w.writerow(["" if (v := get(r)) is None else v for _, get, _ in COLUMNS])
 
 
-def _summary(runs: list[Run], sweep: Path) -> list[str]:
+def _summary(runs: list[EvaluatedRun], sweep: Path) -> list[str]:
     """The line with the run count, evaluation budget and stores, then the distinct notes."""
     tokens = sorted({r.get("eval_tokens") for r in runs if r.get("eval_tokens") is not None})
     ce = sorted({r.get("ce_tokens") for r in runs if r.get("ce_tokens") is not None})
@@ -296,14 +295,11 @@ def build_report(sweep: Path, out: Path, title: str | None = None) -> Path:
 @hydra.main(config_path="../conf/eval", config_name="report", version_base=None)
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: one line `report: error: ...` and exit 2 on bad input."""
-    try:
+    with one_line_errors("report"):
         if OmegaConf.is_missing(cfg, "sweep") or cfg.sweep is None:
             raise ReportError("sweep=<dir> is required: the folder holding the evaluated runs")
         sweep = Path(str(cfg.sweep))
         path = build_report(sweep, Path(str(cfg.out)) if cfg.get("out") else sweep, cfg.get("title"))
-    except ReportError as e:
-        print(f"report: error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"report: {path}")
 
 

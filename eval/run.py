@@ -7,29 +7,27 @@ one LM and one set of clean / zero-ablated passes: their SAEs are patched in tur
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from eval.ce import ce_metrics
-from eval.flops import algorithmic_cost, sae_cost
 from eval.metrics import reconstruction_metrics
-from harvest.config import HarvestError
-from harvest.lm import load_config, load_lm, pick_device
-from harvest.store import ActivationStore
-from train.loader import eval_rows, norm_cut, split_chunks
-from train.saes import SAE, load
+from eval.options import outlier_factor_check
+from harvest.lm import load_config, load_lm
+from runtime.config import instantiate, require
+from runtime.device import pick_device
+from runtime.errors import ToolkitError, reraise_as
+from train.run_dir import RunDir, TrainedRun
+from train.saes.flops import algorithmic_cost, sae_cost
 
 CE_GROUP = 8  # SAEs patched per pass over the CE batches (bounds memory on big sweeps)
 
 
-class EvalError(Exception):
+class EvalError(ToolkitError):
     """Bad input; printed as one line before any work starts."""
 
 
@@ -53,97 +51,41 @@ class EvalConfig:
     def from_omegaconf(cls, cfg: DictConfig) -> EvalConfig:
         if OmegaConf.is_missing(cfg, "run"):
             raise EvalError("run= is required: a run directory or a folder of runs")
-        raw = OmegaConf.to_container(cfg, resolve=True)
-        try:
-            out = cls(**raw)  # type: ignore[arg-type]
-        except TypeError as e:
-            raise EvalError(f"bad eval config: {e}") from None
-        checks = [
+        out = instantiate(cls, OmegaConf.to_container(cfg, resolve=True), EvalError, "eval")
+        require([
             (out.max_tokens >= 1 and out.batch_size >= 1, "max_tokens and batch_size must be >= 1"),
             (out.ce_seqs >= 1 and out.ce_batch >= 1, "ce_seqs and ce_batch must be >= 1"),
             (out.dead_window is None or out.dead_window >= 1, f"dead_window must be >= 1 or null, got {out.dead_window}"),
-            (out.outlier_factor in ("run", None) or (isinstance(out.outlier_factor, (int, float))
-                                                     and out.outlier_factor > 1),
-             f"outlier_factor must be run, null or a number > 1, got {out.outlier_factor!r}"),
+            outlier_factor_check(out.outlier_factor),
             (out.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {out.dtype!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise EvalError(message)
+        ], EvalError)
         return out
 
 
-@dataclass
-class Run:
-    """One run to evaluate, with everything checked and loaded."""
-
-    dir: Path
-    config: dict[str, Any]
-    sae: SAE
-    store: ActivationStore
-    held: list[int]
-    cut: float | None
-    factor: float | None
-
-
-def find_runs(path: Path) -> list[Path]:
+def find_runs(path: Path) -> list[RunDir]:
     """`path` itself if it is a run, else every run below it (folders holding sae/sae.json)."""
     if not path.exists():
         raise EvalError(f"run {path} does not exist")
-    if (path / "sae" / "sae.json").exists():
-        return [path]
-    runs = sorted(p.parent.parent for p in path.rglob("sae/sae.json"))
+    runs = RunDir.find(path)
     if not runs:
-        hint = " (has it finished training?)" if (path / "config.yaml").exists() else ""
+        hint = " (has it finished training?)" if RunDir(path).has_config else ""
         raise EvalError(f"no trained SAE under {path}: expected {path}/sae/sae.json{hint}")
     return runs
 
 
-def open_run(run_dir: Path, cfg: EvalConfig, device: torch.device) -> Run:
-    """Load a run's SAE and store and check that they belong together."""
-    config_file = run_dir / "config.yaml"
-    if not config_file.exists():
-        raise EvalError(f"{run_dir} has no config.yaml: not a training run directory")
-    config = OmegaConf.to_container(OmegaConf.load(config_file))
-    store_path = cfg.store or config["data"]["store"]
-    try:
-        store = ActivationStore(store_path)
-    except FileNotFoundError:
-        raise EvalError(f"store {store_path} of run {run_dir} is not an activation store") from None
-    sae = load(run_dir / "sae", device).eval()
-    if sae.d != store.d_model:
-        raise EvalError(f"run {run_dir} is an SAE on d={sae.d} activations but store {store_path} has "
-                        f"d={store.d_model}")
-    recorded = run_dir / "store.json"
-    if recorded.exists():
-        trained_on = json.loads(recorded.read_text())
-        differ = [k for k in ("model", "layer", "site") if trained_on.get(k) != store.attrs.get(k)]
-        if differ:
-            what = ", ".join(f"{k} {trained_on.get(k)!r} vs {store.attrs.get(k)!r}" for k in differ)
-            raise EvalError(f"run {run_dir} was trained on other activations than store {store_path} ({what})")
-    _, held = split_chunks(store.n_chunks, config["data"]["eval_frac"])
-    if not held:
-        raise EvalError(f"store {store_path} has no held-out chunks for run {run_dir} (eval_frac="
-                        f"{config['data']['eval_frac']}, {store.n_chunks} chunks)")
-    factor = config["data"].get("outlier_factor") if cfg.outlier_factor == "run" else cfg.outlier_factor
-    return Run(run_dir, config, sae, store, held, norm_cut(store, factor), factor)
-
-
-def recon_and_cost(run: Run, cfg: EvalConfig) -> dict[str, Any]:
+def recon_and_cost(run: TrainedRun, cfg: EvalConfig) -> dict[str, Any]:
     """Everything in eval.json except the CE metrics."""
     counts: dict[str, int] = {}
-    rows = eval_rows(run.store, run.held, cfg.max_tokens, run.cut, counts)
+    rows = run.held_out_rows(cfg.max_tokens, counts)
     metrics = reconstruction_metrics(run.sae, rows, batch_size=cfg.batch_size, dead_window=cfg.dead_window,
                                      dtype=getattr(torch, cfg.dtype))
     model = run.config["model"]
-    done_file = run.dir / "done.json"
-    done = json.loads(done_file.read_text()) if done_file.exists() else {}
+    done = run.dir.done()
     cost = algorithmic_cost(run.sae)  # sparse backward for topk and switch, whatever kernels the trainer ran
     dense = sae_cost(run.sae, sparse_backward=False)
     train_tokens = done.get("tokens", 0)
-    first_pos = run.store.attrs["first_pos"]
     notes = [
-        "position 0 excluded from training, metrics and CE (dropped by the harvest)" if first_pos
+        "position 0 excluded from training, metrics and CE (dropped by the harvest)" if run.store.first_pos
         else "position 0 included (harvested with keep_pos0=true)",
         f"rows with norm > {run.factor} x the median row norm left out of training and metrics and kept clean in CE"
         if run.cut is not None else "no outlier rows left out",
@@ -162,61 +104,53 @@ def recon_and_cost(run: Run, cfg: EvalConfig) -> dict[str, Any]:
     }
 
 
-def held_out_contexts(run: Run, n_seqs: int) -> torch.Tensor:
+def held_out_contexts(run: TrainedRun, n_seqs: int) -> torch.Tensor:
     """Token ids [n, ctx] of the first n sequences of the run's held-out chunks."""
-    attrs = run.store.attrs
-    chunk_seqs = attrs["chunk_rows"] // attrs["rows_per_seq"]
-    seqs = [run.store.contexts[i * chunk_seqs : (i + 1) * chunk_seqs] for i in run.held[: -(-n_seqs // chunk_seqs)]]
-    return torch.from_numpy(np.concatenate(seqs)[:n_seqs])
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    return torch.from_numpy(run.store.sequences_of(run.held, n_seqs))
 
 
 def evaluate(cfg: EvalConfig) -> list[dict[str, Any]]:
     """Evaluate every run `cfg.run` names; returns their results (also written to <run>/eval.json)."""
-    device = pick_device(cfg.device)
-    dirs = find_runs(Path(cfg.run))
-    if not cfg.redo:
-        fresh = [d for d in dirs if (d / "eval.json").exists()
-                 and (d / "eval.json").stat().st_mtime >= (d / "sae" / "sae.safetensors").stat().st_mtime]
-        for d in fresh:
-            print(f"{d}: eval.json is up to date (redo=true evaluates again)")
-        dirs = [d for d in dirs if d not in fresh]
-    runs = [open_run(d, cfg, device) for d in dirs]  # every check before any work
-    if cfg.ce:
-        for name in {r.store.attrs["model"] for r in runs}:
-            try:
-                load_config(name)
-            except HarvestError as e:
-                raise EvalError(f"cannot load the LM for CE loss ({e}); ce=false skips it") from None
-    results = {r.dir: recon_and_cost(r, cfg) for r in runs}
+    with reraise_as(EvalError):
+        device = pick_device(cfg.device)
+        dirs = find_runs(Path(cfg.run))
+        if not cfg.redo:
+            fresh = [d for d in dirs if d.result_is_fresh(RunDir.EVAL)]
+            for d in fresh:
+                print(f"{d}: {RunDir.EVAL} is up to date (redo=true evaluates again)")
+            dirs = [d for d in dirs if d not in fresh]
+        runs = [d.open(device, cfg.store, cfg.outlier_factor) for d in dirs]  # every check before any work
+        if cfg.ce:
+            for name in {r.store.model for r in runs}:
+                try:
+                    load_config(name)
+                except ToolkitError as e:
+                    raise EvalError(f"cannot load the LM for CE loss ({e}); ce=false skips it") from None
+    results = {r.dir.path: recon_and_cost(r, cfg) for r in runs}
     if cfg.ce:
         _add_ce(runs, results, cfg, device)
     for r in runs:
-        _write_json(r.dir / "eval.json", results[r.dir])
-    return [results[r.dir] for r in runs]
+        r.dir.write_result(RunDir.EVAL, results[r.dir.path])
+    return [results[r.dir.path] for r in runs]
 
 
-def _add_ce(runs: list[Run], results: dict[Path, dict[str, Any]], cfg: EvalConfig, device: torch.device) -> None:
+def _add_ce(runs: list[TrainedRun], results: dict[Path, dict[str, Any]], cfg: EvalConfig, device: torch.device
+            ) -> None:
     """CE metrics for every run; runs with the same store and cut share the clean and zero passes."""
-    groups: dict[tuple, list[Run]] = {}
+    groups: dict[tuple, list[TrainedRun]] = {}
     for r in runs:
         groups.setdefault((str(r.store.path.resolve()), r.cut), []).append(r)
     for group in groups.values():
-        attrs = group[0].store.attrs
-        model, _ = load_lm(attrs["model"], device)
+        store = group[0].store
+        model, _ = load_lm(store.model, device)
         contexts = held_out_contexts(group[0], cfg.ce_seqs)
         for start in range(0, len(group), CE_GROUP):
             part = group[start : start + CE_GROUP]
-            out = ce_metrics(model, attrs["layer"], attrs["site"], {str(r.dir): r.sae for r in part}, contexts,
-                             attrs["first_pos"], part[0].cut, cfg.ce_batch, getattr(torch, cfg.dtype), cfg.progress)
+            out = ce_metrics(model, store.layer, store.site, {str(r.dir): r.sae for r in part}, contexts,
+                             store.first_pos, part[0].cut, cfg.ce_batch, getattr(torch, cfg.dtype), cfg.progress)
             for r in part:
-                results[r.dir].update(out[str(r.dir)])
-                results[r.dir]["notes"].append(f"CE over {out[str(r.dir)]['ce_tokens']:,} predictions of "
+                results[r.dir.path].update(out[str(r.dir)])
+                results[r.dir.path]["notes"].append(f"CE over {out[str(r.dir)]['ce_tokens']:,} predictions of "
                                                f"{len(contexts)} held-out sequences")
         del model
 

@@ -3,11 +3,4 @@
 `harvest.store.ActivationStore` is how every later stage reads what this stage wrote.
 """
 
-import os
-
-# MKL may pick a different code path (data alignment) or number of threads (when the machine is
-# busy) per call, which can move a float32 result by one ulp; measured here as a few differing
-# float16 values in a resumed harvest. Fixing both makes a resumed harvest write bit-identical rows
-# on the same CPU. Must be set before torch loads MKL.
-os.environ.setdefault("MKL_CBWR", "AUTO")
-os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+import runtime  # noqa: F401  (reproducibility settings before torch loads)

@@ -3,26 +3,19 @@
 `torchrun --standalone --nproc_per_node=R -m harvest [overrides]` runs it on R processes (harvest/run.py);
 a refusal is printed by every rank that raises it, everything else by rank 0 only."""
 
-import os
-import sys
+import hydra
+from omegaconf import DictConfig
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import hydra  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from harvest.config import HarvestConfig, HarvestError  # noqa: E402
+from harvest.config import HarvestConfig
+from runtime.errors import one_line_errors
 
 
 @hydra.main(config_path="../conf/harvest", config_name="harvest", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from harvest.run import harvest
 
-    try:
+    with one_line_errors("harvest"):
         result = harvest(HarvestConfig.from_omegaconf(cfg))
-    except HarvestError as e:
-        print(f"harvest: error: {e}", file=sys.stderr)
-        sys.exit(2)
     if result.rank:
         return  # under torchrun, rank 0 reports for all
     if result.rows:

@@ -13,6 +13,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from runtime.config import instantiate
+from runtime.errors import ToolkitError
+
 SITES = ("resid_post", "attn_out", "mlp_out")
 CODECS = ("blosc_zstd", "zstd", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -24,7 +27,7 @@ PACKINGS = ("document", "concat")  # how documents become sequences: see harvest
 RUNTIME_KEYS = frozenset({"tokens", "store", "overwrite", "batch_size", "device", "progress"})
 
 
-class HarvestError(Exception):
+class HarvestError(ToolkitError):
     """Bad input or a refused operation; printed as one line, nothing is written."""
 
 
@@ -101,11 +104,8 @@ class HarvestConfig:
             raise HarvestError(f"missing config value(s): {', '.join(missing)} (set them or pick a preset)")
         if isinstance(raw.get("tokens"), float) and raw["tokens"].is_integer():
             raw["tokens"] = int(raw["tokens"])  # tokens=5e6 on the command line
-        try:
-            ds = DatasetConfig(**raw.pop("dataset"))
-            out = cls(dataset=ds, **raw)
-        except TypeError as e:
-            raise HarvestError(f"bad harvest config: {e}") from None
+        ds = instantiate(DatasetConfig, raw.pop("dataset"), HarvestError, "harvest")
+        out = instantiate(cls, {**raw, "dataset": ds}, HarvestError, "harvest")
         out.validate()
         return out
 

@@ -6,7 +6,6 @@ Mistral, Qwen, OPT, ...). Eval (CE loss recovered) uses the same site lookup to 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -15,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from harvest.config import HarvestError
 from harvest.hub import MISSING_PATH_HINT, OFFLINE_HINT, hub_reachable, is_local, looks_like_path
+from runtime.device import autocast
 
 # Where the list of blocks lives, by model family; other layouts are found by search.
 _BLOCK_PATHS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers", "transformer.blocks")
@@ -41,6 +41,16 @@ def load_config(name: str) -> PretrainedConfig:
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HarvestError(f"unknown model {name!r}: {first}") from None
+
+
+def load_tokenizer(name: str) -> object:
+    """The tokenizer of a model (hub id or local folder), or one clear HarvestError."""
+    load_config(name)  # one line for a missing model or an unreachable hub
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # noqa: BLE001  (whatever the loader raises is one line)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HarvestError(f"cannot load the tokenizer of {name!r}: {first}") from None
 
 
 def n_layers(config: PretrainedConfig) -> int:
@@ -135,45 +145,6 @@ class SiteReader:
             raise RuntimeError("the hooked module did not run")
         out, self._out = self._out, None
         return out.float()
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """torch.autocast for a lower-precision dtype, nothing for float32."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def pick_device(name: str) -> torch.device:
-    """`auto` -> cuda, then mps, then cpu; anything else is passed to torch.device."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise HarvestError(f"unknown device {name!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HarvestError(f"device {name!r} requested but CUDA is not available here; use device=auto")
-    return device
-
-
-def pick_dtype(name: str, device: torch.device) -> str:
-    """`auto` -> bfloat16 where it is fast (CUDA with bf16, CPUs with AMX/AVX512-BF16), else float32."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    if device.type == "cpu":
-        try:
-            flags = open("/proc/cpuinfo").read()
-        except OSError:
-            flags = ""
-        return "bfloat16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "float32"
-    return "float32"
 
 
 def iter_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:

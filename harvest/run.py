@@ -7,7 +7,7 @@ Chunk i always holds sequences [i * chunk_seqs, (i + 1) * chunk_seqs) of the pac
 stream, so an interrupted harvest re-run with the same config writes the same rows in the same
 order. Writing chunk i (a background thread) overlaps the forward passes of chunk i + 1.
 
-Several processes (`torchrun --nproc_per_node=R -m harvest ...`, harvest/ranks.py) write one
+Several processes (`torchrun --nproc_per_node=R -m harvest ...`, runtime/ranks.py) write one
 parted store (see harvest/store.py): document j goes to rank j % R, which packs its own token
 stream from its documents and writes global chunks r, r + R, ... from it. Rank 0 alone creates,
 resizes and finally merges the store, with barriers around; each rank resumes from its own state.
@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from harvest import lm, store, text
 from harvest.config import HarvestConfig, HarvestError
-from harvest.ranks import Ranks, barrier, join
+from runtime.device import pick_device, pick_dtype
+from runtime.ranks import Ranks, barrier, join
 
 @dataclass
 class Plan:
@@ -56,8 +57,8 @@ def preflight(cfg: HarvestConfig) -> Plan:
     """All checks that can fail, cheapest first. Reads only the model's config, never its weights.
 
     Under torchrun every rank runs it on the same files, so a refusal is raised on every rank."""
-    ranks = join(lm.pick_device(cfg.device))
-    cfg = dataclasses.replace(cfg, dtype=lm.pick_dtype(cfg.dtype, ranks.device))  # the store records what ran
+    ranks = join(pick_device(cfg.device))
+    cfg = dataclasses.replace(cfg, dtype=pick_dtype(cfg.dtype, ranks.device))  # the store records what ran
     text.check_dataset(cfg.dataset)
     config = lm.load_config(cfg.model)
     depth = lm.n_layers(config)

@@ -35,16 +35,18 @@ The result reads exactly like a single-process store.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 import zarr.codecs
+
+from runtime.files import PARTIAL, write_json
 
 FORMAT = "switch-sae/activations"
 FORMAT_VERSION = 1
@@ -136,6 +138,18 @@ class Layout:
     @property
     def n_rows(self) -> int:
         return self.n_chunks * self.chunk_rows
+
+
+def split_chunks(n_chunks: int, eval_frac: float) -> tuple[list[int], list[int]]:
+    """(training chunk ids, held-out chunk ids) of a store with n_chunks chunks.
+
+    Held-out chunks are every `period`-th chunk, period = round(1 / eval_frac) (at least 2): spread
+    over the corpus, and the same when the store grows."""
+    if eval_frac <= 0:
+        return list(range(n_chunks)), []
+    period = max(2, round(1 / eval_frac))
+    held = [i for i in range(n_chunks) if i % period == period - 1]
+    return [i for i in range(n_chunks) if i % period != period - 1], held
 
 
 def chunk_ids(n_chunks: int, rank: int = 0, world: int = 1) -> range:
@@ -304,7 +318,7 @@ class StoreWriter:
         self.pack_state = pack_state
         progress = {"chunks_done": self.chunks_done, "pack_state": pack_state, "stats": self.stats.to_json()}
         if self.world > 1:
-            _write_json(_part_file(self.path, self.rank), progress)
+            write_json(_part_file(self.path, self.rank), progress, indent=None)
             return
         self.group.attrs.update({
             "n_tokens": self.chunks_done * L.chunk_rows,
@@ -340,7 +354,7 @@ def finish(path: str | Path, layout: Layout, meta: dict[str, Any]) -> None:
 
 def _tidy(group: zarr.Group, layout: Layout) -> None:
     """Rank 0, while no other rank writes: clear litter of a killed write, size the arrays to the budget."""
-    for partial in Path(group.store.root).rglob("*.partial"):
+    for partial in Path(group.store.root).rglob("*" + PARTIAL):
         partial.unlink(missing_ok=True)
     L = layout
     acts = group["acts"]
@@ -348,13 +362,6 @@ def _tidy(group: zarr.Group, layout: Layout) -> None:
         acts.resize((L.n_rows, L.d_model))
         group["tokens"].resize((L.n_rows,))
         group["contexts"].resize((L.n_chunks * L.chunk_seqs, L.context_size))
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    """Write a JSON file atomically: a temporary file beside it, then a rename over it."""
-    tmp = path.with_name(path.name + ".partial")  # cleared by `_tidy` if a kill leaves it
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 def as_float(acts: np.ndarray, acts_dtype: str) -> np.ndarray:
@@ -365,7 +372,9 @@ def as_float(acts: np.ndarray, acts_dtype: str) -> np.ndarray:
 
 
 class ActivationStore:
-    """Read-only view of a store: attributes, chunks as float32, and the context of any row."""
+    """Read-only view of a store: what it holds (model, site, layout), chunks as float32, the
+    held-out split, and the sequence and position behind any row. Every other module reads a store
+    through this class."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -376,14 +385,75 @@ class ActivationStore:
         self.acts = self.group["acts"]
         self.tokens = self.group["tokens"]
         self.contexts = self.group["contexts"]
+        self._sequences = lru_cache(maxsize=64)(self._chunk_sequences)
+
+    # ------------------------------------------------------------------ what the store holds
+
+    @property
+    def model(self) -> str:
+        """The LM the activations come from (hub id or local folder)."""
+        return self.attrs["model"]
+
+    @property
+    def tokenizer_name(self) -> str:
+        """Where the tokenizer of the stored token ids loads from."""
+        return self.attrs.get("tokenizer") or self.attrs["model"]
+
+    @property
+    def layer(self) -> int:
+        return self.attrs["layer"]
+
+    @property
+    def site(self) -> str:
+        """resid_post | attn_out | mlp_out."""
+        return self.attrs["site"]
+
+    @property
+    def n_layers(self) -> int | None:
+        """Blocks of the LM (None if the store does not record it)."""
+        return self.attrs.get("n_layers")
+
+    @property
+    def harvest_config(self) -> dict[str, Any]:
+        """The full harvest config that wrote the store."""
+        return self.attrs["config"]
+
+    def identity(self) -> dict[str, Any]:
+        """What a training run records about its store, so that eval can refuse a different one."""
+        return {"path": str(self.path), "model": self.model, "layer": self.layer, "site": self.site,
+                "d_model": self.d_model, "context_size": self.context_size, "first_pos": self.first_pos}
+
+    # ------------------------------------------------------------------ layout
 
     @property
     def d_model(self) -> int:
         return self.attrs["d_model"]
 
     @property
+    def acts_dtype(self) -> str:
+        """float16 | bfloat16 (kept as uint16 bits)."""
+        return self.attrs["acts_dtype"]
+
+    @property
+    def context_size(self) -> int:
+        return self.attrs["context_size"]
+
+    @property
+    def first_pos(self) -> int:
+        """Position of a sequence's first stored row: 1 when position 0 was left out, else 0."""
+        return self.attrs["first_pos"]
+
+    @property
+    def rows_per_seq(self) -> int:
+        return self.attrs["rows_per_seq"]
+
+    @property
     def chunk_rows(self) -> int:
         return self.attrs["chunk_rows"]
+
+    @property
+    def chunk_seqs(self) -> int:
+        return self.chunk_rows // self.rows_per_seq
 
     @property
     def n_rows(self) -> int:
@@ -410,6 +480,12 @@ class ActivationStore:
         """Bytes the array takes on disk (compressed chunk files)."""
         return sum(f.stat().st_size for f in (self.path / name).rglob("*") if f.is_file() and f.name != "zarr.json")
 
+    def split(self, eval_frac: float) -> tuple[list[int], list[int]]:
+        """(training chunk ids, held-out chunk ids) for a held-out fraction (`split_chunks`)."""
+        return split_chunks(self.n_chunks, eval_frac)
+
+    # ------------------------------------------------------------------ reading rows
+
     def read_chunk_raw(self, i: int) -> np.ndarray:
         """Chunk i as stored, [chunk_rows, d] float16 or uint16 (bfloat16 bits).
 
@@ -426,9 +502,37 @@ class ActivationStore:
 
     def read_chunk(self, i: int) -> np.ndarray:
         """Chunk i as float32 [chunk_rows, d]."""
-        return as_float(self.read_chunk_raw(i), self.attrs["acts_dtype"])
+        return self.as_float(self.read_chunk_raw(i))
+
+    def as_float(self, raw: np.ndarray) -> np.ndarray:
+        """Rows as stored [n, d] -> float32 [n, d]."""
+        return as_float(raw, self.acts_dtype)
+
+    # ------------------------------------------------------------------ rows -> text
+
+    def locate(self, row: int) -> tuple[int, int]:
+        """Row -> (sequence index, position of the row's token in that sequence)."""
+        seq, offset = divmod(int(row), self.rows_per_seq)
+        return seq, self.first_pos + offset
+
+    def row_at(self, seq: int, pos: int) -> int:
+        """Inverse of `locate`: the row of position pos >= first_pos of sequence seq."""
+        return seq * self.rows_per_seq + pos - self.first_pos
+
+    def sequence(self, seq: int) -> np.ndarray:
+        """Token ids [context_size] of sequence seq (contexts are read a chunk at a time, cached)."""
+        chunk, i = divmod(int(seq), self.chunk_seqs)
+        return self._sequences(chunk)[i]
+
+    def _chunk_sequences(self, chunk: int) -> np.ndarray:
+        return np.asarray(self.contexts[chunk * self.chunk_seqs : (chunk + 1) * self.chunk_seqs])
+
+    def sequences_of(self, chunk_ids: list[int], n: int) -> np.ndarray:
+        """Token ids [n, context_size] of the first n sequences of the chunks `chunk_ids`, in order."""
+        need = chunk_ids[: -(-n // self.chunk_seqs)]
+        return np.concatenate([self._chunk_sequences(c) for c in need])[:n]
 
     def context(self, row: int) -> tuple[np.ndarray, int]:
         """(the sequence's token ids [context_size], position of `row` in it)."""
-        seq, offset = divmod(row, self.attrs["rows_per_seq"])
-        return self.contexts[seq], self.attrs["first_pos"] + offset
+        seq, pos = self.locate(row)
+        return self.contexts[seq], pos

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 
-import harvest  # noqa: F401  (sets MKL_CBWR before anything loads torch)
+import runtime  # noqa: F401  (reproducibility settings before anything loads torch)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"  # one folder per Hydra app: conf/harvest, conf/train
 OFFLINE_MODEL = ROOT / "data" / "models" / "smollm2-135m"
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never talk to a hub
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 

@@ -7,9 +7,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import harvest  # noqa: F401  (reproducible MKL settings before torch loads)
-from train.config import TrainConfig, TrainError
-
+from runtime.errors import fail, one_line_errors
+from train.config import TrainConfig
 
 MODELS = Path(__file__).resolve().parents[1] / "conf" / "train" / "model"
 
@@ -22,19 +21,15 @@ def check_model_arg(argv: list[str]) -> None:
         if arg.startswith("model="):
             for name in arg.split("=", 1)[1].split(","):
                 if name not in known:
-                    print(f"train: error: unknown model {name!r}; choose one of {', '.join(known)}", file=sys.stderr)
-                    sys.exit(2)
+                    fail("train", f"unknown model {name!r}; choose one of {', '.join(known)}")
 
 
 @hydra.main(config_path="../conf/train", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from train.loop import train
 
-    try:
+    with one_line_errors("train"):
         sae_dir = train(TrainConfig.from_omegaconf(cfg), Path(HydraConfig.get().runtime.output_dir))
-    except TrainError as e:
-        print(f"train: error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"sae: {sae_dir}")
 
 

@@ -7,14 +7,17 @@ Defaults live in the YAML only. `TrainConfig.sae_kwargs()` turns the user-facing
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from runtime.config import instantiate, require
+from runtime.errors import ToolkitError
 from train.saes import REGISTRY
 
 
-class TrainError(Exception):
+class TrainError(ToolkitError):
     """Bad input or a stopped run; printed as one line."""
 
 
@@ -25,6 +28,11 @@ def dirname(overrides: str) -> str:
 
 if not OmegaConf.has_resolver("dirname"):
     OmegaConf.register_new_resolver("dirname", dirname)
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "train"
+# Keys that change how a run runs, not what it trains: Hydra leaves them out of run folder names
+# (conf/train/train.yaml, override_dirname.exclude_keys), and a run may be relaunched with other values.
+RUNTIME_KEYS = tuple(OmegaConf.load(CONF / "train.yaml").hydra.job.config.override_dirname.exclude_keys)
 
 
 @dataclass(frozen=True)
@@ -61,52 +69,46 @@ class TrainConfig:
     def from_omegaconf(cls, cfg: DictConfig) -> TrainConfig:
         raw = OmegaConf.to_container(cfg, resolve=True)
         assert isinstance(raw, dict)
-        try:
-            data = DataConfig(**raw.pop("data"))
-            out = cls(data=data, **{**raw, "adam_betas": tuple(raw["adam_betas"])})
-        except TypeError as e:
-            raise TrainError(f"bad train config: {e}") from None
+        data = instantiate(DataConfig, raw.pop("data"), TrainError, "train")
+        out = instantiate(cls, {**raw, "data": data, "adam_betas": tuple(raw["adam_betas"])}, TrainError, "train")
         out.validate()
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def _model_keys(self) -> dict[str, Any]:
+        """The user-facing keys of conf/train/model/<arch>.yaml, without `arch`."""
+        return {key: value for key, value in self.model.items() if key != "arch"}
+
     def sae_kwargs(self, d: int) -> dict[str, Any]:
-        """Constructor arguments of the architecture for inputs of width d."""
-        m = dict(self.model)
-        arch = m.pop("arch")
-        if arch == "switch":
-            n, width, match = m.pop("n_experts"), m.pop("width"), m.pop("match")
-            if match == "width":
-                if width % n:
-                    raise TrainError(f"width {width} is not divisible by n_experts {n} (model.match=width)")
-                m["expert_width"] = width // n
-            else:
-                m["expert_width"] = width
-            m["n_experts"] = n
-            if m["k"] > m["expert_width"]:
-                raise TrainError(f"k={m['k']} is larger than an expert's width {m['expert_width']}")
-        elif "k" in m and m["k"] > m["width"]:
-            raise TrainError(f"k={m['k']} is larger than the width {m['width']}")
-        return {"d": d, **m}
+        """Constructor arguments of the architecture for inputs of width d (its `constructor_kwargs`)."""
+        try:
+            return REGISTRY[self.model["arch"]].constructor_kwargs(self._model_keys(), d)
+        except ValueError as e:
+            raise TrainError(str(e)) from None
 
     def validate(self) -> None:
         arch = self.model.get("arch")
         if arch not in REGISTRY:
             raise TrainError(f"unknown model {arch!r}; choose one of {', '.join(sorted(REGISTRY))}")
-        if arch == "switch" and self.model.get("match") not in ("width", "flops"):
-            raise TrainError(f"model.match must be width or flops, got {self.model.get('match')!r}")
+        sae = REGISTRY[arch]
+        try:
+            sae.check_model(self._model_keys())
+        except ValueError as e:
+            raise TrainError(str(e)) from None
         ep = self.expert_parallel
         if ep != 1:
             if not (isinstance(ep, int) and ep > 1):
                 raise TrainError(f"expert_parallel must be an integer >= 1, got {ep!r}")
-            got = f"model={arch}" + (f", n_experts={self.model['n_experts']}" if arch == "switch" else "")
-            if arch != "switch" or self.model["n_experts"] % ep:
-                raise TrainError(f"expert_parallel={ep} needs model=switch with n_experts divisible by it (got {got})")
+            got = f"model={arch}" + (f", n_experts={self.model['n_experts']}" if sae.has_experts else "")
+            if not sae.has_experts or self.model["n_experts"] % ep:
+                sharded = " or ".join(name for name, cls in REGISTRY.items() if cls.has_experts)
+                raise TrainError(f"expert_parallel={ep} needs model={sharded} with n_experts divisible by it "
+                                 f"(got {got})")
             if self.compile:
                 raise TrainError("compile=true is not supported with expert_parallel > 1")
-        checks = [
+        require([
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr is None or self.lr > 0, f"lr must be > 0 or null, got {self.lr}"),
@@ -116,7 +118,4 @@ class TrainConfig:
              f"data.outlier_factor must be > 1 or null, got {self.data.outlier_factor}"),
             (self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1"),
             (self.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {self.dtype!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise TrainError(message)
+        ], TrainError)

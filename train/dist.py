@@ -5,7 +5,7 @@ reading its own share of the store's chunks.
     torchrun --standalone --nproc_per_node=R -m train model=switch expert_parallel=G ...
                                        Switch experts split over G ranks, R / G replicas (expert_parallel.py)
 
-`init()` joins the process group when torchrun started several processes (harvest/ranks.py) and
+`init()` joins the process group when torchrun started several processes (runtime/ranks.py) and
 returns a `Dist`, whose collectives do nothing with one process, so the loop reads the same either way.
 
 How the SAE lies over the ranks is a layout, with the same methods for the loop whatever it is:
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as td
 from torch import nn
 
-from harvest.ranks import Ranks, join
+from runtime.ranks import Ranks, join
 
 
 class _MeanAcrossRanks(torch.autograd.Function):
@@ -122,7 +122,7 @@ class Dist(Ranks):
 
 
 def init(device: torch.device) -> Dist:
-    """The Dist of this process (harvest.ranks.join: CUDA ranks get cuda:LOCAL_RANK and NCCL, others gloo)."""
+    """The Dist of this process (runtime.ranks.join: CUDA ranks get cuda:LOCAL_RANK and NCCL, others gloo)."""
     ranks = join(device)
     if ranks.world > 1:
         global _mean_across_ranks

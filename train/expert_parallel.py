@@ -113,7 +113,7 @@ class ExpertParallelSwitch(SwitchSAE):
         super().__init__(full.d, held, full.expert_width, full.k, full.alpha)
         self.n_experts, self.first, self.groups = full.n_experts, groups.index * held, groups
         self.W_router = nn.Parameter(torch.empty_like(full.W_router))
-        self.backward, self.global_mean = full.backward, full.global_mean
+        self.kernels, self.global_mean = full.kernels, full.global_mean
         self.to(full.b_pre.device)
         self.load_state_dict({k: groups.shard(v) if k in EXPERT_KEYS else v for k, v in full.state_dict().items()})
 
@@ -192,5 +192,5 @@ class ExpertParallel(DataParallel):
     def full_sae(self, sae: nn.Module) -> SwitchSAE:
         full = SwitchSAE(**sae.config()).to(sae.b_pre.device)
         full.load_state_dict(self._full_weights(sae))
-        full.backward = sae.backward
+        full.kernels = sae.kernels
         return full

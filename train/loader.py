@@ -15,8 +15,7 @@ the variance). With `cut` set, rows whose norm exceeds it are left out: each is 
 (seeded, random) row of the same window, so batches keep their size and the stream stays a pure
 function of the step. `norm_cut` gives the cut; eval uses the same one and reports what it dropped.
 
-Held-out chunks (for evaluation, never trained on): every `period`-th chunk, period = round(1 /
-eval_frac), so the held-out set is spread over the corpus and stays the same if the store grows.
+Held-out chunks (for evaluation, never trained on) are the store's to say (`ActivationStore.split`).
 """
 
 from __future__ import annotations
@@ -27,16 +26,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from harvest.store import ActivationStore, as_float
-
-
-def split_chunks(n_chunks: int, eval_frac: float) -> tuple[list[int], list[int]]:
-    """(training chunk ids, held-out chunk ids) of a store with n_chunks chunks."""
-    if eval_frac <= 0:
-        return list(range(n_chunks)), []
-    period = max(2, round(1 / eval_frac))
-    held = [i for i in range(n_chunks) if i % period == period - 1]
-    return [i for i in range(n_chunks) if i % period != period - 1], held
+from harvest.store import ActivationStore
 
 
 def norm_cut(store: ActivationStore, factor: float | None) -> float | None:
@@ -46,11 +36,11 @@ def norm_cut(store: ActivationStore, factor: float | None) -> float | None:
     return float(factor * np.median(np.linalg.norm(store.read_chunk(0), axis=1)))
 
 
-def outliers(rows: np.ndarray, acts_dtype: str, cut: float | None) -> np.ndarray:
-    """rows [n, d] in the store's dtype -> bool [n]: which rows have a norm above the cut."""
+def outliers(rows: np.ndarray, cut: float | None) -> np.ndarray:
+    """rows [n, d] float32 -> bool [n]: which rows have a norm above the cut."""
     if cut is None:
         return np.zeros(len(rows), dtype=bool)
-    return np.linalg.norm(as_float(rows, acts_dtype), axis=1) > cut
+    return np.linalg.norm(rows, axis=1) > cut
 
 
 class Batches:
@@ -76,8 +66,8 @@ class Batches:
         rows = np.concatenate([self.store.read_chunk_raw(i) for i in self._window_chunks(epoch, w)])
         rng = np.random.default_rng([self.seed, epoch, w, 1])
         rows = rows[rng.permutation(len(rows))]
-        bad = outliers(rows, self.store.attrs["acts_dtype"], self.cut)
-        if bad.any():
+        bad = outliers(self.store.as_float(rows), self.cut) if self.cut is not None else None
+        if bad is not None and bad.any():
             rows[bad] = rows[rng.choice(np.flatnonzero(~bad), size=int(bad.sum()))]
         return rows
 
@@ -111,7 +101,7 @@ class Batches:
                 pending.append(window[:take])
                 window, have = window[take:], have + take
                 if have == self.batch_size:
-                    batch = as_float(np.concatenate(pending), self.store.attrs["acts_dtype"])
+                    batch = self.store.as_float(np.concatenate(pending))
                     yield torch.from_numpy(batch).to(self.device, non_blocking=True)
                     pending, have = [], 0
 
@@ -127,7 +117,7 @@ def eval_rows(store: ActivationStore, chunk_ids: list[int], max_rows: int | None
         rows = store.read_chunk(i)
         counts["read"] += len(rows)
         if cut is not None:
-            keep = np.linalg.norm(rows, axis=1) <= cut
+            keep = ~outliers(rows, cut)
             counts["dropped"] += int((~keep).sum())
             rows = rows[keep]
         if max_rows is not None:

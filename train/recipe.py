@@ -2,6 +2,7 @@
 
     geometric_median(x)            Weiszfeld iterations from the mean; initialises b_pre and b_router
     normalize_rows_(w)             decoder directions back to unit norm (after init and every step)
+    init_tied_(w_enc, w_dec)       random unit decoder rows, encoder rows starting equal to them
     project_out_parallel_grad_(w)  remove each decoder row's gradient component along that row
     default_lr(n_latents)          2e-4 / sqrt(M / 2^14), M the total number of latents
     lr_factor(step, steps, decay)  1, then linear decay to 0 over the last `decay` fraction of steps
@@ -45,6 +46,14 @@ def normalize_rows_(w: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def init_tied_(w_enc: torch.Tensor, w_dec: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """Random unit decoder rows; encoder rows start parallel to them (both [..., m, d])."""
+    w_dec.copy_(torch.randn(w_dec.shape, generator=generator))
+    normalize_rows_(w_dec)
+    w_enc.copy_(w_dec)
+
+
+@torch.no_grad()
 def project_out_parallel_grad_(w: torch.Tensor) -> None:
     """w [..., n, d] with unit rows: w.grad -= (w.grad . w_row) w_row for every row, in place.
 
@@ -63,7 +72,7 @@ def default_lr(n_latents: int) -> float:
     return 2e-4 / math.sqrt(n_latents / 2**14)
 
 
-def lr_factor(step: int, steps: int, decay_frac: float = 0.2) -> float:
+def lr_factor(step: int, steps: int, decay_frac: float) -> float:
     """Multiplier of the base lr at `step` (0-based): constant, then linear to 0 at `steps`."""
     decay_steps = decay_frac * steps
     if decay_steps <= 0:

@@ -20,7 +20,7 @@ import pytest
 import torch
 from hydra import compose as hydra_compose, initialize_config_dir
 
-from eval.autointerp import AutointerpConfig, AutointerpError, active_codes, main, run_autointerp
+from eval.autointerp import AutointerpConfig, AutointerpError, main, run_autointerp
 from eval.detection import (EXPLAINER_SYSTEM, Context, FeatureSample, aggregate, explain_and_score, parse_explanation,
                             parse_judgments, wilson)
 from eval.llm import ChatClient, Counters, Endpoint, LLMError, ResponseCache
@@ -28,10 +28,9 @@ from harvest.run import harvest
 from harvest.store import ActivationStore
 from tests.conftest import CONF, ROOT, compose, harvest_overrides
 from tests.train.test_loop import make_cfg
-from train.loader import split_chunks
+from harvest.store import split_chunks
 from train.loop import train
 from train.saes import load
-from train.saes.base import Codes
 
 Responder = Callable[[dict[str, Any]], tuple[int, str]]
 
@@ -184,14 +183,6 @@ def test_wilson_interval():
     lo, hi = wilson(8, 10, 0.95)
     assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
     assert wilson(0, 0, 0.95) is None and wilson(0, 5, 0.95)[0] == 0.0
-
-
-def test_active_codes_of_sparse_and_dense_saes():
-    sparse = Codes(idx=torch.tensor([[3, 1], [0, 2]]), vals=torch.tensor([[0.5, 0.0], [2.0, 1.0]]))
-    dense = Codes(dense=torch.tensor([[0.0, 0.0, 0.0, 0.5], [2.0, 0.0, 1.0, 0.0]]))
-    for codes in (sparse, dense):
-        r, j, v = active_codes(codes)
-        assert sorted(zip(r.tolist(), j.tolist(), v.tolist(), strict=True)) == [(0, 3, 0.5), (1, 0, 2.0), (1, 2, 1.0)]
 
 
 def test_parsing():
@@ -363,7 +354,7 @@ def test_end_to_end_on_a_tiny_run(tiny_run, serve, tmp_path, capsys):
         codes = load(run / "sae").encode(x)
     acts = torch.zeros(len(x), 64).scatter_(1, codes.idx, codes.vals).numpy()
     act = {int(r): a for r, a in zip(rows, acts, strict=True)}
-    tok = __import__("transformers").AutoTokenizer.from_pretrained(store.attrs["model"])
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(store.model)
     feats = saved["features"]
     assert saved["scanned_rows"] == 300 and len(feats) == 3 and saved["n_scored"] == 3
     explain_prompts = [b["messages"][1]["content"] for b in server.requests if is_explainer(b)]
@@ -384,8 +375,8 @@ def test_end_to_end_on_a_tiny_run(tiny_run, serve, tmp_path, capsys):
         assert all(c["text"] == c["marked"].replace("<<", "").replace(">>", "") for c in f["contexts"])
         by_d = sorted(deciles, key=lambda c: c["decile"])
         assert all(a["activation"] <= b["activation"] for a, b in zip(by_d, by_d[1:], strict=False))
-        top_seq = top_row // store.attrs["rows_per_seq"]
-        assert all(c["row"] // store.attrs["rows_per_seq"] != top_seq for c in deciles)
+        top_seq = top_row // store.rows_per_seq
+        assert all(c["row"] // store.rows_per_seq != top_seq for c in deciles)
         assert f["recall_all"] == 1.0 and f["negative_accuracy"] == 0.0 and f["balanced_accuracy"] == 0.5
     assert saved["aggregate"]["balanced_accuracy"] == {"mean": 0.5, "lo": 0.5, "hi": 0.5, "n": 3}
     sent = len(server.requests)

@@ -18,7 +18,7 @@ from harvest.run import harvest
 from harvest.store import ActivationStore
 from tests.conftest import CONF, ROOT, compose, harvest_overrides
 from tests.train.test_loop import make_cfg
-from train.loader import split_chunks
+from harvest.store import split_chunks
 from train.loop import train
 from train.saes import load
 
@@ -150,7 +150,7 @@ def test_top_contexts_are_the_ones_recomputed_here(runs, tiny_gpt2):
                            "left=4", "right=3", "n_top=5"))
     tok = AutoTokenizer.from_pretrained(tiny_gpt2)
     local = {int(r): i for i, r in enumerate(ids)}
-    rps, first = store.attrs["rows_per_seq"], store.attrs["first_pos"]
+    rps, first = store.rows_per_seq, store.first_pos
     for feat in (f, g):
         page = tables(out / f"feature_{feat}.html")
         top = page.tables["top"][1:]  # after the header row
@@ -233,10 +233,17 @@ def test_context_windows_stop_at_their_sequence():
     """Row r is position 1 + r % 3 of sequence r // 3; position 0 has no row, so the previous sequence's
     last row (which fires here) must not shade it."""
 
-    class Store:
-        attrs = {"rows_per_seq": 3, "first_pos": 1}
-        chunk_rows = 6
-        contexts = np.arange(16).reshape(4, 4)
+    class Store:  # the ActivationStore API over 4 sequences of 4 tokens, rows_per_seq 3
+        first_pos = 1
+
+        def locate(self, row):
+            return row // 3, 1 + row % 3
+
+        def row_at(self, seq, pos):
+            return 3 * seq + pos - 1
+
+        def sequence(self, seq):
+            return np.arange(16).reshape(4, 4)[seq]
 
     class Tok:
         def decode(self, ids, clean_up_tokenization_spaces=False):

@@ -121,7 +121,7 @@ def save_run(path: Path, arch: str, **kw) -> Path:
     (["run=RUN", "topk_run=WIDE"], "the baseline needs the same total width"),
 ])
 def test_bad_input_is_rejected_before_any_work(tmp_path, overrides, expect):
-    run = save_run(tmp_path / "sw", "switch", d=16, n_experts=4, expert_width=16, k=4)
+    run = save_run(tmp_path / "sw", "switch", d=16, n_experts=4, expert_width=16, k=4, alpha=3.0)
     wide = save_run(tmp_path / "wide", "topk", d=16, width=96, k=4)
     (tmp_path / "empty").mkdir()
     paths = {"RUN": run, "WIDE": wide, "MISSING": tmp_path / "missing", "EMPTY": tmp_path / "empty"}
@@ -139,7 +139,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_end_to_end_switch_and_topk(tmp_path):
     torch.manual_seed(0)
-    sw = build("switch", d=16, n_experts=4, expert_width=16, k=4)
+    sw = build("switch", d=16, n_experts=4, expert_width=16, k=4, alpha=3.0)
     with torch.no_grad():
         sw.W_dec[2, 5] = sw.W_dec[0, 3]  # a planted duplicate across experts 0 and 2
         sw.W_enc.add_(0.3 * torch.randn_like(sw.W_enc))  # encoder no longer tied to the decoder

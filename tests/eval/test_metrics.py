@@ -62,7 +62,7 @@ def test_identity_sae_is_perfect():
 
 def test_switch_expert_load_and_entropy():
     torch.manual_seed(0)
-    sae = build("switch", d=8, n_experts=4, expert_width=8, k=2)
+    sae = build("switch", d=8, n_experts=4, expert_width=8, k=2, alpha=3.0)
     x = torch.randn(4000, 8)
     m = reconstruction_metrics(sae, [x])
     _, expert = sae.route(x)

@@ -7,13 +7,13 @@ import sys
 import pytest
 from hydra import compose as compose_cfg, initialize_config_dir
 
-from eval.flops import cost
 from eval.report import build_report
 from eval.run import EvalConfig, EvalError, evaluate
 from harvest.run import harvest
 from tests.conftest import CONF, ROOT, compose, harvest_overrides
 from tests.train.test_loop import make_cfg, synthetic_store
 from train.loop import train
+from train.saes.flops import cost
 
 RUNS = {"topk": ["model=topk", "model.width=64", "model.k=4"],
         "switch": ["model=switch", "model.width=64", "model.n_experts=4", "model.k=4"]}

@@ -2,7 +2,7 @@
 
 The `parted` fixture makes every store once: the reference store through the real command line
 (`python -m torch.distributed.run --standalone --nproc_per_node=2 -m harvest ...`), single-process
-harvests of the even and of the odd documents, and, in one `harvest.ranks.spawn_local` of 2
+harvests of the even and of the odd documents, and, in one `runtime.ranks.spawn_local` of 2
 ranks, a harvest killed mid-chunk and resumed, one left killed, and runs that must be refused.
 Every process computes on one thread (see test_cli's kill test), so equal means equal bytes.
 """
@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 
 from harvest import store
 from harvest.config import HarvestError
-from harvest.ranks import spawn_local
+from runtime.ranks import spawn_local
 from harvest.run import harvest
 from harvest.store import ActivationStore, RunningStats
 from tests.conftest import ROOT, compose, documents, harvest_overrides
@@ -32,7 +32,7 @@ from train.loader import Batches
 WORLD = 2
 TOKENS = 270  # 9 chunks of 2 sequences x 15 rows: rank 0 writes chunks 0, 2, .., 8 and rank 1 chunks 1, 3, .., 7
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-_REAL_WRITE = store._write_json
+_REAL_WRITE = store.write_json
 
 
 class Killed(Exception):
@@ -40,23 +40,23 @@ class Killed(Exception):
 
 
 def _killed_at(commits: dict[int, int]):
-    """A store._write_json that dies, as a kill would, while writing this rank's commits[rank]-th part
+    """A store.write_json that dies, as a kill would, while writing this rank's commits[rank]-th part
     file: after that chunk's arrays and the temporary file, before the rename commits them."""
     count = [0]
 
-    def write_json(path: Path, obj) -> None:
+    def write_json(path: Path, obj, indent=None) -> None:
         count[0] += 1
         if count[0] == commits[int(os.environ["RANK"])]:
             path.with_name(path.name + ".partial").write_text("{")
             raise Killed
-        _REAL_WRITE(path, obj)
+        _REAL_WRITE(path, obj, indent=indent)
 
     return write_json
 
 
 def _job(cfg, outcome: Path, kill: dict[int, int] | None = None) -> None:
     """harvest(cfg) on this rank (killed where `kill` says); what happened goes to outcome.<rank>.json."""
-    store._write_json = _killed_at(kill) if kill else _REAL_WRITE
+    store.write_json = _killed_at(kill) if kill else _REAL_WRITE
     try:
         result = {"rows": harvest(cfg).rows}
     except HarvestError as e:
@@ -64,7 +64,7 @@ def _job(cfg, outcome: Path, kill: dict[int, int] | None = None) -> None:
     except Killed:
         result = {"killed": True}
     finally:
-        store._write_json = _REAL_WRITE
+        store.write_json = _REAL_WRITE
     outcome.with_name(f"{outcome.name}.{os.environ['RANK']}.json").write_text(json.dumps(result))
 
 

@@ -58,7 +58,3 @@ def test_load_lm_drops_the_blocks_above(tiny_llama):
     assert len(lm.blocks(model)) == 2
     assert tokenizer.eos_token == "<|endoftext|>"
 
-
-def test_pick_dtype_resolves_auto_on_cpu():
-    assert lm.pick_dtype("auto", torch.device("cpu")) in ("float32", "bfloat16")
-    assert lm.pick_dtype("float16", torch.device("cpu")) == "float16"

@@ -50,3 +50,21 @@ def test_store_round_trips_rows_tokens_contexts_and_statistics(tiny_gpt2, corpus
         seq = row // 15
         np.testing.assert_array_equal(ctx, contexts[seq])
         np.testing.assert_allclose(rows[row], hidden[seq, pos].numpy(), rtol=2e-3, atol=2e-3)
+
+
+def test_store_api_answers_every_fact_later_stages_need(tiny_gpt2, corpus_jsonl, tmp_path):
+    cfg = compose(harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "s", tokens=100))
+    harvest(cfg)
+    s = ActivationStore(tmp_path / "s")
+    assert (s.model, s.tokenizer_name, s.layer, s.site, s.d_model) == (str(tiny_gpt2), str(tiny_gpt2), 2, "resid_post", 32)
+    assert (s.context_size, s.first_pos, s.rows_per_seq, s.chunk_seqs, s.acts_dtype) == (16, 1, 15, 2, "float16")
+    assert s.identity() == {"path": str(tmp_path / "s"), "model": str(tiny_gpt2), "layer": 2, "site": "resid_post",
+                            "d_model": 32, "context_size": 16, "first_pos": 1}
+    assert s.harvest_config["tokens"] == 100 and s.split(0.5) == ([0, 2], [1, 3])
+    contexts = s.contexts[:]
+    for row in [0, 14, 15, 61, 119]:
+        seq, pos = s.locate(row)
+        assert (seq, pos) == (row // 15, 1 + row % 15) and s.row_at(seq, pos) == row
+        np.testing.assert_array_equal(s.sequence(seq), contexts[seq])
+        assert s.tokens[row] == contexts[seq, pos]
+    np.testing.assert_array_equal(s.sequences_of([1, 3], 3), contexts[[2, 3, 6]])

@@ -1,17 +1,17 @@
-"""train.bench: the reference algorithm it times computes exactly what our Switch SAE computes."""
+"""bench.train_step and bench.dist: the reference algorithm it times computes exactly what our Switch SAE computes."""
 
 import json
 
 import torch
 
-from train.bench import SwitchReference, bound
+from bench.train_step import SwitchReference, bound
 from train.saes.switch import SwitchSAE
 
 
 def test_reference_full_width_switch_equals_ours():
     torch.manual_seed(0)
-    ours = SwitchSAE(d=16, n_experts=4, expert_width=8, k=3)
-    ref = SwitchReference(d=16, n_experts=4, expert_width=8, k=3)
+    ours = SwitchSAE(d=16, n_experts=4, expert_width=8, k=3, alpha=3.0)
+    ref = SwitchReference(d=16, n_experts=4, expert_width=8, k=3, alpha=3.0)
     ref.load_state_dict(ours.state_dict())
     x = torch.randn(200, 16)
     a, b = ours(x), ref(x)
@@ -24,7 +24,7 @@ def test_reference_full_width_switch_equals_ours():
 
 
 def test_bound_grows_with_flops_and_is_at_least_the_memory_bound_updates():
-    sae = SwitchSAE(d=16, n_experts=4, expert_width=8, k=3)
+    sae = SwitchSAE(d=16, n_experts=4, expert_width=8, k=3, alpha=3.0)
     params = sum(p.numel() for p in sae.parameters())
     low, high = bound(sae, 1e3, 512, peak=100.0, bw=10.0), bound(sae, 1e9, 512, peak=100.0, bw=10.0)
     assert high > low >= (32 * params + 16 * 512) / 10e9
@@ -34,7 +34,7 @@ def test_bench_dist_measures_the_exchange_at_its_minimum(tmp_path):
     """make bench-dist on a tiny shape: every entry timed, and the expert-parallel exchange moves exactly
     the minimum each way (x out, E(x) back, for the tokens whose expert is on the other rank), plus
     forward the per-expert token counts (int64, the other rank's N/2 experts, from each rank)."""
-    from train.bench_dist import main
+    from bench.dist import main
 
     out = tmp_path / "dist.json"
     main(["--d", "16", "--n-experts", "4", "--expert-width", "8", "--k", "2", "--batch", "64", "--steps", "2",

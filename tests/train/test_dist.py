@@ -3,7 +3,7 @@
 ranks' batches (Switch's load balancing on global statistics), the run directory written once,
 resume on another number of ranks or layout, one-line refusals.
 
-All 2-rank runs happen in one `harvest.ranks.spawn_local` (the `dp` fixture); the tests then
+All 2-rank runs happen in one `runtime.ranks.spawn_local` (the `dp` fixture); the tests then
 compare them with one-process runs made here."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import train.loop as loop
-from harvest.ranks import spawn_local
+from runtime.ranks import spawn_local
 from tests.conftest import ROOT
 from tests.train.test_loop import make_cfg, synthetic_store
 from train.config import TrainError
@@ -81,8 +81,8 @@ def sae_and_batch(arch):
     torch.manual_seed(0)
     one_expert = arch.endswith("_one_expert")
     arch = arch.removesuffix("_one_expert")
-    kwargs = {"topk": {"width": 64, "k": 4}, "switch": {"n_experts": 4, "expert_width": 16, "k": 4},
-              "relu": {"width": 64}}[arch.removesuffix("_ep")]
+    kwargs = {"topk": {"width": 64, "k": 4}, "switch": {"n_experts": 4, "expert_width": 16, "k": 4, "alpha": 3.0},
+              "relu": {"width": 64, "l1_coeff": 5.0, "warmup_frac": 0.05}}[arch.removesuffix("_ep")]
     sae = REGISTRY[arch.removesuffix("_ep")](d=32, **kwargs)
     x = 10 * torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
     sae.init_from_batch(x)

@@ -39,12 +39,12 @@ def test_fast_encoder_matches_reference(n_experts, bias, sparse):
 @pytest.mark.parametrize("backward", ["sparse", "dense"])
 def test_sae_fast_and_reference_paths_agree_in_float32(arch, backward):
     torch.manual_seed(0)
-    kwargs = dict(width=64, k=4) if arch == "topk" else dict(n_experts=4, expert_width=16, k=4)
+    kwargs = dict(width=64, k=4) if arch == "topk" else dict(n_experts=4, expert_width=16, k=4, alpha=3.0)
     fast = build(arch, d=16, **kwargs)
-    fast.backward = backward
+    fast.kernels = backward
     ref = build(arch, d=16, **kwargs)
     ref.load_state_dict(fast.state_dict())
-    ref.backward = "reference"
+    ref.kernels = "reference"
     x = torch.randn(256, 16) * 3
     out_f, out_r = fast(x), ref(x)
     torch.testing.assert_close(out_f.recon, out_r.recon, rtol=1e-5, atol=1e-5)
@@ -76,9 +76,9 @@ def test_backward_choice():
 @pytest.mark.parametrize("backward", ["sparse", "dense", "reference"])
 def test_bf16_autocast_trains(arch, backward):
     torch.manual_seed(0)
-    kwargs = dict(width=64, k=4) if arch == "topk" else dict(n_experts=4, expert_width=16, k=4)
+    kwargs = dict(width=64, k=4) if arch == "topk" else dict(n_experts=4, expert_width=16, k=4, alpha=3.0)
     sae = build(arch, d=16, **kwargs)
-    sae.backward = backward
+    sae.kernels = backward
     x = torch.randn(256, 16) * 3
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = sae(x)
@@ -106,15 +106,15 @@ class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
 def test_switch_never_materialises_full_width_preactivations(backward):
     """Forward and backward of a training step: no tensor as large as [B, M]; the reference
     algorithm (full-width encoder, then mask) does make one, which shows the check can fail."""
-    from train.bench import SwitchReference
+    from bench.train_step import SwitchReference
 
     B, d, n, e, k = 512, 8, 16, 16, 4  # B x M = 131072; B x e = 8192; parameters N x e x d = 2048
     torch.manual_seed(0)
     x = torch.randn(B, d)
     for cls, mode in ((build, backward), (SwitchReference, "reference")):
-        sae = cls("switch", d=d, n_experts=n, expert_width=e, k=k) if cls is build else cls(d=d, n_experts=n,
-                                                                                          expert_width=e, k=k)
-        sae.backward = mode
+        sizes = dict(d=d, n_experts=n, expert_width=e, k=k, alpha=3.0)
+        sae = build("switch", **sizes) if cls is build else cls(**sizes)
+        sae.kernels = mode
         with LargestTensor() as seen:
             sae(x).losses["loss"].backward()
         if mode == "reference":

@@ -6,9 +6,9 @@ import torch
 import zarr
 
 from harvest.run import harvest
-from harvest.store import ActivationStore
+from harvest.store import ActivationStore, split_chunks
 from tests.conftest import compose, harvest_overrides
-from train.loader import Batches, eval_rows, norm_cut, split_chunks
+from train.loader import Batches, eval_rows, norm_cut
 
 
 @pytest.fixture(scope="module", params=["blosc_zstd", "none"])

@@ -10,10 +10,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from harvest.store import ActivationStore, Layout, StoreWriter
+from harvest.store import ActivationStore, Layout, StoreWriter, split_chunks
 from tests.conftest import CONF, ROOT
 from train.config import TrainConfig, TrainError
-from train.loader import eval_rows, split_chunks
+from train.loader import eval_rows
 from train.loop import train
 from train.saes import load
 

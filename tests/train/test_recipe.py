@@ -39,7 +39,7 @@ def test_projection_then_adam_step_then_renormalisation_keeps_unit_rows():
 def test_lr_defaults_and_schedule():
     assert default_lr(24576) == pytest.approx(1.633e-4, rel=1e-3)
     assert default_lr(196608) == pytest.approx(5.77e-5, rel=1e-3)
-    assert [lr_factor(s, 100) for s in (0, 79, 80, 90, 99, 100)] == [1.0, 1.0, 1.0, 0.5, pytest.approx(0.05), 0.0]
+    assert [lr_factor(s, 100, 0.2) for s in (0, 79, 80, 90, 99, 100)] == [1.0, 1.0, 1.0, 0.5, pytest.approx(0.05), 0.0]
 
 
 @pytest.mark.parametrize("fused", [True, False])

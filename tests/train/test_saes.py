@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from train.saes import build, load, save
+from train.saes.base import Codes
 
 
 def _x(b=64, d=8, seed=0):
@@ -59,7 +60,7 @@ def test_switch_equals_eq_3_4_per_token():
 
 def test_switch_aux_loss_is_1_when_uniform_and_n_when_collapsed():
     n, d = 4, 4
-    sae = build("switch", d=d, n_experts=n, expert_width=8, k=2)
+    sae = build("switch", d=d, n_experts=n, expert_width=8, k=2, alpha=3.0)
     x = torch.eye(d).repeat(16, 1)  # 64 tokens, 16 along each axis
     with torch.no_grad():
         sae.b_router.zero_()
@@ -72,18 +73,18 @@ def test_switch_aux_loss_is_1_when_uniform_and_n_when_collapsed():
 
 
 def test_switch_router_gets_gradient_through_the_gate():
-    sae = build("switch", d=8, n_experts=4, expert_width=16, k=3)
+    sae = build("switch", d=8, n_experts=4, expert_width=16, k=3, alpha=3.0)
     sae(_x()).losses["mse"].backward()
     assert sae.W_router.grad.abs().sum() > 0 and sae.W_enc.grad.abs().sum() > 0
 
 
 def test_init_from_batch_sets_medians_and_k_is_checked():
-    sae = build("switch", d=8, n_experts=2, expert_width=8, k=2)
+    sae = build("switch", d=8, n_experts=2, expert_width=8, k=2, alpha=3.0)
     sae.init_from_batch(_x())
     torch.testing.assert_close(sae.b_pre.data, sae.b_router.data)
     assert sae.b_pre.abs().sum() > 0
     with pytest.raises(ValueError, match="k=9 must be between 1 and an expert's width 8"):
-        build("switch", d=8, n_experts=2, expert_width=8, k=9)
+        build("switch", d=8, n_experts=2, expert_width=8, k=9, alpha=3.0)
     with pytest.raises(ValueError, match="unknown SAE architecture 'moe'"):
         build("moe", d=8)
 
@@ -124,8 +125,9 @@ def test_gated_equals_its_definition_and_aux_trains_only_the_gate():
     assert sae.W_dec.grad is None and sae.W_gate.grad.abs().sum() > 0 and sae.r_mag.grad is None
 
 
-@pytest.mark.parametrize("arch,kw", [("topk", {"width": 32, "k": 4}), ("switch", {"n_experts": 4, "expert_width": 8, "k": 2}),
-                                     ("relu", {"width": 32, "l1_coeff": 3.0}), ("gated", {"width": 32})])
+@pytest.mark.parametrize("arch,kw", [("topk", {"width": 32, "k": 4}), ("switch", {"n_experts": 4, "expert_width": 8, "k": 2, "alpha": 3.0}),
+                                     ("relu", {"width": 32, "l1_coeff": 3.0, "warmup_frac": 0.05}),
+                                     ("gated", {"width": 32, "l1_coeff": 1.0})])
 def test_save_load_round_trip(tmp_path, arch, kw):
     sae = build(arch, d=8, **kw)
     sae.init_from_batch(_x())
@@ -134,3 +136,30 @@ def test_save_load_round_trip(tmp_path, arch, kw):
     x = _x(seed=1)
     torch.testing.assert_close(again(x).recon, sae(x).recon)
     assert type(again) is type(sae) and again.config() == sae.config()
+
+
+def test_codes_nonzero_and_fired_of_sparse_and_dense_codes():
+    sparse = Codes(idx=torch.tensor([[3, 1], [0, 2]]), vals=torch.tensor([[0.5, 0.0], [2.0, 1.0]]))
+    dense = Codes(dense=torch.tensor([[0.0, 0.0, 0.0, 0.5], [2.0, 0.0, 1.0, 0.0]]))
+    for codes in (sparse, dense):
+        r, j, v = codes.nonzero()
+        assert sorted(zip(r.tolist(), j.tolist(), v.tolist(), strict=True)) == [(0, 3, 0.5), (1, 0, 2.0), (1, 2, 1.0)]
+        assert codes.fired(4).tolist() == [True, False, True, True]  # sparse: latent 1 is listed, at 0.0
+        assert codes.fired(4, n_rows=1).tolist() == [False, False, False, True]
+        assert codes.fired(4, n_rows=0).tolist() == [False] * 4
+
+
+def test_codes_nonzero_and_fired_of_a_switch_sae():
+    torch.manual_seed(0)
+    sae = build("switch", d=8, n_experts=4, expert_width=16, k=3, alpha=3.0)
+    x = _x()
+    with torch.no_grad():
+        codes = sae.encode(x)
+    full = torch.zeros(len(x), 64).scatter_(1, codes.idx, codes.vals)  # every token's code, [B, M]
+    r, j, v = codes.nonzero()
+    assert len(r) == int((full > 0).sum()) > len(x)
+    torch.testing.assert_close(v, full[r, j])
+    assert torch.equal(j // 16, codes.expert[r])  # every non-zero code lies in the token's expert
+    assert torch.equal(codes.fired(64), (full > 0).any(0)) and not codes.fired(64).all()
+    assert torch.equal(codes.fired(64, n_rows=5), (full[:5] > 0).any(0))
+    assert torch.equal(r, r.sort().values)  # ordered by row

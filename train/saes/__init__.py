@@ -1,6 +1,7 @@
 """SAE architectures behind one interface (`base.SAE`), picked by name from a registry."""
 
 from train.saes.base import REGISTRY, SAE, Codes, Output, build, load, save
-from train.saes import gated as _gated, relu as _relu, switch as _switch, topk as _topk  # noqa: F401  (registers them)
+# registers them, in the order every listing of architectures (error messages, reports) follows
+from train.saes import topk as _topk, switch as _switch, relu as _relu, gated as _gated  # noqa: F401, E402, I001
 
 __all__ = ["REGISTRY", "SAE", "Codes", "Output", "build", "load", "save"]

@@ -2,18 +2,27 @@
 
 Shapes: B tokens, d input dims, M total latents, k active latents per token (TopK-style).
 Decoder directions are stored as ROWS ([M, d]), so decoding k latents is a gather of k rows.
+
+An architecture is one module (its `SAE` subclass, `@register`ed) and one YAML
+(conf/train/model/<arch>.yaml). The class carries everything the other stages need to know about it:
+its name in reports, how the YAML's keys become constructor arguments, its parameter and FLOP counts,
+which feature directions eval compares; no other module lists architectures.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+if TYPE_CHECKING:
+    from train.saes.flops import Cost
 
 
 @dataclass
@@ -37,6 +46,24 @@ class Codes:
         """[B, k] or [B, M] bool: which of the returned codes are non-zero."""
         return self.vals > 0 if self.vals is not None else self.dense > 0
 
+    def nonzero(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(row [F], latent [F], value [F]) of every non-zero code, F of them, ordered by row: row
+        indexes the batch (0..B-1), latent is in 0..M-1."""
+        if self.dense is not None:
+            row, latent = (self.dense > 0).nonzero(as_tuple=True)
+            return row, latent, self.dense[row, latent]
+        row, slot = (self.vals > 0).nonzero(as_tuple=True)
+        return row, self.idx[row, slot], self.vals[row, slot]
+
+    def fired(self, n_latents: int, n_rows: int | None = None) -> torch.Tensor:
+        """[M] bool, M = n_latents: which latents are non-zero in at least one of the batch's first
+        `n_rows` tokens (None: every token). No host synchronisation."""
+        active = self.active()[:n_rows]
+        if self.dense is not None:
+            return active.any(dim=0)
+        hits = torch.zeros(n_latents, dtype=torch.int32, device=active.device)  # non-zero codes per latent
+        return hits.index_add_(0, self.idx[:n_rows].flatten(), active.flatten().int()) > 0
+
 
 @dataclass
 class Output:
@@ -51,22 +78,57 @@ class Output:
 
 class SAE(nn.Module):
     """Base class: subclasses define __init__(d, ...), encode(x) -> Codes, decode(Codes) -> [B, d],
-    forward(x) -> Output and config()."""
+    forward(x) -> Output and config(), and describe the architecture with the class attributes and
+    classmethods below (the config schema, the cost formulas)."""
 
-    arch: ClassVar[str]
-    # topk and switch: the encoder's backward, "auto" | "sparse" | "dense" (the fast kernels of
-    # train/saes/kernels.py; auto picks by expert width / k) | "reference" (plain autograd)
-    backward: str = "auto"
+    arch: ClassVar[str]  # the registry key: `model=<arch>` in the train config, "arch" in sae.json
+    display_name: ClassVar[str]  # the name in plots and reports, e.g. "TopK"
+    # the constructor arguments that set the size: what `flops.cost(arch, d, ...)` takes besides d
+    size_args: ClassVar[tuple[str, ...]]
+    # TopK-style codes (idx, vals [B, k]): training can run the sparse backward (`sparse_backward`)
+    sparse_codes: ClassVar[bool] = False
+    # a router sends every token to one of `n_experts` experts: the only kind of SAE expert parallel
+    # shards, whose decoder may run as grouped matmuls (`dense_decoder`) and whose runs report N
+    has_experts: ClassVar[bool] = False
+    # TopK-style SAEs: which kernels run the encoder's backward and the decoder, "auto" | "sparse" |
+    # "dense" (train/saes/kernels.py; auto picks by expert width / k) | "reference" (plain autograd)
+    kernels: str = "auto"
 
     def __init__(self, d: int):
         super().__init__()
         self.d = d
         self.b_pre = nn.Parameter(torch.zeros(d))
 
+    @classmethod
+    def check_model(cls, model: Mapping[str, Any]) -> None:
+        """Checks of the user-facing model keys (conf/train/model/<arch>.yaml without `arch`) that need
+        no data, run as soon as the train config is read: ValueError with the message. Default: none."""
+
+    @classmethod
+    def constructor_kwargs(cls, model: Mapping[str, Any], d: int) -> dict[str, Any]:
+        """The config schema: the user-facing model keys (conf/train/model/<arch>.yaml without `arch`)
+        for inputs of width d -> the constructor's keyword arguments; ValueError when they do not fit
+        together. Default: the keys as they are, plus d."""
+        cls.check_model(model)
+        return {"d": d, **model}
+
+    @classmethod
+    def cost_formula(cls, d: int, *, sparse_backward: bool = False, dense_decoder: bool = False,
+                     **sizes: int) -> Cost:
+        """Parameters and FLOPs per token for inputs of width d and the `size_args` in `sizes`, all
+        positive integers, the two flags only where the class attributes allow them (train.saes.flops
+        checks all that first, and documents the conventions); ValueError for sizes that do not fit."""
+        raise NotImplementedError
+
     @property
     def n_latents(self) -> int:
         """M, the total number of latents (sets the default learning rate)."""
         raise NotImplementedError
+
+    def encoder_directions(self) -> torch.Tensor:
+        """The encoder-side feature directions, one row per latent: [M, d], or [N, e, d] with experts.
+        Default: the rows of W_enc."""
+        return self.W_enc
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments: `build(arch, **config())` rebuilds the same architecture."""
@@ -74,7 +136,7 @@ class SAE(nn.Module):
 
     @property
     def sparse_backward(self) -> bool:
-        """True when training runs the sparse encoder backward (what eval.flops counts)."""
+        """True when training runs the sparse encoder backward (what train.saes.flops counts)."""
         return False
 
     @property

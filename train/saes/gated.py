@@ -16,15 +16,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from train.recipe import init_tied_
 from train.saes.base import SAE, Codes, Output, register, sq_error
-from train.saes.topk import init_tied_
+from train.saes.flops import Cost
 
 
 @register
 class GatedSAE(SAE):
     arch = "gated"
+    display_name = "Gated"
+    size_args = ("width",)
 
-    def __init__(self, d: int, width: int, l1_coeff: float = 1.0):
+    def __init__(self, d: int, width: int, l1_coeff: float):
         super().__init__(d)
         self.width, self.l1_coeff = width, l1_coeff
         self.W_gate = nn.Parameter(torch.empty(width, d))
@@ -34,9 +37,31 @@ class GatedSAE(SAE):
         self.W_dec = nn.Parameter(torch.empty(width, d))
         init_tied_(self.W_gate, self.W_dec)
 
+    @classmethod
+    def cost_formula(cls, d: int, *, width: int, sparse_backward: bool = False, dense_decoder: bool = False) -> Cost:
+        """M = width (dense codes: both flags are always False). Forward 4dM, train 16dM.
+
+        Inference: the shared gate matmul (x - b_pre) @ W_gate^T 2dM (the magnitude path rescales it
+        elementwise) + decoder 2dM. Training also runs the auxiliary reconstruction
+        ReLU(pi) @ W_dec.detach(), 2dM, so the module's forward is 6dM. Backward: decoder grad W_dec
+        2dM + grad codes 2dM; auxiliary decoder grad of ReLU(pi) only, 2dM (W_dec is detached); gate
+        matmul grad W_gate 2dM + grad of x - b_pre 2dM. Total 6dM + 10dM = 16dM.
+        Parameters 2Md + 3M + d."""
+        m = width
+        params = 2 * m * d + 3 * m + d  # W_gate, W_dec [M, d]; b_gate, r_mag, b_mag [M]; b_pre [d]
+        forward = 4 * d * m  # gate matmul + decoder
+        # + aux reconstruction 2dM; backward: grad W_dec, grad codes, aux grad of ReLU(pi)
+        # (W_dec detached: no weight gradient), grad W_gate, grad of x - b_pre
+        train = forward + 2 * d * m + 10 * d * m
+        return Cost(params=params, forward=float(forward), train=float(train))
+
     @property
     def n_latents(self) -> int:
         return self.width
+
+    def encoder_directions(self) -> torch.Tensor:
+        """The gate's rows W_gate [M, d] (the magnitude path shares them, rescaled per latent)."""
+        return self.W_gate
 
     def config(self) -> dict[str, Any]:
         return {"d": self.d, "width": self.width, "l1_coeff": self.l1_coeff}

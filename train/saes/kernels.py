@@ -1,5 +1,5 @@
-"""The TopK encoder with conditional compute and a lean backward, shared by `topk` (one expert) and
-`switch` (N experts).
+"""The TopK encoder with conditional compute and a lean backward, and the decoders of TopK-style codes,
+shared by `topk` (one expert) and `switch` (N experts).
 
     vals, idx = topk_encode(xc, W, b, expert, k, sparse)
     xc [B, d] encoder input (x - b_pre); W [N, e, d] encoder rows per expert; b [N, e] or None;
@@ -21,7 +21,12 @@ picks by the ratio e / k (measured on a 2-core CPU with `make bench`: the sparse
 few GFLOP/s, the dense ones ~100, so dense wins while e / k < ~30). Either way the bias gradient
 is g scattered into the selected latents.
 
-`topk_encode_reference` is the plain autograd path the tests hold both to.
+`topk_encode_reference` is the plain autograd path the tests hold both to. `decode_rows` is the
+embedding-bag decoder of TopK-style codes (topk, and switch with wide experts); `decode_grouped` the
+grouped-matmul one of narrow Switch experts.
+
+Which of them an SAE runs is its `kernels` attribute: "auto" | "sparse" | "dense" | "reference"
+(`runs_sparse`).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from torch.nn import functional as F
 SPARSE_MIN_RATIO = 32  # the sparse backward is used when an expert's width e > SPARSE_MIN_RATIO * k
 
 
-BACKWARDS = ("auto", "sparse", "dense", "reference")
+KERNELS = ("auto", "sparse", "dense", "reference")
 
 
 def prefer_sparse(expert_width: int, k: int) -> bool:
@@ -40,11 +45,11 @@ def prefer_sparse(expert_width: int, k: int) -> bool:
     return expert_width > SPARSE_MIN_RATIO * k
 
 
-def runs_sparse(backward: str, expert_width: int, k: int) -> bool:
-    """Whether an SAE with `backward` = auto | sparse | dense | reference runs the sparse backward."""
-    if backward not in BACKWARDS:
-        raise ValueError(f"backward={backward!r}: choose one of {', '.join(BACKWARDS)}")
-    return backward == "sparse" or (backward == "auto" and prefer_sparse(expert_width, k))
+def runs_sparse(kernels: str, expert_width: int, k: int) -> bool:
+    """Whether an SAE with `kernels` = auto | sparse | dense | reference runs the sparse backward."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels={kernels!r}: choose one of {', '.join(KERNELS)}")
+    return kernels == "sparse" or (kernels == "auto" and prefer_sparse(expert_width, k))
 
 
 def topk_relu(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,6 +178,14 @@ class GroupedDecode(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             g_w = grouped_mm(z.T, g_s, offs).to(w.dtype)  # [N, e, d]
         return None, g_vals, g_w, None
+
+
+def decode_rows(idx: torch.Tensor, vals: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
+    """sum_j vals[b, j] * w_dec[idx[b, j]]: idx, vals [B, k], w_dec [m, d] -> [B, d].
+
+    An embedding bag: the [B, k, d] gathered rows are never materialised, forward or backward
+    (10x faster than gather + einsum for B=4096, k=32, d=576 on a 2-core CPU, measured)."""
+    return F.embedding_bag(idx, w_dec, per_sample_weights=vals.to(w_dec.dtype), mode="sum")
 
 
 def decode_grouped(idx: torch.Tensor, vals: torch.Tensor, w: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:

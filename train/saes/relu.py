@@ -17,13 +17,16 @@ from torch import nn
 
 from train.recipe import normalize_rows_
 from train.saes.base import SAE, Codes, Output, register, sq_error
+from train.saes.flops import Cost
 
 
 @register
 class ReLUSAE(SAE):
     arch = "relu"
+    display_name = "ReLU"
+    size_args = ("width",)
 
-    def __init__(self, d: int, width: int, l1_coeff: float = 5.0, warmup_frac: float = 0.05):
+    def __init__(self, d: int, width: int, l1_coeff: float, warmup_frac: float):
         super().__init__(d)
         self.width, self.l1_coeff, self.warmup_frac = width, l1_coeff, warmup_frac
         self.W_enc = nn.Parameter(torch.empty(width, d))
@@ -34,6 +37,20 @@ class ReLUSAE(SAE):
             self.W_dec.mul_(0.1)
             self.W_enc.copy_(self.W_dec)
         self.register_buffer("l1_now", torch.tensor(l1_coeff))
+
+    @classmethod
+    def cost_formula(cls, d: int, *, width: int, sparse_backward: bool = False, dense_decoder: bool = False) -> Cost:
+        """M = width (dense codes: both flags are always False). Forward 4dM, train 10dM.
+
+        Encoder x @ W_enc^T 2dM and decoder codes @ W_dec 2dM, both dense. Backward: decoder grad
+        W_dec 2dM + grad codes 2dM; encoder grad W_enc 2dM only. There is no input-gradient matmul,
+        because x has no trainable bias subtracted (so not 3 x forward = 12dM but 10dM).
+        Parameters 2Md + M + d."""
+        m = width
+        params = 2 * m * d + m + d  # W_enc, W_dec [M, d]; b_enc [M]; b_pre [d]
+        forward = 4 * d * m  # encoder + decoder, dense
+        train = forward + 6 * d * m  # grad W_dec, grad codes, grad W_enc (no input gradient)
+        return Cost(params=params, forward=float(forward), train=float(train))
 
     @property
     def n_latents(self) -> int:

@@ -12,26 +12,32 @@ grouped matmul, a sparse or grouped backward): compute and pre-activation memory
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from train.recipe import geometric_median, init_tied_
 from train.saes.base import SAE, Codes, Output, register, sq_error
-from train.saes.kernels import decode_grouped, runs_sparse, topk_encode, topk_encode_reference
-from train.saes.topk import decode_rows, init_tied_
-from train.recipe import geometric_median
+from train.saes.flops import Cost
+from train.saes.kernels import decode_grouped, decode_rows, runs_sparse, topk_encode, topk_encode_reference
+
+MATCHES = ("width", "flops")  # model.match: how the configured width sizes the experts
 
 
 @register
 class SwitchSAE(SAE):
     arch = "switch"
+    display_name = "Switch"
+    size_args = ("n_experts", "expert_width", "k")
+    sparse_codes = True
+    has_experts = True
     # Data parallel (train.dist): the loop sets this to a differentiable mean over ranks, so that f_i
     # and P_i are statistics of every rank's tokens and the aux loss is the one of the global batch.
     global_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def __init__(self, d: int, n_experts: int, expert_width: int, k: int, alpha: float = 3.0):
+    def __init__(self, d: int, n_experts: int, expert_width: int, k: int, alpha: float):
         super().__init__(d)
         if not 0 < k <= expert_width:
             raise ValueError(f"k={k} must be between 1 and an expert's width {expert_width}")
@@ -43,6 +49,57 @@ class SwitchSAE(SAE):
         init_tied_(self.W_enc, self.W_dec)
         with torch.no_grad():
             nn.init.normal_(self.W_router, std=d**-0.5)
+
+    @classmethod
+    def check_model(cls, model: Mapping[str, Any]) -> None:
+        if model.get("match") not in MATCHES:
+            raise ValueError(f"model.match must be width or flops, got {model.get('match')!r}")
+
+    @classmethod
+    def constructor_kwargs(cls, model: Mapping[str, Any], d: int) -> dict[str, Any]:
+        """width, n_experts (N), match, k, alpha -> d, n_experts, expert_width (e), k, alpha.
+        match=width: the width is split over the experts, e = width / N (M = width, the parameters
+        of a TopK SAE of that width); match=flops: every expert is `width` wide, e = width
+        (M = N width, the FLOPs of that TopK SAE plus the router)."""
+        cls.check_model(model)
+        m = dict(model)
+        n, width, match = m.pop("n_experts"), m.pop("width"), m.pop("match")
+        if match == "width":
+            if width % n:
+                raise ValueError(f"width {width} is not divisible by n_experts {n} (model.match=width)")
+            e = width // n
+        else:
+            e = width
+        if m["k"] > e:
+            raise ValueError(f"k={m['k']} is larger than an expert's width {e}")
+        return {"d": d, "n_experts": n, "expert_width": e, **m}
+
+    @classmethod
+    def cost_formula(cls, d: int, *, n_experts: int, expert_width: int, k: int, sparse_backward: bool = False,
+                     dense_decoder: bool = False) -> Cost:
+        """N = n_experts, e = expert_width. Forward 2dN + 2de + 2kd; train 6dN + 6de + 6kd (dense
+        backward), 6dN + 2de + 10kd (sparse); with dense_decoder (and the dense backward) forward
+        2dN + 4de, train 6dN + 12de.
+
+        Router (x - b_router) @ W_router^T: 2dN forward, 4dN backward (grad W_router, and grad of
+        x - b_router since b_router is trained). Each token goes through its own expert's encoder
+        only: 2de forward, 4de backward (grad W_enc[i], grad of x - b_pre), or 4kd with the sparse
+        backward. Decoder as topk's (embedding bag, 2kd forward, 4kd backward), or with
+        dense_decoder as narrow experts run it by default (`decode_grouped`): the token's dense codes
+        over its expert's e latents times that expert's decoder, 2de forward, 4de backward.
+        Parameters 2Md + Nd + 2d with M = N e."""
+        n, e = n_experts, expert_width
+        if k > e:
+            raise ValueError(f"k={k} must be at most the expert width {e}")
+        params = 2 * n * e * d + n * d + 2 * d  # W_enc, W_dec [N, e, d]; W_router [N, d]; b_router, b_pre [d]
+        router = 2 * d * n
+        encoder = 2 * d * e  # the token's own expert only
+        decoder = 2 * e * d if dense_decoder else 2 * k * d
+        forward = router + encoder + decoder
+        # backward: router grad W_router + grad of x - b_router; decoder grad of vals + grad of its
+        # rows; encoder grad W_enc[i] + grad of x - b_pre, dense over e latents or only the k active
+        train = forward + 2 * router + 2 * decoder + 2 * (2 * k * d if sparse_backward else encoder)
+        return Cost(params=params, forward=float(forward), train=float(train))
 
     @property
     def n_latents(self) -> int:
@@ -57,13 +114,13 @@ class SwitchSAE(SAE):
 
     @property
     def sparse_backward(self) -> bool:
-        return runs_sparse(self.backward, self.expert_width, self.k)
+        return runs_sparse(self.kernels, self.expert_width, self.k)
 
     @property
     def dense_decoder(self) -> bool:
-        """Narrow experts decode with grouped matmuls (backward="dense", or "auto" for them),
+        """Narrow experts decode with grouped matmuls (kernels="dense", or "auto" for them),
         otherwise an embedding bag (train/saes/kernels.py)."""
-        return self.backward != "reference" and not self.sparse_backward
+        return self.kernels != "reference" and not self.sparse_backward
 
     @torch.no_grad()
     def init_from_batch(self, x: torch.Tensor) -> None:
@@ -90,7 +147,7 @@ class SwitchSAE(SAE):
         xc [B, d] (x - b_pre), expert [B] in 0..held-1 -> vals [B, k] >= 0 (no gate), idx [B, k] in
         0..held * e - 1."""
         args = (xc, self.W_enc, None, expert, self.k)
-        if self.backward == "reference":
+        if self.kernels == "reference":
             return topk_encode_reference(*args)
         return topk_encode(*args, self.sparse_backward)
 

@@ -10,7 +10,7 @@ One run, one machine, the same inputs for every entry (d 768, batch 8192, k 32, 
 
 Roofline bound of a step (`bound`), two phases: forward + backward, max(FLOPs / matmul peak,
 bytes / bandwidth), plus the per-parameter updates, bytes / bandwidth (memory-bound: they touch
-every parameter every step and do not shrink with N). FLOPs from `eval.flops.sae_cost`, as the
+every parameter every step and do not shrink with N). FLOPs from `train.saes.flops.sae_cost`, as the
 entry's kernels run them (the dense grouped path of narrow experts does more FLOPs than the sparse
 one; the reference algorithm adds its full-width encoder); the FLOP ratio column is theoretical
 (`algorithmic_cost`). Bytes are the unavoidable traffic in fp32: every parameter read once, the
@@ -26,7 +26,7 @@ matmul peak. It pays only where the CPU has bf16 matrix units (AMX) or on GPU te
 check trains topk twice with the real trainer on the demo store (200 steps, fp32 and bf16) and
 compares the final losses.
 
-    python -m train.bench [--steps 3] [--quick] [--compile]   -> results/bench/train.json + a table
+    python -m bench.train_step [--steps 3] [--quick] [--compile]   -> results/bench/train.json + a table
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ from pathlib import Path
 
 import torch
 
-from eval.flops import algorithmic_cost, sae_cost
+from bench import SWITCH_ALPHA, write_results
+from runtime.config import compose_app
 from train.recipe import apply_update, make_optimizer
 from train.saes import SAE, Codes, build
+from train.saes.flops import algorithmic_cost, sae_cost
 from train.saes.switch import SwitchSAE
 from train.saes.kernels import topk_relu
 
@@ -101,7 +103,7 @@ class Entry:
     bound_s: float
     tokens_per_s: float
     gflops: float  # achieved: flops_train_per_token * batch / step_s
-    flop_ratio_vs_topk: float  # theoretical: topk's training FLOPs / this entry's (eval.flops.algorithmic_cost)
+    flop_ratio_vs_topk: float  # theoretical: topk's training FLOPs / this entry's (train.saes.flops.algorithmic_cost)
     compiled: bool  # torch.compile (--compile)
 
 
@@ -112,10 +114,10 @@ def build_entry(arch: str, n: int | None, match: str | None) -> tuple[SAE, float
         return sae, sae_cost(sae).train, WIDTH * D
     e = WIDTH // n if match == "width" else WIDTH
     if arch == "switch":
-        sae = SwitchSAE(d=D, n_experts=n, expert_width=e, k=K)
+        sae = SwitchSAE(d=D, n_experts=n, expert_width=e, k=K, alpha=SWITCH_ALPHA)
         return sae, sae_cost(sae).train, n * e * D
     # the reference: plain autograd through the full-width encoder, forward and backward, on every token
-    sae = SwitchReference(d=D, n_experts=n, expert_width=e, k=K)
+    sae = SwitchReference(d=D, n_experts=n, expert_width=e, k=K, alpha=SWITCH_ALPHA)
     return sae, sae_cost(sae, sparse_backward=False).train + 6 * D * (n * e - e), n * e * D
 
 
@@ -155,7 +157,6 @@ def bf16_loss_check(steps: int = 200) -> dict | None:
     steps in fp32 and in bf16 autocast, with the real trainer; None when the store is missing."""
     import tempfile
 
-    from eval.demo import compose_app
     from train.config import TrainConfig
     from train.loop import train
 
@@ -236,10 +237,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"bf16 loss check (topk 2304, 200 steps x 1024 demo tokens): fp32 {check['loss_float32']:.1f}, "
                   f"bf16 {check['loss_bfloat16']:.1f}, relative difference {check['rel_diff']:.2%}; "
                   f"{check['seconds_float32']:.0f} s vs {check['seconds_bfloat16']:.0f} s")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2))
-    print(f"written: {out}")
+    write_results(args.out, rows)
 
 
 if __name__ == "__main__":

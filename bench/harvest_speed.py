@@ -6,14 +6,13 @@ Measured in one run, on the demo model and corpus, with the same token sequences
   (c) a full-depth forward with a hook (what a naive harvester does).
 Then the store codecs on the harvested activations: compression ratio, write and read MB/s.
 
-    python -m harvest.bench [--rounds 5] [--out results/bench/harvest.json]
+    python -m bench.harvest_speed [--rounds 5] [--out results/bench/harvest.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 import tempfile
 import time
@@ -23,18 +22,18 @@ import numpy as np
 import torch
 import zarr
 
+from bench import write_results
 from harvest import lm, store, text
 from harvest.config import HarvestConfig
 from harvest.run import harvest
+from runtime.config import compose_app
+from runtime.device import autocast, pick_device, pick_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _demo_config(overrides: list[str]) -> HarvestConfig:
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf" / "harvest"), version_base="1.3"):
-        return HarvestConfig.from_omegaconf(compose("harvest", overrides=["preset=demo", *overrides]))
+    return HarvestConfig.from_omegaconf(compose_app("harvest", ["preset=demo", *overrides]))
 
 
 def _timed(fn) -> float:
@@ -78,8 +77,8 @@ def main() -> None:
         # each round: 2 chunks of 32 sequences x 128 tokens (so one write overlaps a forward, as in a long run)
         cfg = dataclasses.replace(cfg, chunk_seqs=cfg.batch_size)
         cfg = dataclasses.replace(cfg, tokens=2 * cfg.chunk_rows)
-        device = lm.pick_device(cfg.device)
-        dtype = getattr(torch, lm.pick_dtype(cfg.dtype, device))
+        device = pick_device(cfg.device)
+        dtype = getattr(torch, pick_dtype(cfg.dtype, device))
         model, tokenizer = lm.load_lm(cfg.model, device)  # full depth, for (c)
         truncated, _ = lm.load_lm(cfg.model, device, keep_layers=cfg.layer + 1)  # as the harvest loads it, for (a)
         packer = text.Packer(text.iter_documents(cfg.dataset, cfg.seed), tokenizer, cfg.context_size,
@@ -97,7 +96,7 @@ def main() -> None:
         def full_forward():  # the naive harvester: whole model, logits included, hook keeps the site
             kept = []
             handle = module.register_forward_hook(lambda m, a, out: kept.append(out))
-            with lm.autocast(device, dtype):
+            with autocast(device, dtype):
                 for b in batches:
                     model(input_ids=b, use_cache=False)
             handle.remove()
@@ -152,10 +151,8 @@ def main() -> None:
     print("codec        level  ratio  write MB/s  read MB/s")
     for c in codecs:
         print(f"{c['codec']:<12} {c['level']:>5}  {c['ratio']:5.3f}  {c['write_MBps']:10.0f}  {c['read_MBps']:9.0f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out}")
+    print()
+    write_results(args.out, report)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python -m eval.demo [overrides]` (= `make demo`): the whole pipeline on the offline preset.
+"""`python -m pipeline.demo [overrides]` (= `make demo`): the whole pipeline on the offline preset.
 
 harvest (or reuse) the demo store -> train every run of conf/demo/demo.yaml -> evaluate them all
 (one LM, shared clean / zero-ablated passes) -> `<out>/report.md` with plots and stage timings.
@@ -14,25 +14,16 @@ import sys
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-import harvest  # noqa: F401  (reproducible MKL settings before torch loads)
-from harvest.config import HarvestConfig, HarvestError
-from train.config import TrainConfig, TrainError
+from harvest.config import HarvestConfig
+from runtime.config import compose_app
+from runtime.errors import ToolkitError, one_line_errors
+from train.config import TrainConfig
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
-
-class DemoError(Exception):
+class DemoError(ToolkitError):
     """Bad demo config; printed as one line."""
-
-
-def compose_app(app: str, overrides: list[str]) -> DictConfig:
-    """The config of `python -m <app> <overrides>` (conf/<app>/<app>.yaml), without running it."""
-    with initialize_config_dir(config_dir=str(CONF / app), version_base="1.3"):
-        return compose(app, overrides=list(overrides))
 
 
 def plan(cfg: DictConfig) -> tuple[HarvestConfig, dict[str, TrainConfig], DictConfig]:
@@ -55,7 +46,7 @@ def run_demo(cfg: DictConfig) -> Path:
     from eval.report import build_report
     from eval.run import EvalConfig, evaluate, table
     from harvest.run import harvest as run_harvest
-    from harvest.store import ActivationStore, is_store
+    from harvest.store import ActivationStore, is_store, read_progress
     from train.loop import train
 
     harvest_cfg, runs, eval_overrides = plan(cfg)
@@ -70,7 +61,7 @@ def run_demo(cfg: DictConfig) -> Path:
     else:
         print(f"[demo] 1/4 harvest: {harvest_cfg.tokens:,} tokens of {harvest_cfg.model} into {store_path}")
         if is_store(store_path):  # an interrupted harvest: resume it, never ask for less than it holds
-            held = ActivationStore(store_path).attrs["progress"]["chunks_done"] * ActivationStore(store_path).chunk_rows
+            held = read_progress(store_path).prefix * ActivationStore(store_path).chunk_rows
             harvest_cfg = dataclasses.replace(harvest_cfg, tokens=max(harvest_cfg.tokens, held))
         run_harvest(harvest_cfg)
     timings["harvest"] = time.perf_counter() - t
@@ -102,17 +93,8 @@ def run_demo(cfg: DictConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from eval.report import ReportError
-    from eval.run import EvalError
-
-    try:
+    with one_line_errors("demo"):
         run_demo(compose_app("demo", sys.argv[1:] if argv is None else argv))
-    except (DemoError, HarvestError, TrainError, EvalError, ReportError) as e:
-        print(f"demo: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except HydraException as e:
-        print(f"demo: error: {str(e).strip().splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ Measured in one run on the demo store (d = 576), batch 8192:
   3. peak RSS of a short training run (a fresh process each) on a store of S chunks and on one of
      4 S chunks, both copied from the demo store.
 
-    python -m train.bench_loader [--store data/activations/smollm2-135m_resid_post20] [--chunks 16]
+    python -m bench.loader [--store data/activations/smollm2-135m_resid_post20] [--chunks 16]
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from harvest.store import ActivationStore, Layout, StoreWriter, codec
-from train.loader import Batches, split_chunks
+from bench import write_results
+from harvest.store import ActivationStore, Layout, StoreWriter, codec, split_chunks
+from train.loader import Batches
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,13 +63,13 @@ def trainer_rate(store: Path, model: list[str], steps: int) -> tuple[float, int]
 _RUN = """
 import json, resource, sys
 from pathlib import Path
-from hydra import compose, initialize_config_dir
+from runtime.config import compose_app
 from train.config import TrainConfig
 from train.loop import train
 store, run, steps, *model = sys.argv[1:]
-with initialize_config_dir(config_dir=str(Path('conf/train').resolve()), version_base='1.3'):
-    cfg = TrainConfig.from_omegaconf(compose('train', overrides=[f'data.store={store}', f'steps={steps}',
-          'batch_size=8192', 'log_every=1', 'progress=false', f'checkpoint_every={10**9}', *model]))
+cfg = TrainConfig.from_omegaconf(compose_app('train', [f'data.store={store}', f'steps={steps}', 'batch_size=8192',
+                                                       'log_every=1', 'progress=false', f'checkpoint_every={10**9}',
+                                                       *model]))
 train(cfg, Path(run))
 rates = [json.loads(l)['tokens_per_s'] for l in (Path(run) / 'metrics.jsonl').read_text().splitlines()][1:]
 print(json.dumps([sum(rates) / len(rates), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))
@@ -99,10 +100,7 @@ def main() -> None:
             raw_gb = n * src.chunk_rows * src.d_model * 2 / 1e9
             report[f"peak_rss_bytes_{n}_chunks"] = rss
             print(f"peak RSS training on {n:>4} chunks ({raw_gb:.2f} GB of activations): {rss / 1e9:.2f} GB")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, report)
 
 
 if __name__ == "__main__":

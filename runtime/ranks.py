@@ -1,6 +1,6 @@
 """Several processes under `torchrun`: which one this is, and the process group they share.
 
-Both stages use it (`torchrun --nproc_per_node=R -m harvest|train ...`). torchrun sets WORLD_SIZE,
+Harvest and train use it (`torchrun --nproc_per_node=R -m harvest|train ...`). torchrun sets WORLD_SIZE,
 RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; without them (one process) nothing is joined.
 """
 

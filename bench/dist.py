@@ -13,7 +13,7 @@ of activations must move: 2 x (B - tokens whose expert is on their own rank) x d
 each way, x out and E(x) back. The default shape is the paper's FLOP-matched Switch at N = 8
 (d 768, 8 experts of 24576 latents, k 32).
 
-    python -m train.bench_dist [--batch 4096] [--steps 3] [--quick]   -> results/bench/dist.json + a table
+    python -m bench.dist [--batch 4096] [--steps 3] [--quick]   -> results/bench/dist.json + a table
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from harvest.ranks import spawn_local
+from bench import SWITCH_ALPHA, write_results
+from runtime.ranks import spawn_local
 from train.dist import DataParallel, Dist, init
 from train.expert_parallel import ExpertParallel
 from train.recipe import apply_update, make_optimizer
@@ -45,7 +46,8 @@ def _batch(args: argparse.Namespace) -> torch.Tensor:
 def _time(args: argparse.Namespace, dist: Dist, layout_name: str) -> dict:
     """Median step seconds of this process's part of the job, and the exchange's bytes per step."""
     torch.manual_seed(0)
-    full = SwitchSAE(d=args.d, n_experts=args.n_experts, expert_width=args.expert_width, k=args.k)
+    full = SwitchSAE(d=args.d, n_experts=args.n_experts, expert_width=args.expert_width, k=args.k,
+                     alpha=SWITCH_ALPHA)
     x = _batch(args)
     full.init_from_batch(x[:1024])
     layout = ExpertParallel(dist, WORLD) if layout_name == "expert" else DataParallel(dist)
@@ -127,10 +129,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{ep['forward_bytes'] / minimum:.4f}, backward {ep['backward_bytes'] / minimum:.4f})")
     params = args.n_experts * args.d + 2 * args.d + 2 * args.n_experts * args.expert_width * args.d  # router, biases, experts
     print(f"data parallel all-reduces every gradient instead: {params * 4 / 1e6:.0f} MB of float32 per rank per step")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"shape": vars(args) | {"world": WORLD}, "entries": rows}, indent=2))
-    print(f"written: {out}")
+    write_results(args.out, {"shape": vars(args) | {"world": WORLD}, "entries": rows})
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
-"""eval.demo: its config composes into valid configs of every stage; the whole chain on a tiny model."""
+"""pipeline.demo: its config composes into valid configs of every stage; the whole chain on a tiny model."""
 
 import json
 
 import pytest
 from omegaconf import OmegaConf
 
-from eval.demo import compose_app, main, plan, run_demo
+from pipeline.demo import main, plan, run_demo
+from runtime.config import compose_app
 
 
 def test_the_shipped_demo_config_is_valid_for_every_stage():

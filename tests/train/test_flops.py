@@ -1,4 +1,4 @@
-"""eval.flops: every formula checked against torch's FlopCounterMode on the real modules.
+"""train.saes.flops: every formula checked against torch's FlopCounterMode on the real modules.
 
 Small CPU shapes (d=16, M=64, N=4, k=4, B=32, float32); counts are compared exactly.
 """
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from eval.flops import Cost, algorithmic_cost, cost, counter_mapping, sae_cost
 from train.saes import SAE, build
+from train.saes.flops import Cost, algorithmic_cost, cost, counter_mapping, sae_cost
 
 D, M, N, K, B = 16, 64, 4, 4, 32
 E = M // N
@@ -23,6 +23,8 @@ KWARGS = {
     "gated": dict(width=M),
 }
 ARCHS = list(KWARGS)
+# the constructor arguments that do not change the cost (conf/train/model/*.yaml's values)
+TRAINING = {"switch": dict(alpha=3.0), "relu": dict(l1_coeff=5.0, warmup_frac=0.05), "gated": dict(l1_coeff=1.0)}
 
 
 def counted(fn: Callable[[], object]) -> int:
@@ -35,7 +37,7 @@ def counted(fn: Callable[[], object]) -> int:
 def make(arch: str, **override) -> tuple[SAE, torch.Tensor]:
     """The real module with every bias made non-zero (so gradients through them are exercised), and x."""
     torch.manual_seed(0)
-    sae = build(arch, d=D, **{**KWARGS[arch], **override})
+    sae = build(arch, d=D, **{**KWARGS[arch], **TRAINING.get(arch, {}), **override})
     with torch.no_grad():
         for name, p in sae.named_parameters():
             if name.startswith("b_") or name == "r_mag":
@@ -79,7 +81,7 @@ def test_forward_matches_flop_counter(arch):
 def test_dense_train_matches_flop_counter(arch):
     """The plain autograd path (the reference path for topk and switch)."""
     sae, x = make(arch)
-    sae.backward = "reference"
+    sae.kernels = "reference"
     assert not sae.sparse_backward
     assert counted(lambda: train_step(sae, x)) == B * sae_cost(sae).train == B * sae_cost(sae, False).train
     assert all(p.grad is not None for p in sae.parameters())
@@ -90,7 +92,7 @@ def test_dense_train_matches_flop_counter(arch):
 def test_the_fast_paths_run_their_counts(arch, backward):
     """train.saes.kernels: embedding bag + sparse matmul, or grouped matmuls (the dense count)."""
     sae, x = make(arch)
-    sae.backward = backward
+    sae.kernels = backward
     assert sae.sparse_backward == (backward == "sparse")
     assert sae.dense_decoder == (arch == "switch" and backward == "dense")
     expected = cost(arch, D, **KWARGS[arch], sparse_backward=backward == "sparse", dense_decoder=sae.dense_decoder)
@@ -107,7 +109,7 @@ def test_dense_decoder_and_algorithmic_counts():
         cost("topk", D, width=M, k=K, dense_decoder=True)
     for arch in ARCHS:
         sae, _ = make(arch)
-        sae.backward = "dense"
+        sae.kernels = "dense"
         assert algorithmic_cost(sae) == cost(arch, D, **KWARGS[arch], sparse_backward=arch in ("topk", "switch"))
 
 
@@ -147,7 +149,7 @@ def test_switch_count_is_independent_of_routing():
 def test_switch_flops_matched_width():
     """model.match=flops: every expert has the full width e = M (so M_total = N * M)."""
     sae, x = make("switch", expert_width=M)
-    sae.backward = "sparse"  # the embedding-bag decoder, as topk's
+    sae.kernels = "sparse"  # the embedding-bag decoder, as topk's
     c = sae_cost(sae)
     assert c.forward == cost("topk", D, width=M, k=K).forward + 2 * D * N  # + the router
     with torch.no_grad():
@@ -210,7 +212,7 @@ def check_sparse_step(step: Callable[[], None], result: dict, sae: SAE, x: torch
 
 def test_switch_sparse_backward_matches_flop_counter_and_autograd():
     sae, x = make("switch")
-    sae.backward = "sparse"
+    sae.kernels = "sparse"
     c = cost("switch", D, **KWARGS["switch"], sparse_backward=True)
     assert c.forward == sae_cost(sae).forward
     result = {}

@@ -1,0 +1,15 @@
+"""What every stage needs at run time, owned by no stage: errors and the command line (`errors`),
+device and precision (`device`), the processes of a job (`ranks`), files written whole or not at
+all (`files`).
+
+Importing this package first (each stage's package does) fixes the settings below before torch
+loads: MKL may otherwise pick another code path (data alignment) or thread count (on a busy machine)
+per call, which moves float32 results by one ulp, and a resumed harvest would not write the rows an
+uninterrupted one writes. Tokenizers' own thread pool is switched off: the stages batch themselves.
+"""
+
+import os
+
+os.environ.setdefault("MKL_CBWR", "AUTO")
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,54 @@
+"""train.run_dir: the run folder's files are written whole, read back as written, and a finished run
+opens only with the store it belongs to."""
+
+import pytest
+import torch
+
+from harvest.store import ActivationStore
+from runtime.errors import ToolkitError
+from tests.train.test_loop import make_cfg, synthetic_store
+from train.loop import train
+from train.run_dir import RunDir, RunError
+from train.saes import build
+
+
+def test_files_round_trip(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.create()
+    assert not (run.has_config or run.has_sae or run.finished or run.has_checkpoint)
+    run.write_config({"a": {"b": 1}, "lr": None})
+    assert run.read_config() == {"a": {"b": 1}, "lr": None}
+    with run.open_metrics() as log:
+        log.write("".join(f'{{"step": {s}}}\n' for s in (10, 20, 30)))
+    run.drop_metrics_after(20)
+    assert run.read_metrics() == [{"step": 10}, {"step": 20}]
+    run.save_checkpoint({"step": 7, "w": torch.arange(3)})
+    state = run.load_checkpoint(torch.device("cpu"))
+    assert state["step"] == 7 and torch.equal(state["w"], torch.arange(3))
+    assert [p.name for p in run.path.iterdir() if "partial" in p.name] == []
+    sae = build("topk", d=8, width=16, k=2)
+    run.save_sae(sae)
+    assert run.has_sae and run.sae_config() == {"arch": "topk", "d": 8, "width": 16, "k": 2}
+    assert torch.equal(run.load_sae().W_dec, sae.W_dec)
+    assert run.done() == {} and not run.result_is_fresh("eval.json")
+    run.mark_done({"step": 1})
+    run.write_result("eval.json", {"mse": 1.5})
+    assert run.finished and run.done() == {"step": 1} and run.read_result("eval.json") == {"mse": 1.5}
+    assert run.result_is_fresh("eval.json")
+    assert RunDir.find(tmp_path) == [run] and RunDir.find(run.path) == [run]
+
+
+def test_open_checks_the_run_and_its_store(tmp_path):
+    store = synthetic_store(tmp_path / "store", n_chunks=10, d=16)
+    train(make_cfg(store, "steps=4", "model.width=32", "model.k=2"), tmp_path / "run")
+    trained = RunDir(tmp_path / "run").open(torch.device("cpu"))
+    assert trained.sae.d == 16 and trained.held == [9] and isinstance(trained.store, ActivationStore)
+    assert sum(len(x) for x in trained.held_out_rows(10_000)) == trained.store.chunk_rows
+    other = synthetic_store(tmp_path / "narrow", n_chunks=4, d=8)
+    with pytest.raises(RunError, match="d=16 activations but store"):
+        RunDir(tmp_path / "run").open(torch.device("cpu"), store=str(other))
+    with pytest.raises(ToolkitError, match="does not exist"):
+        RunDir(tmp_path / "nope").open(torch.device("cpu"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match="has no trained SAE"):
+        RunDir(tmp_path / "empty").check_trained()

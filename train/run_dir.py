@@ -1,0 +1,238 @@
+"""THE run folder format: the only module that knows the file names of a training run's folder.
+
+    config.yaml       the resolved training config (written at every launch)
+    store.json        which activations the run trains on (`ActivationStore.identity()`)
+    metrics.jsonl     one JSON line per logged step
+    checkpoint.pt     SAE, optimizer, schedule, data position and RNG (replaced atomically)
+    sae/              the trained SAE: sae.safetensors + sae.json (`train.saes.save` / `load`)
+    done.json         written last: {step, tokens, world_size}; a finished run has it
+    eval.json, geometry.json, autointerp.json, ...     results of later stages (`write_result`)
+
+Training writes through `RunDir`; eval, geometry, dashboard, autointerp and report read through it.
+`RunDir.open` loads a finished run with its store and checks that they belong together.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from omegaconf import OmegaConf
+
+from harvest.store import ActivationStore
+from runtime.errors import ToolkitError
+from runtime.files import write_atomic, write_json, write_text
+from train.loader import eval_rows, norm_cut
+from train.saes import SAE, load, save
+
+
+class RunError(ToolkitError):
+    """A folder that is not the run it should be, or a run that does not fit its store."""
+
+
+class RunDir:
+    """The folder of one training run."""
+
+    CONFIG = "config.yaml"
+    STORE = "store.json"
+    METRICS = "metrics.jsonl"
+    CHECKPOINT = "checkpoint.pt"
+    SAE = "sae"
+    DONE = "done.json"
+    # results of later stages
+    EVAL = "eval.json"
+    GEOMETRY = "geometry.json"
+    AUTOINTERP = "autointerp.json"
+    DASHBOARD = "dashboard"  # a folder of HTML pages
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunDir) and other.path == self.path
+
+    def __hash__(self) -> int:
+        return hash(self.path)
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def file(self, name: str) -> Path:
+        """Path of a file in the run folder (results and plots of later stages)."""
+        return self.path / name
+
+    # ------------------------------------------------------------------ what is there
+
+    @property
+    def has_config(self) -> bool:
+        return (self.path / self.CONFIG).exists()
+
+    @property
+    def has_sae(self) -> bool:
+        return (self.path / self.SAE / "sae.json").exists()
+
+    @property
+    def finished(self) -> bool:
+        return (self.path / self.DONE).exists()
+
+    @property
+    def has_checkpoint(self) -> bool:
+        return (self.path / self.CHECKPOINT).exists()
+
+    @staticmethod
+    def find(path: str | Path) -> list[RunDir]:
+        """`path` itself if it holds a trained SAE, else every run below it that does (sorted)."""
+        path = Path(path)
+        if RunDir(path).has_sae:
+            return [RunDir(path)]
+        return [RunDir(p.parent.parent) for p in sorted(path.rglob(f"{RunDir.SAE}/sae.json"))]
+
+    # ------------------------------------------------------------------ written by training
+
+    def create(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    def read_config(self) -> dict[str, Any]:
+        """The saved training config as plain containers."""
+        return json.loads(json.dumps(OmegaConf.to_container(OmegaConf.load(self.path / self.CONFIG))))
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        write_text(self.path / self.CONFIG, OmegaConf.to_yaml(config))
+
+    def read_store(self) -> dict[str, Any] | None:
+        """The identity of the store the run trained on, or None if not recorded."""
+        f = self.path / self.STORE
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def write_store(self, store: ActivationStore) -> None:
+        write_json(self.path / self.STORE, store.identity())
+
+    def load_checkpoint(self, device: torch.device) -> dict[str, Any]:
+        """The training state `save_checkpoint` wrote, its tensors on `device`."""
+        return torch.load(self.path / self.CHECKPOINT, map_location=device, weights_only=False)
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        """Flushed to disk before it replaces the previous checkpoint: never half-written."""
+        write_atomic(self.path / self.CHECKPOINT, lambda f: torch.save(state, f), durable=True)
+
+    def open_metrics(self) -> IO[str]:
+        """metrics.jsonl for appending one JSON line per logged step."""
+        return open(self.path / self.METRICS, "a")
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        f = self.path / self.METRICS
+        return [json.loads(line) for line in f.read_text().splitlines() if line] if f.exists() else []
+
+    def drop_metrics_after(self, step: int) -> None:
+        """Forget logged steps after `step` (a resumed run redoes them)."""
+        f = self.path / self.METRICS
+        if f.exists():
+            write_text(f, "".join(json.dumps(r) + "\n" for r in self.read_metrics() if r["step"] <= step))
+
+    def save_sae(self, sae: SAE) -> Path:
+        save(sae, self.path / self.SAE)
+        return self.path / self.SAE
+
+    def load_sae(self, device: str | torch.device = "cpu") -> SAE:
+        return load(self.path / self.SAE, device)
+
+    def sae_config(self) -> dict[str, Any]:
+        """sae.json: the architecture and its constructor arguments, without loading weights."""
+        return json.loads((self.path / self.SAE / "sae.json").read_text())
+
+    def sae_mtime(self) -> float:
+        """When the SAE's weights were written (results older than that are stale)."""
+        return (self.path / self.SAE / "sae.safetensors").stat().st_mtime
+
+    def mark_done(self, info: dict[str, Any]) -> None:
+        write_json(self.path / self.DONE, info, indent=None)
+
+    def done(self) -> dict[str, Any]:
+        """done.json ({step, tokens, world_size}), or {} while unfinished."""
+        return json.loads((self.path / self.DONE).read_text()) if self.finished else {}
+
+    # ------------------------------------------------------------------ results of later stages
+
+    def write_result(self, name: str, result: dict[str, Any], indent: int = 2) -> Path:
+        """A stage's JSON result (eval.json, geometry.json, ...), written atomically."""
+        write_json(self.path / name, result, indent=indent)
+        return self.path / name
+
+    def read_result(self, name: str) -> dict[str, Any]:
+        return json.loads((self.path / name).read_text())
+
+    def result_is_fresh(self, name: str) -> bool:
+        """The result exists and is newer than the SAE."""
+        f = self.path / name
+        return f.exists() and f.stat().st_mtime >= self.sae_mtime()
+
+    # ------------------------------------------------------------------ reading a finished run
+
+    def check_trained(self, what: str = "run") -> None:
+        """RunError unless the folder exists and holds a trained SAE."""
+        if not self.path.exists():
+            raise RunError(f"{what} {self.path} does not exist")
+        if not self.has_sae:
+            raise RunError(f"{what} {self.path} has no trained SAE: expected {self.path / self.SAE / 'sae.json'}")
+
+    def open(self, device: torch.device, store: str | None = None,
+             outlier_factor: float | str | None = "run") -> TrainedRun:
+        """Load the SAE and its store (the recorded one, or `store`) and check that they belong together.
+
+        outlier_factor: "run" (the run's own data.outlier_factor), None (keep every row) or a number."""
+        self.check_trained()
+        if not self.has_config:
+            raise RunError(f"{self.path} has no {self.CONFIG}: not a training run directory")
+        config = self.read_config()
+        store_path = store or config["data"]["store"]
+        try:
+            acts = ActivationStore(store_path)
+        except FileNotFoundError:
+            raise RunError(f"store {store_path} of run {self.path} is not an activation store") from None
+        sae = self.load_sae(device).eval()
+        if sae.d != acts.d_model:
+            raise RunError(f"run {self.path} is an SAE on d={sae.d} activations but store {store_path} has "
+                           f"d={acts.d_model}")
+        trained_on = self.read_store()
+        if trained_on is not None:
+            now = acts.identity()
+            differ = [k for k in ("model", "layer", "site") if trained_on.get(k) != now[k]]
+            if differ:
+                what = ", ".join(f"{k} {trained_on.get(k)!r} vs {now[k]!r}" for k in differ)
+                raise RunError(f"run {self.path} was trained on other activations than store {store_path} ({what})")
+        eval_frac = config["data"]["eval_frac"]
+        _, held = acts.split(eval_frac)
+        if not held:
+            raise RunError(f"store {store_path} has no held-out chunks for run {self.path} (eval_frac="
+                           f"{eval_frac}, {acts.n_chunks} chunks)")
+        factor = config["data"].get("outlier_factor") if outlier_factor == "run" else outlier_factor
+        return TrainedRun(self, config, sae, acts, held, norm_cut(acts, factor), factor)
+
+
+@dataclass
+class TrainedRun:
+    """A finished run opened for analysis: its SAE (eval mode), its store, the store's held-out
+    chunks (the ones the run never trained on) and the norm cut for outlier rows (None: none)."""
+
+    dir: RunDir
+    config: dict[str, Any]
+    sae: SAE
+    store: ActivationStore
+    held: list[int]
+    cut: float | None
+    factor: float | None
+
+    def held_out_rows(self, max_rows: int, counts: dict[str, int] | None = None) -> Iterator[torch.Tensor]:
+        """The held-out rows in order, float32 [n, d] tensors, outliers left out (train.loader.eval_rows)."""
+        return eval_rows(self.store, self.held, max_rows, self.cut, counts)
