@@ -30,9 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 from eval.detection import Context, FeatureSample, aggregate, explain_and_score
 from eval.firings import N_DECILES, Firings, choose, deciles, open_run, scan, sequence_rows, top, values_at, window
 from eval.llm import ChatClient, Counters, Endpoint, ResponseCache, base_url_problem
-from eval.options import outlier_factor_check
+from eval.options import HeldOutOptions
 from eval.plots import figure, save_png
-from runtime.config import require
+from runtime.config import require, require_given
 from runtime.errors import ToolkitError, one_line_errors, reraise_as
 from train.run_dir import RunDir, TrainedRun
 
@@ -47,20 +47,15 @@ class AutointerpError(ToolkitError):
 
 
 @dataclass(frozen=True)
-class AutointerpConfig:
+class AutointerpConfig(HeldOutOptions):
     """Every key of conf/eval/autointerp.yaml, which holds and documents every default."""
 
-    run: str
     explainer: Endpoint
     scorer: Endpoint
-    store: str | None
     features: list[int] | None
     n_features: int
     min_active: int | None
     seed: int
-    max_tokens: int
-    batch_size: int
-    outlier_factor: float | str | None
     window: int
     after: int
     n_explain: int
@@ -75,13 +70,10 @@ class AutointerpConfig:
     cache_dir: str | None
     ci: float
     n_bootstrap: int
-    device: str
-    progress: bool
 
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> AutointerpConfig:
-        if OmegaConf.is_missing(cfg, "run"):
-            raise AutointerpError("run=<run dir> is required: a training run directory holding sae/")
+        require_given(cfg, "run", AutointerpError, "run=<run dir> is required: a training run directory holding sae/")
         if "explainer" in cfg and OmegaConf.is_missing(cfg.explainer, "model"):
             raise AutointerpError("explainer.model=<name> is required: the model name the server serves "
                                   "(e.g. explainer.model=Qwen/Qwen2.5-7B-Instruct); scorer.model defaults to it")
@@ -108,7 +100,6 @@ class AutointerpConfig:
             (self.features is None or (len(self.features) > 0 and all(isinstance(f, int) and f >= 0
                                                                        for f in self.features)),
              f"features must be null or a non-empty list of latent ids >= 0, got {self.features}"),
-            (self.max_tokens >= 1 and self.batch_size >= 1, "max_tokens and batch_size must be >= 1"),
             (self.after >= 0 and self.window > self.after, f"need 0 <= after < window, got after={self.after}, "
                                                            f"window={self.window}"),
             (self.concurrency >= 1, f"concurrency must be >= 1, got {self.concurrency}"),
@@ -116,7 +107,7 @@ class AutointerpConfig:
             (self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s}"),
             (0 < self.ci < 1, f"ci must be in (0, 1), got {self.ci}"),
             (self.n_bootstrap >= 1, f"n_bootstrap must be >= 1, got {self.n_bootstrap}"),
-            outlier_factor_check(self.outlier_factor),
+            *self.held_out_checks(),
         ]
         for role, e in (("explainer", self.explainer), ("scorer", self.scorer)):
             problem = base_url_problem(e.base_url)

@@ -20,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from eval.firings import Firings, choose, deciles, open_run, scan, top, values_at, window
-from eval.options import outlier_factor_check
-from runtime.config import instantiate, require
+from eval.options import HeldOutOptions
+from runtime.config import require
 from runtime.errors import ToolkitError, one_line_errors, reraise_as
 
 if TYPE_CHECKING:  # torch, transformers and the store load only once the input is checked
@@ -39,41 +39,34 @@ class DashboardError(ToolkitError):
 
 
 @dataclass(frozen=True)
-class DashboardConfig:
-    run: str
+class DashboardConfig(HeldOutOptions):
+    """conf/eval/dashboard.yaml (every key documented there)."""
+
     out: str | None
-    store: str | None
     features: str | list[int]
     n_features: int
     seed: int
-    max_tokens: int
-    batch_size: int
-    outlier_factor: float | str | None
     n_top: int
     n_per_decile: int
     n_zero: int
     left: int
     right: int
     bins: int
-    device: str
-    progress: bool
 
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> DashboardConfig:
-        if OmegaConf.is_missing(cfg, "run") or cfg.get("run") is None:
-            raise DashboardError("run=<run dir> is required: a training run directory holding sae/")
-        out = instantiate(cls, OmegaConf.to_container(cfg, resolve=True), DashboardError, "dashboard")
+        out = cls.compose(cfg, DashboardError, "dashboard",
+                          "run=<run dir> is required: a training run directory holding sae/")
         feats = out.features
         require([
+            *out.held_out_checks(),
             (feats in SELECTIONS or (isinstance(feats, list) and len(feats) > 0
                                      and all(isinstance(f, int) and not isinstance(f, bool) for f in feats)),
              f"features must be random, top_density or a non-empty list of indices like [1,5,9], got {feats!r}"),
             (out.n_features >= 1, f"n_features must be >= 1, got {out.n_features}"),
-            (out.max_tokens >= 1 and out.batch_size >= 1, "max_tokens and batch_size must be >= 1"),
             (min(out.n_top, out.n_per_decile, out.n_zero, out.left, out.right) >= 0,
              "n_top, n_per_decile, n_zero, left and right must be >= 0"),
             (out.bins >= 1, f"bins must be >= 1, got {out.bins}"),
-            outlier_factor_check(out.outlier_factor),
         ], DashboardError)
         return out
 

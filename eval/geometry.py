@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from eval.plots import figure, save_png
-from runtime.config import instantiate, require
+from runtime.config import instantiate, require, require_given
 from runtime.device import pick_device
 from runtime.errors import ToolkitError, one_line_errors, reraise_as
 from runtime.files import write_text
@@ -151,8 +151,8 @@ class GeometryConfig:
 
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> GeometryConfig:
-        if OmegaConf.is_missing(cfg, "run") or cfg.get("run") in (None, "", []):
-            raise GeometryError("run=<dir> is required: a run directory (holding sae/) or a list run=[a,b]")
+        require_given(cfg, "run", GeometryError, "run=<dir> is required: a run directory (holding sae/) or a list "
+                      "run=[a,b]")
         raw = OmegaConf.to_container(cfg, resolve=True)
         raw["run"] = [raw["run"]] if isinstance(raw["run"], str) else raw["run"]
         out = instantiate(cls, raw, GeometryError, "geometry")

@@ -46,14 +46,15 @@ class LLMError(Exception):
 
 @dataclass(frozen=True)
 class Endpoint:
-    """One role's server and sampling settings. The API key is read from the environment variable
-    named `api_key_env` at request time (unset or empty: no Authorization header)."""
+    """One role's server and sampling settings (conf/eval/autointerp.yaml `explainer`, `scorer`). The
+    API key is read from the environment variable named `api_key_env` at request time (unset or empty:
+    no Authorization header)."""
 
     base_url: str
     model: str
-    api_key_env: str | None = "OPENAI_API_KEY"
-    temperature: float = 0.0
-    max_tokens: int = 256
+    api_key_env: str | None
+    temperature: float
+    max_tokens: int
 
 
 def base_url_problem(url: str) -> str | None:

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from eval.plots import figure, save_png
+from runtime.config import require_given
 from runtime.errors import ToolkitError, one_line_errors
 from train.run_dir import RunDir
 from train.saes import REGISTRY, SAE
@@ -218,31 +219,26 @@ def _n_experts(r: EvaluatedRun) -> Any:
     return r.get("n_experts") if r.sae.has_experts else None
 
 
-COLUMNS: list[tuple[str, Callable[[EvaluatedRun], Any], Callable[[Any], str]]] = [
-    ("label", lambda r: r.label, str),
-    ("arch", lambda r: r.data["arch"], str),
-    ("match", lambda r: r.get("match"), lambda x: MISSING if x is None else x),
-    ("N", _n_experts, _int),
-    ("M", lambda r: r.get("n_latents"), _int),
-    ("k", lambda r: r.get("k"), _int),
-    ("L0", lambda r: r.get("l0"), _num),
-    ("MSE", lambda r: r.get("mse"), _num),
-    ("NMSE", lambda r: r.get("nmse"), _num),
-    ("FVE", lambda r: r.get("fve"), _num),
-    ("loss recovered", lambda r: r.get("loss_recovered"), _num),
-    ("delta CE", lambda r: r.get("delta_ce"), _num),
-    ("KL", lambda r: r.get("kl"), _num),
-    ("dead frac", lambda r: r.get("dead_frac"), _num),
-    ("params", lambda r: r.get("params"), _count),
-    ("train FLOPs", lambda r: r.get("train_flops"), _sci),
+# (header, eval.json key or a function of the run, formatter)
+COLUMNS: list[tuple[str, str | Callable[[EvaluatedRun], Any], Callable[[Any], str]]] = [
+    ("label", lambda r: r.label, str), ("arch", "arch", str), ("match", "match", lambda x: MISSING if x is None else x),
+    ("N", _n_experts, _int), ("M", "n_latents", _int), ("k", "k", _int), ("L0", "l0", _num), ("MSE", "mse", _num),
+    ("NMSE", "nmse", _num), ("FVE", "fve", _num), ("loss recovered", "loss_recovered", _num),
+    ("delta CE", "delta_ce", _num), ("KL", "kl", _num), ("dead frac", "dead_frac", _num),
+    ("params", "params", _count), ("train FLOPs", "train_flops", _sci),
 ]
+
+
+def _cells(r: EvaluatedRun) -> list[tuple[Any, Callable[[Any], str]]]:
+    """(value, formatter) of every column for one run."""
+    return [(get(r) if callable(get) else r.get(get), fmt) for _, get, fmt in COLUMNS]
 
 
 def markdown_table(runs: list[EvaluatedRun]) -> str:
     """One row per run; `|` in labels is escaped."""
     lines = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
     for r in runs:
-        lines.append("| " + " | ".join(fmt(get(r)).replace("|", "\\|") for _, get, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join(fmt(v).replace("|", "\\|") for v, fmt in _cells(r)) + " |")
     return "\n".join(lines)
 
 
@@ -252,7 +248,7 @@ def write_csv(runs: list[EvaluatedRun], path: Path) -> None:
         w = csv.writer(f)
         w.writerow([c[0] for c in COLUMNS])
         for r in runs:
-            w.writerow(["" if (v := get(r)) is None else v for _, get, _ in COLUMNS])
+            w.writerow(["" if v is None else v for v, _ in _cells(r)])
 
 
 def _summary(runs: list[EvaluatedRun], sweep: Path) -> list[str]:
@@ -296,8 +292,7 @@ def build_report(sweep: Path, out: Path, title: str | None = None) -> Path:
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: one line `report: error: ...` and exit 2 on bad input."""
     with one_line_errors("report"):
-        if OmegaConf.is_missing(cfg, "sweep") or cfg.sweep is None:
-            raise ReportError("sweep=<dir> is required: the folder holding the evaluated runs")
+        require_given(cfg, "sweep", ReportError, "sweep=<dir> is required: the folder holding the evaluated runs")
         sweep = Path(str(cfg.sweep))
         path = build_report(sweep, Path(str(cfg.out)) if cfg.get("out") else sweep, cfg.get("title"))
     print(f"report: {path}")

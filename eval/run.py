@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from eval.ce import ce_metrics
 from eval.metrics import reconstruction_metrics
-from eval.options import outlier_factor_check
+from eval.options import HeldOutOptions
 from harvest.lm import load_config, load_lm
-from runtime.config import instantiate, require
+from runtime.config import require
 from runtime.device import pick_device
 from runtime.errors import ToolkitError, reraise_as
 from train.run_dir import RunDir, TrainedRun
@@ -32,31 +32,23 @@ class EvalError(ToolkitError):
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    run: str
-    store: str | None
-    max_tokens: int
-    batch_size: int
+class EvalConfig(HeldOutOptions):
+    """conf/eval/eval.yaml (every key documented there)."""
+
     dead_window: int | None
-    outlier_factor: float | str | None
     ce: bool
     ce_seqs: int
     ce_batch: int
     redo: bool
-    device: str
     dtype: str
-    progress: bool
 
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> EvalConfig:
-        if OmegaConf.is_missing(cfg, "run"):
-            raise EvalError("run= is required: a run directory or a folder of runs")
-        out = instantiate(cls, OmegaConf.to_container(cfg, resolve=True), EvalError, "eval")
+        out = cls.compose(cfg, EvalError, "eval", "run= is required: a run directory or a folder of runs")
         require([
-            (out.max_tokens >= 1 and out.batch_size >= 1, "max_tokens and batch_size must be >= 1"),
+            *out.held_out_checks(),
             (out.ce_seqs >= 1 and out.ce_batch >= 1, "ce_seqs and ce_batch must be >= 1"),
             (out.dead_window is None or out.dead_window >= 1, f"dead_window must be >= 1 or null, got {out.dead_window}"),
-            outlier_factor_check(out.outlier_factor),
             (out.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {out.dtype!r}"),
         ], EvalError)
         return out

@@ -371,6 +371,16 @@ def as_float(acts: np.ndarray, acts_dtype: str) -> np.ndarray:
     return acts.astype(np.float32)
 
 
+_REQUIRED = object()
+
+
+def _attr(key: str, doc: str, default: Any = _REQUIRED) -> Any:
+    """A read-only property returning the group attribute `key` (or `default` when it is absent)."""
+    if default is _REQUIRED:
+        return property(lambda self: self.attrs[key], doc=doc)
+    return property(lambda self: self.attrs.get(key, default), doc=doc)
+
+
 class ActivationStore:
     """Read-only view of a store: what it holds (model, site, layout), chunks as float32, the
     held-out split, and the sequence and position behind any row. Every other module reads a store
@@ -389,34 +399,16 @@ class ActivationStore:
 
     # ------------------------------------------------------------------ what the store holds
 
-    @property
-    def model(self) -> str:
-        """The LM the activations come from (hub id or local folder)."""
-        return self.attrs["model"]
+    model: str = _attr("model", "The LM the activations come from (hub id or local folder).")
+    layer: int = _attr("layer", "The block whose site was read.")
+    site: str = _attr("site", "resid_post | attn_out | mlp_out.")
+    n_layers: int | None = _attr("n_layers", "Blocks of the LM (None if the store does not record it).", None)
+    harvest_config: dict[str, Any] = _attr("config", "The full harvest config that wrote the store.")
 
     @property
     def tokenizer_name(self) -> str:
         """Where the tokenizer of the stored token ids loads from."""
-        return self.attrs.get("tokenizer") or self.attrs["model"]
-
-    @property
-    def layer(self) -> int:
-        return self.attrs["layer"]
-
-    @property
-    def site(self) -> str:
-        """resid_post | attn_out | mlp_out."""
-        return self.attrs["site"]
-
-    @property
-    def n_layers(self) -> int | None:
-        """Blocks of the LM (None if the store does not record it)."""
-        return self.attrs.get("n_layers")
-
-    @property
-    def harvest_config(self) -> dict[str, Any]:
-        """The full harvest config that wrote the store."""
-        return self.attrs["config"]
+        return self.attrs.get("tokenizer") or self.model
 
     def identity(self) -> dict[str, Any]:
         """What a training run records about its store, so that eval can refuse a different one."""
@@ -425,40 +417,17 @@ class ActivationStore:
 
     # ------------------------------------------------------------------ layout
 
-    @property
-    def d_model(self) -> int:
-        return self.attrs["d_model"]
-
-    @property
-    def acts_dtype(self) -> str:
-        """float16 | bfloat16 (kept as uint16 bits)."""
-        return self.attrs["acts_dtype"]
-
-    @property
-    def context_size(self) -> int:
-        return self.attrs["context_size"]
-
-    @property
-    def first_pos(self) -> int:
-        """Position of a sequence's first stored row: 1 when position 0 was left out, else 0."""
-        return self.attrs["first_pos"]
-
-    @property
-    def rows_per_seq(self) -> int:
-        return self.attrs["rows_per_seq"]
-
-    @property
-    def chunk_rows(self) -> int:
-        return self.attrs["chunk_rows"]
+    d_model: int = _attr("d_model", "Width d of a row.")
+    acts_dtype: str = _attr("acts_dtype", "float16 | bfloat16 (kept as uint16 bits).")
+    context_size: int = _attr("context_size", "Tokens per sequence.")
+    first_pos: int = _attr("first_pos", "Position of a sequence's first stored row: 1 when position 0 was left out.")
+    rows_per_seq: int = _attr("rows_per_seq", "Stored rows per sequence: context_size - first_pos.")
+    chunk_rows: int = _attr("chunk_rows", "Rows per chunk, the unit of writing and reading.")
+    n_rows: int = _attr("n_tokens", "Rows written and committed (fewer than the arrays' length while incomplete).")
 
     @property
     def chunk_seqs(self) -> int:
         return self.chunk_rows // self.rows_per_seq
-
-    @property
-    def n_rows(self) -> int:
-        """Rows written and committed (may be fewer than the arrays' length while incomplete)."""
-        return self.attrs["n_tokens"]
 
     @property
     def n_chunks(self) -> int:
@@ -470,10 +439,12 @@ class ActivationStore:
 
     @property
     def mean(self) -> np.ndarray:
+        """Per-dimension mean [d] of the stored rows (float64)."""
         return np.asarray(self.attrs["mean"])
 
     @property
     def var(self) -> np.ndarray:
+        """Per-dimension population variance [d] of the stored rows (float64)."""
         return np.asarray(self.attrs["var"])
 
     def stored_bytes(self, name: str = "acts") -> int:

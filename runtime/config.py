@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from runtime.errors import ToolkitError
 
@@ -36,3 +36,9 @@ def require(checks: Iterable[tuple[bool, str]], error: type[ToolkitError]) -> No
     for ok, message in checks:
         if not ok:
             raise error(message)
+
+
+def require_given(cfg: DictConfig, key: str, error: type[ToolkitError], message: str) -> None:
+    """`error(message)` unless `cfg.<key>` is set: not missing (???), null, empty or an empty list."""
+    if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, "", []):
+        raise error(message)

@@ -47,7 +47,7 @@ class Batches:
     """Iterates over training batches [batch_size, d] float32 from `start_step` on, forever."""
 
     def __init__(self, store: ActivationStore, chunk_ids: list[int], batch_size: int, seed: int,
-                 window_chunks: int = 8, start_step: int = 0, device: str | torch.device = "cpu",
+                 window_chunks: int, start_step: int = 0, device: str | torch.device = "cpu",
                  cut: float | None = None):
         if not chunk_ids:
             raise ValueError("no training chunks")

@@ -114,7 +114,7 @@ def banana(body: dict[str, Any]) -> tuple[int, str]:
 def client(server: Server, counters: Counters | None = None, cache: ResponseCache | None = None,
            **kw: Any) -> ChatClient:
     opts = dict(timeout_s=5, max_retries=3, backoff_s=0.01) | kw
-    return ChatClient(Endpoint(server.url, "test-model"), counters or Counters(), cache, **opts)
+    return ChatClient(Endpoint(server.url, "test-model", "OPENAI_API_KEY", 0.0, 256), counters or Counters(), cache, **opts)
 
 
 def ctx(row: int, decile: int, text: str) -> Context:
@@ -241,7 +241,7 @@ def test_cache_makes_a_rerun_free(serve, tmp_path):
     files = sorted((tmp_path / "cache").rglob("*"))
     assert len([f for f in files if f.is_file()]) == sent and not [f for f in files if ".tmp" in f.name]
     # another temperature is another request
-    warm = ChatClient(Endpoint(server.url, "test-model", temperature=0.7), Counters(), cache, timeout_s=5,
+    warm = ChatClient(Endpoint(server.url, "test-model", "OPENAI_API_KEY", 0.7, 256), Counters(), cache, timeout_s=5,
                       max_retries=0)
     warm.complete(server.requests[0]["messages"])
     assert len(server.requests) == sent + 1
@@ -278,7 +278,7 @@ def test_failures_are_counted_not_raised(serve):
     url = f"http://127.0.0.1:{port.server_address[1]}/v1"
     port.server_close()
     counters = Counters()
-    refused = ChatClient(Endpoint(url, "m"), counters, timeout_s=2, max_retries=2, backoff_s=0.01)
+    refused = ChatClient(Endpoint(url, "m", "OPENAI_API_KEY", 0.0, 256), counters, timeout_s=2, max_retries=2, backoff_s=0.01)
     with pytest.raises(LLMError, match="cannot reach"):
         refused.complete([{"role": "user", "content": "x"}])
     assert counters.as_dict()["http_requests"] == 3 and counters.as_dict()["failed"] == 1
