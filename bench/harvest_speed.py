@@ -133,7 +133,7 @@ def main() -> None:
     a_over_c = statistics.median(c / a for a, c in zip(times["a"], times["c"], strict=True))
     report = {
         "device": str(device), "dtype": str(dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
-        "model": cfg.model, "layer": cfg.layer, "n_layers": s.attrs["n_layers"], "rounds": args.rounds,
+        "model": cfg.model, "layer": cfg.layer, "n_layers": s.n_layers, "rounds": args.rounds,
         "tokens_per_round": n_tok, "seconds": times,
         "forward_to_block_tok_s": rate["a"], "harvest_tok_s": rate["b"], "full_forward_hook_tok_s": rate["c"],
         "harvest_over_forward_to_block": b_over_a, "stop_speedup_over_full": a_over_c,

@@ -12,6 +12,7 @@ Measured in one run on the demo store (d = 576), batch 8192:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 
 from bench import write_results
-from harvest.store import ActivationStore, Layout, StoreWriter, codec, split_chunks
+from harvest.store import ActivationStore, StoreWriter, codec, split_chunks
 from train.loader import Batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,11 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def copy_store(src: ActivationStore, dest: Path, n_chunks: int) -> Path:
     """A store of n_chunks chunks, cycling through src's chunks (same layout and codec)."""
-    a = src.attrs
-    layout = Layout(d_model=src.d_model, context_size=a["context_size"], first_pos=a["first_pos"],
-                    chunk_seqs=a["chunk_rows"] // a["rows_per_seq"], n_chunks=n_chunks, acts_dtype=a["acts_dtype"])
-    meta = {k: a[k] for k in ("model", "layer", "site", "config", "tokenizer")}
-    writer = StoreWriter.create(dest, layout, codec(a["config"]["codec"], a["config"]["codec_level"]), meta)
+    layout = dataclasses.replace(src.layout, n_chunks=n_chunks)
+    config = src.harvest_config
+    meta = {"model": src.model, "layer": src.layer, "site": src.site, "config": config, "tokenizer": src.tokenizer_name}
+    writer = StoreWriter.create(dest, layout, codec(config["codec"], config["codec_level"]), meta)
     for i in range(n_chunks):
         j = i % src.n_chunks
         writer.write_chunk(i, src.read_chunk_raw(j), src.contexts[j * layout.chunk_seqs : (j + 1) * layout.chunk_seqs], {})

@@ -49,7 +49,7 @@ def unit_rows(w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def group_max(w: torch.Tensor, groups: int = 1, block: int = 4096) -> torch.Tensor:
+def group_max(w: torch.Tensor, groups: int, block: int) -> torch.Tensor:
     """w [M, d], rows in `groups` consecutive groups of M / groups -> [M, groups]: each row's max cosine
     to the rows of each group, the row itself excluded (-inf for a group holding no other row)."""
     m = w.shape[0]
@@ -66,7 +66,7 @@ def group_max(w: torch.Tensor, groups: int = 1, block: int = 4096) -> torch.Tens
     return out
 
 
-def nn_cosine(w: torch.Tensor, block: int = 4096) -> torch.Tensor:
+def nn_cosine(w: torch.Tensor, block: int) -> torch.Tensor:
     """w [M, d] -> [M]: each feature's max cosine to any OTHER feature."""
     return group_max(w, 1, block)[:, 0]
 
@@ -79,7 +79,7 @@ def expert_matrix(gmax: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(mat), mat, torch.nan)
 
 
-def expert_similarity(w: torch.Tensor, block: int = 4096) -> torch.Tensor:
+def expert_similarity(w: torch.Tensor, block: int) -> torch.Tensor:
     """w [N, e, d] -> [N, N] mean nearest-neighbour cosine of expert A's features within expert B
     (for A == B each feature's own row is excluded)."""
     n, e, d = w.shape
@@ -118,7 +118,7 @@ def within_between(mat: torch.Tensor) -> dict[str, float]:
 EXACT_TSNE = 500  # up to this many points the exact t-SNE gradient is faster than Barnes-Hut
 
 
-def tsne_embed(x: torch.Tensor, perplexity: float, pca: int, seed: int, max_iter: int = 1000) -> np.ndarray:
+def tsne_embed(x: torch.Tensor, perplexity: float, pca: int, seed: int, max_iter: int) -> np.ndarray:
     """x [n, d] -> [n, 2] t-SNE embedding (after PCA to `pca` dims when 0 < pca < d)."""
     from sklearn.manifold import TSNE
 

@@ -83,8 +83,8 @@ class ReconMetrics:
 
 
 @torch.inference_mode()
-def reconstruction_metrics(sae: SAE, rows: Iterable[torch.Tensor], *, batch_size: int = 8192,
-                           dead_window: int | None = None, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+def reconstruction_metrics(sae: SAE, rows: Iterable[torch.Tensor], *, batch_size: int, dead_window: int | None,
+                           dtype: torch.dtype) -> dict[str, Any]:
     """Run the SAE over `rows` (tensors [n, d], any n) and return the metrics of the module docstring."""
     device = next(sae.parameters()).device
     n_experts = getattr(sae, "n_experts", None)

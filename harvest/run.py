@@ -88,7 +88,7 @@ def _check_store(cfg: HarvestConfig, world: int) -> store.Progress | None:
         if cfg.overwrite:
             return None
         old = store.ActivationStore(path)
-        old_identity = {k: v for k, v in old.attrs["config"].items() if k in cfg.identity()}
+        old_identity = {k: v for k, v in old.harvest_config.items() if k in cfg.identity()}
         if old_identity != cfg.identity():
             diff = ", ".join(f"{k}: {old_identity.get(k)!r} -> {v!r}" for k, v in cfg.identity().items()
                              if old_identity.get(k) != v)

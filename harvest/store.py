@@ -430,6 +430,12 @@ class ActivationStore:
         return self.chunk_rows // self.rows_per_seq
 
     @property
+    def layout(self) -> Layout:
+        """The shapes of the committed chunks, as the writer takes them."""
+        return Layout(d_model=self.d_model, context_size=self.context_size, first_pos=self.first_pos,
+                      chunk_seqs=self.chunk_seqs, n_chunks=self.n_chunks, acts_dtype=self.acts_dtype)
+
+    @property
     def n_chunks(self) -> int:
         return self.n_rows // self.chunk_rows
 

@@ -57,7 +57,7 @@ def test_zero_rows_have_cosine_zero_and_change_nothing_else():
     w, _ = planted()
     nn = nn_cosine(torch.cat([w, torch.zeros(1, 32)]), block=7)
     assert nn[-1].item() == 0.0
-    assert torch.allclose(nn[:-1], torch.maximum(nn_cosine(w), torch.zeros(())), atol=1e-6)
+    assert torch.allclose(nn[:-1], torch.maximum(nn_cosine(w, block=4096), torch.zeros(())), atol=1e-6)
 
 
 def experts_with_a_copy() -> torch.Tensor:
@@ -89,7 +89,7 @@ def test_cross_expert_duplicates():
     assert ((cross > 0.9).nonzero().flatten() < 16).all() and (cross > 0.9).sum().item() == 16
     assert torch.allclose(gmax.amax(1).double(), brute_nn(w.reshape(32, 16)), atol=1e-5)
     with pytest.raises(ValueError):
-        group_max(w.reshape(32, 16), 5)
+        group_max(w.reshape(32, 16), 5, block=4096)
 
 
 # ---------------------------------------------------------------------------------- config and CLI
@@ -155,7 +155,7 @@ def test_cli_end_to_end_switch_and_topk(tmp_path):
     assert out["nn_cos_mean"] == out["decoder"]["nn_cos_mean"] == pytest.approx(nn.mean().item(), abs=1e-5)
     assert out["dup_frac"] == out["decoder"]["dup_frac"] == (nn > 0.9).sum().item() / 64
     assert out["dup_frac"] >= 2 / 64 and out["cross_expert_dup_frac"] >= 2 / 64
-    assert torch.allclose(torch.tensor(out["decoder"]["expert_similarity"]), expert_similarity(dec.view(4, 16, 16)),
+    assert torch.allclose(torch.tensor(out["decoder"]["expert_similarity"]), expert_similarity(dec.view(4, 16, 16), block=4096),
                           atol=1e-5)
     assert out["encoder"]["nn_cos_mean"] == pytest.approx(brute_nn(sw.W_enc.detach().reshape(64, 16)).mean().item(),
                                                           abs=1e-5)

@@ -55,7 +55,8 @@ def identity_topk(d: int):
 def test_identity_sae_is_perfect():
     torch.manual_seed(0)
     x = torch.randn(500, 8) * 3 + 1
-    m = reconstruction_metrics(identity_topk(8), [x[:200], x[200:]], batch_size=64)
+    m = reconstruction_metrics(identity_topk(8), [x[:200], x[200:]], batch_size=64, dead_window=None,
+                               dtype=torch.float32)
     assert m["mse"] == 0.0 and m["fve"] == 1.0 and m["nmse"] == 0.0
     assert m["eval_tokens"] == 500 and m["dead_frac"] == 0.0
 
@@ -64,7 +65,7 @@ def test_switch_expert_load_and_entropy():
     torch.manual_seed(0)
     sae = build("switch", d=8, n_experts=4, expert_width=8, k=2, alpha=3.0)
     x = torch.randn(4000, 8)
-    m = reconstruction_metrics(sae, [x])
+    m = reconstruction_metrics(sae, [x], batch_size=8192, dead_window=None, dtype=torch.float32)
     _, expert = sae.route(x)
     want = torch.bincount(expert, minlength=4).double() / len(x)
     assert m["expert_load"] == pytest.approx(want.tolist())

@@ -59,7 +59,7 @@ def test_other_config_is_refused_then_overwritten_on_request(tiny_gpt2, corpus_j
         harvest(compose(harvest_overrides(tiny_gpt2, corpus_jsonl, store, layer=1)))
     assert _digest(store) == before  # nothing touched
     harvest(compose(harvest_overrides(tiny_gpt2, corpus_jsonl, store, layer=1, overwrite="true")))
-    assert ActivationStore(store).attrs["layer"] == 1
+    assert ActivationStore(store).layer == 1
 
 
 def test_runtime_keys_may_change_and_the_budget_may_grow(tiny_gpt2, corpus_jsonl, tmp_path):
@@ -91,7 +91,7 @@ def test_llama_attn_out_and_bfloat16_storage(tiny_llama, corpus_jsonl, tmp_path)
     harvest(compose(harvest_overrides(tiny_llama, corpus_jsonl, tmp_path / "s", site="attn_out",
                                       store_dtype="bfloat16", keep_pos0="true", codec="none")))
     s = ActivationStore(tmp_path / "s")
-    assert s.attrs["acts_dtype"] == "bfloat16" and s.chunk_rows == 32  # keep_pos0: 2 x 16 rows
+    assert s.acts_dtype == "bfloat16" and s.chunk_rows == 32  # keep_pos0: 2 x 16 rows
     assert np.isfinite(s.read_chunk(0)).all() and s.read_chunk(0).std() > 0
 
 

@@ -25,7 +25,7 @@ def test_demo_preset_store_equals_a_plain_hidden_states_forward(tmp_path):
                    f"dataset.name={ROOT / 'data/corpus/offline.jsonl'}"])
     harvest(cfg)
     s = ActivationStore(tmp_path / "s")
-    assert (s.attrs["layer"], s.d_model, s.n_rows, s.complete) == (20, 576, 3048, True)  # 3 chunks x 8 x 127
+    assert (s.layer, s.d_model, s.n_rows, s.complete) == (20, 576, 3048, True)  # 3 chunks x 8 x 127
     contexts = torch.from_numpy(s.contexts[:]).long()
     assert (contexts[:, 0] == 0).sum() >= 1  # <|endoftext|> separates documents
     model = AutoModelForCausalLM.from_pretrained(OFFLINE_MODEL, dtype=torch.float32).eval()
