@@ -15,7 +15,7 @@ help:
 	@echo "make test                  run the test suite (offline)"
 	@echo "make harvest [preset=demo] [nproc=R] [ARGS='tokens=... store=...']   cache activations (stage 1), on R processes"
 	@echo "make bench-harvest         tokens/s of forward-to-block vs harvest vs full forward (demo model)"
-	@echo "make train [model=switch] [N=8] [nproc=R [ep=G]] [ARGS='steps=... data.store=...']   train an SAE (stage 2)"
+	@echo "make train [model=switch] [N=8] [nproc=R [ep=G]] [ARGS='budget=steps:... data.store=...']   train an SAE (stage 2)"
 	@echo "                           nproc=R: R processes (data parallel); ep=G: Switch experts split over G ranks"
 	@echo "make sweep [SWEEP_GRID='...'] [launcher=slurm]   Hydra multirun grid (on SLURM with launcher=slurm); re-run to resume"
 	@echo "make eval run=<run dir or sweep dir> [ARGS='ce=false ...']   metrics -> <run>/eval.json (stage 3)"
@@ -54,7 +54,7 @@ bench-harvest: setup
 clean-venv:
 	rm -rf .venv
 
-# `make train model=switch N=8 ARGS='steps=2000'`; on R processes (torchrun, one per GPU): nproc=R,
+# `make train model=switch N=8 ARGS='budget=steps:2000'`; on R processes (torchrun, one per GPU): nproc=R,
 # data parallel, or with ep=G the Switch experts split over G of them (train/dist.py, README)
 TRAIN_ARGS := $(if $(model),model=$(model)) $(if $(N),model.n_experts=$(N)) $(if $(ep),expert_parallel=$(ep)) $(ARGS)
 train: .venv/.installed
@@ -62,7 +62,7 @@ train: .venv/.installed
 
 # A documented grid: TopK vs width-matched Switch at three sparsities, on the demo store.
 # Re-running it skips finished runs and resumes interrupted ones.
-SWEEP_GRID ?= model=topk,switch model.k=16,32,64 model.width=2048 steps=2000 batch_size=4096
+SWEEP_GRID ?= model=topk,switch model.k=16,32,64 model.width=2048 budget=steps:2000 batch_size=4096
 sweep: .venv/.installed
 	$(PY) -m train -m $(if $(launcher),hydra/launcher=$(launcher)) $(SWEEP_GRID) $(ARGS)
 

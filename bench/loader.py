@@ -67,7 +67,7 @@ from runtime.config import compose_app
 from train.config import TrainConfig
 from train.loop import train
 store, run, steps, *model = sys.argv[1:]
-cfg = TrainConfig.from_omegaconf(compose_app('train', [f'data.store={store}', f'steps={steps}', 'batch_size=8192',
+cfg = TrainConfig.from_omegaconf(compose_app('train', [f'data.store={store}', f'budget=steps:{steps}', 'batch_size=8192',
                                                        'log_every=1', 'progress=false', f'checkpoint_every={10**9}',
                                                        *model]))
 train(cfg, Path(run))

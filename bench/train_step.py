@@ -164,7 +164,7 @@ def bf16_loss_check(steps: int = 200) -> dict | None:
         return None
     losses, seconds = {}, {}
     for dtype in ("float32", "bfloat16"):
-        overrides = [f"steps={steps}", "batch_size=1024", "model=topk", "model.width=2304", "model.k=32",
+        overrides = [f"budget=steps:{steps}", "batch_size=1024", "model=topk", "model.width=2304", "model.k=32",
                      f"dtype={dtype}", "progress=false", f"log_every={steps}", "device=cpu"]
         with tempfile.TemporaryDirectory() as tmp:
             t = time.perf_counter()

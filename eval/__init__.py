@@ -1,6 +1,6 @@
 """Stage 3: evaluation of trained SAEs.
 
-- `python -m eval run=<run>`: reconstruction metrics (eval/metrics.py), CE loss recovered (eval/ce.py)
+- `python -m eval run=<run>`: reconstruction metrics (train/metrics.py), CE loss recovered (eval/ce.py)
   and FLOP / parameter counts (train/saes/flops.py) on the store's held-out chunks -> `<run>/eval.json`.
 - `python -m eval.report sweep=<dir>`: Pareto and scaling plots + report.md over many runs.
 - `python -m eval.geometry run=<run>`: nearest-neighbour cosines, expert similarity, t-SNE (section 4.3).

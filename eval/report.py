@@ -6,8 +6,12 @@ relative to the sweep is the run's label. `build_report` writes, into `out`:
 - `pareto.png`: the paper's Figure 3, a 2x2 grid: MSE and 1 - loss recovered against L0, for
   width-matched runs (left) and FLOP-matched runs (right); TopK, ReLU and Gated runs appear in both.
 - `scaling.png`: the paper's Figure 1: MSE against training FLOPs and against parameters, TopK and
-  Switch (one series per N; FLOP-matched Switch points drawn hollow).
-- `report.md`: title, a summary line, the distinct evaluation notes, both images, one table row per run.
+  Switch (one series per N, and per k when k varies; FLOP-matched Switch points drawn hollow).
+- `curves.png`: every run's validation curve (validation.jsonl): held-out MSE against training FLOPs
+  and against training seconds, so that runs compare at equal compute within their lives.
+- `report.md`: title, a summary line, the distinct evaluation notes, what the runs say about the
+  paper's claims (eval/compute.py), the images, the MSE of every run at common FLOP budgets read off
+  its validation curve, one table row per run.
 - `runs.csv`: the same table with unrounded numbers.
 
 Every eval.json is read and checked before anything is written; bad input raises `ReportError`.
@@ -25,6 +29,7 @@ from typing import Any, Callable
 import hydra
 from omegaconf import DictConfig
 
+from eval import compute
 from eval.plots import figure, save_png
 from runtime.config import require_given
 from runtime.errors import ToolkitError, one_line_errors
@@ -45,10 +50,12 @@ class ReportError(ToolkitError):
 
 @dataclass(frozen=True)
 class EvaluatedRun:
-    """One evaluated run: its label (folder relative to the sweep) and the contents of its eval.json."""
+    """One evaluated run: its label (folder relative to the sweep), the contents of its eval.json and
+    its validation curve (validation.jsonl records; empty when trained without validation)."""
 
     label: str
     data: dict[str, Any]
+    curve: tuple[dict[str, Any], ...] = ()
 
     def get(self, key: str) -> Any:
         return self.data.get(key)
@@ -106,7 +113,8 @@ def load_runs(sweep: Path) -> list[EvaluatedRun]:
             data = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise ReportError(f"{path}: not valid JSON ({e})") from None
-        runs.append(EvaluatedRun(path.parent.relative_to(sweep).as_posix(), _check(path, data)))
+        curve = tuple(RunDir(path.parent).read_validation())
+        runs.append(EvaluatedRun(path.parent.relative_to(sweep).as_posix(), _check(path, data), curve))
     if not runs:
         raise ReportError(f"no eval.json found under {sweep}")
     return sorted(runs, key=lambda r: r.sort_key)
@@ -125,9 +133,11 @@ def _styles(runs: list[EvaluatedRun]) -> dict[str, dict[str, Any]]:
 
 
 def _panel(ax: Any, runs: list[EvaluatedRun], x: Callable[[EvaluatedRun], Any], y: Callable[[EvaluatedRun], Any],
-           styles: dict[str, dict[str, Any]], skipped_what: str = "") -> None:
-    """Draw one panel: a line per series through its points sorted by x, hollow markers for FLOP-matched
-    Switch points, log x; runs whose x or y is missing are skipped and counted in a corner note."""
+           styles: dict[str, dict[str, Any]], skipped_what: str = "", line: tuple[str, str] | None = None) -> None:
+    """Draw one panel: a line per series through its points sorted by x (with `line` = (eval.json key,
+    legend name), one per series and value of that key when it varies, dashed after the first),
+    hollow markers for FLOP-matched Switch points, log x; runs whose x or y is missing are skipped
+    and counted in a corner note."""
     points = [(x(r), y(r), r) for r in runs]
     good = [p for p in points if p[0] is not None and p[1] is not None and math.isfinite(p[0]) and math.isfinite(p[1])]
     skipped = len(points) - len(good)
@@ -136,17 +146,22 @@ def _panel(ax: Any, runs: list[EvaluatedRun], x: Callable[[EvaluatedRun], Any], 
                 ha="center", va="center", transform=ax.transAxes, color="0.4")
         ax.set_xticks([])
         ax.set_yticks([])
+    values = sorted({p[2].get(line[0]) for p in good}, key=lambda v: (v is None, v)) if line else [None]
     for series, style in styles.items():
-        pts = sorted((p for p in good if p[2].series == series), key=lambda p: p[0])
-        if not pts:
-            continue
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=style["color"], lw=1.2, alpha=0.8)
-        for hollow in (False, True):
-            sel = [p for p in pts if (p[2].get("match") == "flops" and p[2].sae.has_experts) == hollow]
-            if sel:
-                ax.scatter([p[0] for p in sel], [p[1] for p in sel], marker=style["marker"], s=36, zorder=3,
-                           edgecolors=style["color"], facecolors="none" if hollow else style["color"],
-                           label=None if hollow and len(sel) < len(pts) else series)
+        for i, value in enumerate(values):
+            pts = sorted((p for p in good if p[2].series == series and (not line or p[2].get(line[0]) == value)),
+                         key=lambda p: p[0])
+            if not pts:
+                continue
+            name = f"{series} {line[1]}={value}" if line and len(values) > 1 else series
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=style["color"], lw=1.2, alpha=0.8,
+                    linestyle=("-", "--", ":", "-.")[i % 4])
+            for hollow in (False, True):
+                sel = [p for p in pts if (p[2].get("match") == "flops" and p[2].sae.has_experts) == hollow]
+                if sel:
+                    ax.scatter([p[0] for p in sel], [p[1] for p in sel], marker=style["marker"], s=36, zorder=3,
+                               edgecolors=style["color"], facecolors="none" if hollow else style["color"],
+                               label=None if hollow and len(sel) < len(pts) else name)
     if skipped and good:
         ax.text(0.98, 0.98, f"{skipped} run(s) without {skipped_what or 'values'} not shown", ha="right",
                 va="top", transform=ax.transAxes, fontsize=8, color="0.4", zorder=5,
@@ -177,8 +192,8 @@ def plot_pareto(runs: list[EvaluatedRun], path: Path, styles: dict[str, dict[str
     columns = {"width-matched": dense + [r for r in experts if r.get("match") != "flops"],
                "FLOP-matched": dense + [r for r in experts if r.get("match") == "flops"]}
     for j, (name, col) in enumerate(columns.items()):
-        _panel(axes[0, j], col, lambda r: r.get("l0"), lambda r: r.get("mse"), styles)
-        _panel(axes[1, j], col, lambda r: r.get("l0"), _lost, styles, skipped_what="CE")
+        _panel(axes[0, j], col, lambda r: r.get("l0"), lambda r: r.get("mse"), styles, line=("n_latents", "M"))
+        _panel(axes[1, j], col, lambda r: r.get("l0"), _lost, styles, skipped_what="CE", line=("n_latents", "M"))
         axes[0, j].set_title(name)
         axes[0, j].set_ylabel("MSE")
         axes[1, j].set_ylabel("1 − loss recovered")
@@ -191,10 +206,41 @@ def plot_scaling(runs: list[EvaluatedRun], path: Path, styles: dict[str, dict[st
     fig, axes = figure(1, 2, (11, 4.5))
     sel = [r for r in runs if r.sae.sparse_codes]  # the TopK-style SAEs: topk and switch
     for ax, key, label in ((axes[0, 0], "train_flops", "training FLOPs"), (axes[0, 1], "params", "parameters")):
-        _panel(ax, sel, lambda r, key=key: r.get(key), lambda r: r.get("mse"), styles, skipped_what=label)
+        _panel(ax, sel, lambda r, key=key: r.get(key), lambda r: r.get("mse"), styles, skipped_what=label,
+               line=("k", "k"))
         ax.set_xlabel(label)
-        ax.set_ylabel("MSE")
+        ax.set_ylabel("held-out MSE")
     save_png(fig, path)
+
+
+def plot_curves(runs: list[EvaluatedRun], path: Path, styles: dict[str, dict[str, Any]]) -> bool:
+    """Every run's validation curve: held-out MSE against cumulative training FLOPs (log) and against
+    training seconds, coloured by series. False (and nothing written) when no run has a curve."""
+    with_curves = [r for r in runs if len(r.curve) > 1]
+    if not with_curves:
+        return False
+    fig, axes = figure(1, 2, (12, 4.8))
+    named: set[str] = set()
+    for r in with_curves:
+        style = styles[r.series]
+        label = r.series if r.series not in named else None
+        named.add(r.series)
+        pts = [v for v in r.curve if v.get("mse") is not None]
+        for ax, key in ((axes[0, 0], "train_flops"), (axes[0, 1], "seconds")):
+            xy = [(v[key], v["mse"]) for v in pts if key != "train_flops" or v[key] > 0]  # log axis: no 0
+            ax.plot([p[0] for p in xy], [p[1] for p in xy], color=style["color"], lw=1.0, alpha=0.75,
+                    marker=style["marker"], markersize=3, label=label if ax is axes[0, 0] else None)
+            ax.annotate(r.label, xy[-1], fontsize=6, color=style["color"], xytext=(3, 0), textcoords="offset points")
+    axes[0, 0].set_xscale("log")
+    axes[0, 0].set_xlabel("training FLOPs so far")
+    axes[0, 1].set_xlabel("training seconds so far (this machine; validation not counted)")
+    for ax in axes[0]:
+        ax.set_ylabel("held-out MSE (validation sample)")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0, 0].legend(fontsize=8, loc="best")
+    save_png(fig, path)
+    return True
 
 
 # --------------------------------------------------------------------------------------- table
@@ -266,23 +312,53 @@ def _summary(runs: list[EvaluatedRun], sweep: Path) -> list[str]:
     return [line + ".", ""] + (["Notes:", ""] + [f"- {n}" for n in notes] + [""] if notes else [])
 
 
-def build_report(sweep: Path, out: Path, title: str | None = None) -> Path:
-    """Read every eval.json under `sweep` and write pareto.png, scaling.png, report.md and runs.csv
-    into `out` (created if needed). Returns the path of report.md. Raises ReportError on bad input,
-    before anything is written."""
+def equal_compute_section(runs: list[EvaluatedRun]) -> list[str]:
+    """The 'at equal training compute' table (Markdown lines), or a line saying why there is none."""
+    with_curves = [r for r in runs if len(r.curve) > 1]
+    budgets = compute.common_budgets([r.curve for r in with_curves])
+    if not budgets:
+        return ["No run has a validation curve (train with eval_every > 0, the default), so none can be read "
+                "at equal compute.", ""]
+    return ["Held-out MSE of each run read off its validation curve at common training-FLOP budgets "
+            "(linear between validations; `not reached`: the run stopped before; bold: the lowest). "
+            f"Each point averages the validation sample of {_tokens(with_curves)} held-out tokens.", "",
+            compute.markdown([(r.label, r.curve) for r in with_curves], budgets), ""]
+
+
+def _tokens(runs: list[EvaluatedRun]) -> str:
+    counts = sorted({v.get("eval_tokens") for r in runs for v in r.curve if v.get("eval_tokens") is not None})
+    return " / ".join(f"{c:,}" for c in counts) or "?"
+
+
+def build_report(sweep: Path, out: Path, title: str | None = None, intro: list[str] | None = None) -> Path:
+    """Read every eval.json (and validation.jsonl) under `sweep` and write pareto.png, scaling.png,
+    curves.png, report.md and runs.csv into `out` (created if needed). `intro`: paragraphs opening the
+    report, before what the runs say about the paper's claims (`compute.findings`). Returns the path of
+    report.md. Raises ReportError on bad input, before anything is written."""
     sweep, out = Path(sweep), Path(out)
     runs = load_runs(sweep)
     out.mkdir(parents=True, exist_ok=True)
     styles = _styles(runs)
     plot_pareto(runs, out / "pareto.png", styles)
     plot_scaling(runs, out / "scaling.png", styles)
+    curves = plot_curves(runs, out / "curves.png", styles)
     write_csv(runs, out / "runs.csv")
-    md = [f"# {title or f'SAE evaluation: {sweep.resolve().name}'}", "", *_summary(runs, sweep),
-          "## MSE and loss recovered vs L0 (Figure 3)", "", "![Pareto fronts](pareto.png)", "",
-          "Left: width-matched Switch runs; right: FLOP-matched ones; TopK, ReLU and Gated in both.", "",
-          "## MSE vs training FLOPs and parameters (Figure 1)", "", "![Scaling](scaling.png)", "",
-          "Hollow markers: FLOP-matched Switch runs.", "", "## Runs", "", markdown_table(runs), "",
-          "Unrounded values: [runs.csv](runs.csv).", ""]
+    claims = compute.findings(runs)
+    md = [f"# {title or f'SAE evaluation: {sweep.resolve().name}'}", "", *(intro or []), *_summary(runs, sweep)]
+    if claims:
+        md += ["## What these runs say about the paper's claims", "", *[f"- {c}" for c in claims], ""]
+    md += ["## MSE vs training FLOPs and parameters (Figure 1)", "", "![Scaling](scaling.png)", "",
+           "Final held-out MSE of every TopK-style run; one line per family (and per k when k varies); hollow "
+           "markers: FLOP-matched Switch runs.", ""]
+    if curves:
+        md += ["![Validation curves](curves.png)", "",
+               "Validation curves: held-out MSE during training against the training FLOPs and the seconds spent "
+               "so far, one line per run (label at its end).", ""]
+    md += ["## At equal training compute", "", *equal_compute_section(runs),
+           "## MSE and loss recovered vs L0 (Figure 3)", "", "![Pareto fronts](pareto.png)", "",
+           "Left: width-matched Switch runs; right: FLOP-matched ones; TopK, ReLU and Gated in both; one line per "
+           "family (and per width M when it varies).", "", "## Runs", "", markdown_table(runs), "",
+           "Unrounded values: [runs.csv](runs.csv).", ""]
     path = out / "report.md"
     path.write_text("\n".join(md))
     return path

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from eval.ce import ce_metrics
-from eval.metrics import reconstruction_metrics
+from train.metrics import reconstruction_metrics
 from eval.options import HeldOutOptions
 from harvest.lm import load_config, load_lm
 from runtime.config import require

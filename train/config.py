@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runtime.config import instantiate, require
 from runtime.errors import ToolkitError
+from train.budget import Budget, BudgetError
 from train.saes import REGISTRY
 
 
@@ -32,6 +33,7 @@ if not OmegaConf.has_resolver("dirname"):
 CONF = Path(__file__).resolve().parents[1] / "conf" / "train"
 # Keys that change how a run runs, not what it trains: Hydra leaves them out of run folder names
 # (conf/train/train.yaml, override_dirname.exclude_keys), and a run may be relaunched with other values.
+AUTO_SECONDS_EVERY = 100  # eval_every=auto with a seconds budget: validate every this many steps
 RUNTIME_KEYS = tuple(OmegaConf.load(CONF / "train.yaml").hydra.job.config.override_dirname.exclude_keys)
 
 
@@ -48,7 +50,7 @@ class DataConfig:
 class TrainConfig:
     model: dict[str, Any]
     data: DataConfig
-    steps: int
+    budget: str
     batch_size: int
     lr: float | None
     lr_decay_frac: float
@@ -64,6 +66,8 @@ class TrainConfig:
     compile: bool
     progress: bool
     expert_parallel: int
+    eval_every: int | str
+    eval_tokens: int
 
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> TrainConfig:
@@ -73,6 +77,18 @@ class TrainConfig:
         out = instantiate(cls, {**raw, "data": data, "adam_betas": tuple(raw["adam_betas"])}, TrainError, "train")
         out.validate()
         return out
+
+    @property
+    def run_budget(self) -> Budget:
+        """The parsed `budget` (checked when the config is read)."""
+        return Budget.parse(self.budget)
+
+    def validation_interval(self, total_steps: int | None) -> int:
+        """Steps between validations (0: none): `eval_every`, or with auto about 20 over a run of
+        total_steps steps (every AUTO_SECONDS_EVERY steps for a seconds budget)."""
+        if self.eval_every != "auto":
+            return int(self.eval_every)
+        return max(1, total_steps // 20) if total_steps is not None else AUTO_SECONDS_EVERY
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,8 +124,18 @@ class TrainConfig:
                                  f"(got {got})")
             if self.compile:
                 raise TrainError("compile=true is not supported with expert_parallel > 1")
+        try:
+            Budget.parse(self.budget)
+        except BudgetError as e:
+            raise TrainError(str(e)) from None
+        every = self.eval_every
         require([
-            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (every == "auto" or (isinstance(every, int) and not isinstance(every, bool) and every >= 0),
+             f"eval_every must be auto, 0 (no validation) or a number of steps, got {every!r}"),
+            (isinstance(self.eval_tokens, int) and self.eval_tokens >= 1, f"eval_tokens must be >= 1, got "
+                                                                           f"{self.eval_tokens!r}"),
+            (every == 0 or self.data.eval_frac > 0, "validation needs held-out chunks: data.eval_frac=0 holds none "
+                                                    "out; set eval_every=0 or data.eval_frac > 0"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.lr is None or self.lr > 0, f"lr must be > 0 or null, got {self.lr}"),
             (0 <= self.lr_decay_frac <= 1, f"lr_decay_frac must be in [0, 1], got {self.lr_decay_frac}"),

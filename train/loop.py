@@ -34,10 +34,13 @@ from runtime.device import autocast, pick_device
 from train.config import RUNTIME_KEYS, TrainConfig, TrainError
 from train.dist import DataParallel, Dist, init
 from train.expert_parallel import ExpertParallel
+from train.budget import BudgetError, Length
 from train.loader import Batches, norm_cut
 from train.recipe import apply_update, default_lr, lr_factor, make_optimizer
 from train.run_dir import RunDir
 from train.saes import SAE, Output, build
+from train.saes.flops import algorithmic_cost
+from train.validation import Validator, validation_rows
 
 
 def open_store(cfg: TrainConfig) -> ActivationStore:
@@ -122,9 +125,16 @@ def check_same_run(cfg: TrainConfig, run: RunDir) -> None:
 
 # ------------------------------------------------------------------------------------ the recipe
 
+def clock() -> float:
+    """Seconds on a monotonic clock: the time of seconds budgets and logs (tests replace it)."""
+    return time.perf_counter()
+
+
 @dataclass
 class Trainer:
-    """Everything one rank trains with, and where it is: `step` steps done, `dead` latents tracked."""
+    """Everything one rank trains with, and where it is: `step` steps done in `seconds` of training
+    (validation not counted), `dead` latents tracked. `validator` is rank 0's (None elsewhere or
+    without validation); `eval_every` steps between validations (0: none)."""
 
     cfg: TrainConfig
     run: RunDir
@@ -132,10 +142,15 @@ class Trainer:
     layout: DataParallel
     sae: SAE
     opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LambdaLR
+    base_lr: float
+    length: Length
     batches: Iterator[torch.Tensor]
     step: int
+    seconds: float
     dead: DeadLatents
+    flops_per_token: float
+    validator: Validator | None
+    eval_every: int
 
     def __post_init__(self) -> None:
         self.params = list(self.sae.parameters())
@@ -143,10 +158,21 @@ class Trainer:
         self.dtype = getattr(torch, self.cfg.dtype)
         self.last_good = self.step  # the step of the newest checkpoint
 
+    @property
+    def finished(self) -> bool:
+        return self.length.finished(self.step, self.seconds)
+
+    def lr(self) -> float:
+        """The learning rate of the next step: constant, then decaying over the budget's last part."""
+        done = self.length.elapsed(self.step, self.seconds)
+        return self.base_lr * lr_factor(done, self.length.total, self.cfg.lr_decay_frac)
+
     def train_step(self) -> Output:
         """One optimizer step on the next batch; stops every rank at once if the loss is not finite."""
         x = next(self.batches)
-        self.sae.schedule(self.step, self.cfg.steps)
+        self.sae.schedule(self.length.elapsed(self.step, self.seconds), self.length.total)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr()
         with autocast(self.dist.device, self.dtype):
             out = self.model(x)
         loss = out.losses["loss"]
@@ -158,7 +184,6 @@ class Trainer:
         loss.backward()
         self.layout.sync_grads()
         apply_update(self.sae, self.opt, self.params, self.cfg.grad_clip, self.layout.grad_norm)
-        self.sched.step()
         self.dead.update(out, len(x) * self.dist.world)
         self.step += 1
         return out
@@ -167,35 +192,60 @@ class Trainer:
         """The metrics.jsonl line of the step just taken (a collective: every rank calls it)."""
         self.dead.last = self.dist.all_reduce_max(self.dead.last)
         return {"step": self.step, "tokens": self.dead.tokens, **batch_metrics(out, self.dist),
-                "dead_frac": self.dead.fraction(), "lr": self.sched.get_last_lr()[0], "tokens_per_s": tokens_per_s,
+                "dead_frac": self.dead.fraction(), "lr": self.lr(), "tokens_per_s": tokens_per_s,
                 "world_size": self.dist.world}
+
+    def validate(self) -> None:
+        """The validation.jsonl line of the SAE as it is now (a collective: every rank calls it)."""
+        full = self.layout.full_sae(self.sae)
+        if self.validator is None:
+            return
+        record = {"step": self.step, "tokens": self.dead.tokens, "train_flops": self.dead.tokens * self.flops_per_token,
+                  "seconds": self.seconds, **self.validator(full)}
+        with self.run.open_log(RunDir.VALIDATION) as log:
+            log.write(json.dumps(record) + "\n")
 
     def save_checkpoint(self) -> None:
         """The whole training state, gathered from every rank's shard, written by rank 0."""
         self.dead.last = self.dist.all_reduce_max(self.dead.last)
         weights, moments = self.layout.full_state(self.sae, self.opt)
         if self.dist.is_main:
-            self.run.save_checkpoint({"sae": weights, "opt": moments, "sched": self.sched.state_dict(),
-                                      "step": self.step, "dead_tokens": self.dead.tokens, "dead_last": self.dead.last,
+            self.run.save_checkpoint({"sae": weights, "opt": moments, "step": self.step, "seconds": self.seconds,
+                                      "dead_tokens": self.dead.tokens, "dead_last": self.dead.last,
                                       "rng": torch.get_rng_state(), "world_size": self.dist.world,
                                       "expert_parallel": self.cfg.expert_parallel})
         self.last_good = self.step
 
+    def _agree_on_seconds(self) -> None:
+        """With a seconds budget on several ranks, every rank takes the slowest one's time, so that
+        they decay the lr alike and stop at the same step."""
+        if self.length.timed and self.dist.world > 1:
+            t = torch.tensor(self.seconds, dtype=torch.float64, device=self.dist.device)
+            self.seconds = self.dist.all_reduce_max(t).item()
+
     def fit(self) -> None:
-        """Steps until cfg.steps, logging every log_every and checkpointing every checkpoint_every
-        steps (and at the last)."""
+        """Steps until the budget is spent: logging every log_every steps, checkpointing every
+        checkpoint_every, validating every eval_every (and from the first step, and at the last)."""
         cfg, main = self.cfg, self.dist.is_main
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.model['arch']}",
-                   disable=not (cfg.progress and main))
-        t_log, tokens_log = time.perf_counter(), 0
-        with bar, self.run.open_metrics() if main else open(os.devnull, "w") as log:
-            while self.step < cfg.steps:
+        unit = dict(unit="s", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]") \
+            if self.length.timed else {}
+        bar = tqdm(total=self.length.total, initial=self.length.elapsed(self.step, self.seconds),
+                   desc=f"train {cfg.model['arch']}", disable=not (cfg.progress and main), **unit)
+        if self.eval_every and self.step == 0:
+            self.validate()
+        t_log, tokens_log = clock(), 0
+        with bar, self.run.open_log(RunDir.METRICS) if main else open(os.devnull, "w") as log:
+            while not self.finished:
+                t0 = clock()
                 out = self.train_step()
+                dt = clock() - t0
+                self.seconds += dt
+                self._agree_on_seconds()
                 tokens_log += cfg.batch_size
-                bar.update(1)
-                last = self.step == cfg.steps
+                bar.update(dt if self.length.timed else 1)
+                last = self.finished
                 if self.step % cfg.log_every == 0 or last:
-                    now = time.perf_counter()
+                    now = clock()
                     record = self.metrics(out, tokens_log / (now - t_log))
                     log.write(json.dumps(record) + "\n")
                     log.flush()
@@ -203,6 +253,10 @@ class Trainer:
                     t_log, tokens_log = now, 0
                 if self.step % cfg.checkpoint_every == 0 or last:
                     self.save_checkpoint()
+                if self.eval_every and (self.step % self.eval_every == 0 or last):
+                    t_val = clock()
+                    self.validate()
+                    t_log += clock() - t_val  # validation time is no training throughput
 
     def finish(self) -> Path:
         """Save the whole SAE and mark the run done (rank 0); every rank returns once it is saved."""
@@ -239,42 +293,68 @@ def resume(cfg: TrainConfig, run: RunDir, sae: SAE, dead: DeadLatents, store: Ac
 
 
 def record_launch(cfg: TrainConfig, run: RunDir, store: ActivationStore, step: int, dist: Dist) -> None:
-    """Rank 0, once every rank has read the folder: forget metrics of steps to be redone, write this
+    """Rank 0, once every rank has read the folder: forget logged steps to be redone, write this
     launch's config and store identity."""
     dist.barrier()
     if dist.is_main:
         if step:
-            run.drop_metrics_after(step)
+            run.drop_logs_after(step)
         run.write_config(cfg.to_dict())
         run.write_store(store)
 
 
 def training_chunks(cfg: TrainConfig, store: ActivationStore, dist: Dist) -> list[int]:
-    """The store's chunks that are not held out; refused if the ranks cannot each have one."""
-    train_ids, _ = store.split(cfg.data.eval_frac)
+    """The store's chunks that are not held out. Refused: a store too small to hold a chunk out (at
+    data.eval_frac > 0), or too small to give every rank a chunk."""
+    train_ids, held = store.split(cfg.data.eval_frac)
+    if cfg.data.eval_frac > 0 and not held:
+        raise TrainError(f"store {cfg.data.store} has {store.n_chunks} chunks, too few to hold one out for evaluation "
+                         f"at data.eval_frac={cfg.data.eval_frac} (every {max(2, round(1 / cfg.data.eval_frac))}th "
+                         "chunk): harvest more tokens, or train without a held-out set with data.eval_frac=0 "
+                         "eval_every=0 (and evaluate on another store)")
     if len(train_ids) < dist.world:
         raise TrainError(f"the store has {len(train_ids)} training chunks, fewer than the {dist.world} ranks")
     return train_ids
 
 
-def training_batches(cfg: TrainConfig, store: ActivationStore, train_ids: list[int], dist: Dist, step: int
-                     ) -> Iterator[torch.Tensor]:
-    """This rank's batches from `step` on (train/loader.py), outlier rows left out."""
+def run_length(cfg: TrainConfig, flops_per_token: float) -> tuple[Length, int]:
+    """(how long the run trains, steps between validations); refused before any work: a budget
+    below one step, or an eval_every longer than the run."""
+    try:
+        length = Length.of(cfg.run_budget, cfg.batch_size, flops_per_token)
+    except BudgetError as e:
+        raise TrainError(str(e)) from None
+    every = cfg.validation_interval(length.steps)
+    if length.steps is not None and every > length.steps:
+        raise TrainError(f"eval_every={every} is longer than the run ({length.steps} steps for budget={cfg.budget}); "
+                         "lower it, or set eval_every=auto")
+    return length, every
+
+
+def training_batches(cfg: TrainConfig, store: ActivationStore, train_ids: list[int], dist: Dist, step: int,
+                     cut: float | None) -> Iterator[torch.Tensor]:
+    """This rank's batches from `step` on (train/loader.py), rows above the norm cut left out."""
     shard = data_shard(train_ids, cfg.batch_size, cfg.seed, dist.rank, dist.world)
-    cut = norm_cut(store, cfg.data.outlier_factor)
     return iter(Batches(store, *shard, cfg.data.window_chunks, step, dist.device, cut))
 
 
-def optimizer(cfg: TrainConfig, sae: SAE, layout: DataParallel, state: dict | None
-              ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """Adam over the (sharded) SAE and the lr schedule, restored from the checkpoint `state` if any."""
+def optimizer(cfg: TrainConfig, sae: SAE, layout: DataParallel, state: dict | None) -> tuple[torch.optim.Optimizer, float]:
+    """(Adam over the (sharded) SAE, restored from the checkpoint `state` if any; the base lr)."""
     base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.n_latents)
     opt = make_optimizer(list(sae.parameters()), base_lr, cfg.adam_betas)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.steps, cfg.lr_decay_frac))
     if state is not None:
         layout.load_opt(opt, state["opt"])
-        sched.load_state_dict(state["sched"])
-    return opt, sched
+    return opt, base_lr
+
+
+def validator(cfg: TrainConfig, store: ActivationStore, dist: Dist, every: int, cut: float | None
+              ) -> Validator | None:
+    """Rank 0's validation sample (train/validation.py), or None."""
+    if not (every and dist.is_main):
+        return None
+    _, held = store.split(cfg.data.eval_frac)
+    rows = validation_rows(store, held, cfg.eval_tokens, cut)
+    return Validator(rows, cfg.batch_size, dist.device, getattr(torch, cfg.dtype))
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> Path:
@@ -295,16 +375,21 @@ def train(cfg: TrainConfig, run_dir: Path) -> Path:
 
     torch.manual_seed(cfg.seed)
     sae = _build(cfg, store.d_model).to(dist.device)  # the whole SAE, sharded by layout.prepare below
+    flops_per_token = algorithmic_cost(sae).train
+    length, every = run_length(cfg, flops_per_token)
     dead = DeadLatents(sae.n_latents, cfg.dead_window, dist.device)
     step, state = resume(cfg, run, sae, dead, store, dist)
     record_launch(cfg, run, store, step, dist)
 
-    batches = training_batches(cfg, store, train_ids, dist, step)
+    cut = norm_cut(store, cfg.data.outlier_factor)
+    batches = training_batches(cfg, store, train_ids, dist, step, cut)
     first = next(batches)
     if step == 0 and dist.is_main:
         sae.init_from_batch(first)  # b_pre (and b_router) from (rank 0's) first training batch
     sae = layout.prepare(sae)
-    opt, sched = optimizer(cfg, sae, layout, state)
-    trainer = Trainer(cfg, run, dist, layout, sae, opt, sched, itertools.chain([first], batches), step, dead)
+    opt, base_lr = optimizer(cfg, sae, layout, state)
+    trainer = Trainer(cfg, run, dist, layout, sae, opt, base_lr, length, itertools.chain([first], batches), step,
+                      state.get("seconds", 0.0) if state else 0.0, dead, flops_per_token,
+                      validator(cfg, store, dist, every, cut), every)
     trainer.fit()
     return trainer.finish()

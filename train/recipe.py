@@ -5,7 +5,7 @@
     init_tied_(w_enc, w_dec)       random unit decoder rows, encoder rows starting equal to them
     project_out_parallel_grad_(w)  remove each decoder row's gradient component along that row
     default_lr(n_latents)          2e-4 / sqrt(M / 2^14), M the total number of latents
-    lr_factor(step, steps, decay)  1, then linear decay to 0 over the last `decay` fraction of steps
+    lr_factor(done, total, decay)  1, then linear decay to 0 over the last `decay` fraction of the budget
     make_optimizer(params, ...)    Adam, fused (one pass over parameters, gradients and moments)
     apply_update(sae, opt, ...)    the step after backward: projection, clip, Adam, renormalisation
 
@@ -72,12 +72,13 @@ def default_lr(n_latents: int) -> float:
     return 2e-4 / math.sqrt(n_latents / 2**14)
 
 
-def lr_factor(step: int, steps: int, decay_frac: float) -> float:
-    """Multiplier of the base lr at `step` (0-based): constant, then linear to 0 at `steps`."""
-    decay_steps = decay_frac * steps
-    if decay_steps <= 0:
+def lr_factor(done: float, total: float, decay_frac: float) -> float:
+    """Multiplier of the base lr once `done` of a budget of `total` is spent (steps, 0-based, or
+    seconds): constant, then linear to 0 over the last decay_frac of the budget."""
+    decay = decay_frac * total
+    if decay <= 0:
         return 1.0
-    return max(0.0, min(1.0, (steps - step) / decay_steps))
+    return max(0.0, min(1.0, (total - done) / decay))
 
 
 def make_optimizer(params: list[torch.Tensor], lr: float, betas: tuple[float, float], fused: bool = True

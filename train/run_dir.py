@@ -2,7 +2,8 @@
 
     config.yaml       the resolved training config (written at every launch)
     store.json        which activations the run trains on (`ActivationStore.identity()`)
-    metrics.jsonl     one JSON line per logged step
+    metrics.jsonl     one JSON line per logged step (the training batch's loss terms, L0, ...)
+    validation.jsonl  one JSON line per validation on held-out rows (train/validation.py)
     checkpoint.pt     SAE, optimizer, schedule, data position and RNG (replaced atomically)
     sae/              the trained SAE: sae.safetensors + sae.json (`train.saes.save` / `load`)
     done.json         written last: {step, tokens, world_size}; a finished run has it
@@ -40,6 +41,7 @@ class RunDir:
     CONFIG = "config.yaml"
     STORE = "store.json"
     METRICS = "metrics.jsonl"
+    VALIDATION = "validation.jsonl"
     CHECKPOINT = "checkpoint.pt"
     SAE = "sae"
     DONE = "done.json"
@@ -126,19 +128,27 @@ class RunDir:
         """Flushed to disk before it replaces the previous checkpoint: never half-written."""
         write_atomic(self.path / self.CHECKPOINT, lambda f: torch.save(state, f), durable=True)
 
-    def open_metrics(self) -> IO[str]:
-        """metrics.jsonl for appending one JSON line per logged step."""
-        return open(self.path / self.METRICS, "a")
+    def open_log(self, name: str) -> IO[str]:
+        """A JSON-lines log (METRICS or VALIDATION) for appending one line per record."""
+        return open(self.path / name, "a")
 
-    def read_metrics(self) -> list[dict[str, Any]]:
-        f = self.path / self.METRICS
+    def read_log(self, name: str) -> list[dict[str, Any]]:
+        """The records of a JSON-lines log ([] if there is none)."""
+        f = self.path / name
         return [json.loads(line) for line in f.read_text().splitlines() if line] if f.exists() else []
 
-    def drop_metrics_after(self, step: int) -> None:
-        """Forget logged steps after `step` (a resumed run redoes them)."""
-        f = self.path / self.METRICS
-        if f.exists():
-            write_text(f, "".join(json.dumps(r) + "\n" for r in self.read_metrics() if r["step"] <= step))
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return self.read_log(self.METRICS)
+
+    def read_validation(self) -> list[dict[str, Any]]:
+        return self.read_log(self.VALIDATION)
+
+    def drop_logs_after(self, step: int) -> None:
+        """Forget logged steps after `step` in both logs (a resumed run redoes them)."""
+        for name in (self.METRICS, self.VALIDATION):
+            f = self.path / name
+            if f.exists():
+                write_text(f, "".join(json.dumps(r) + "\n" for r in self.read_log(name) if r["step"] <= step))
 
     def save_sae(self, sae: SAE) -> Path:
         save(sae, self.path / self.SAE)

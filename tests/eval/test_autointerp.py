@@ -323,7 +323,7 @@ def tiny_run(tiny_gpt2, corpus_jsonl, tmp_path_factory):
     """A 20-chunk store of the tiny GPT-2 (d=32) and a topk run with 10 held-out chunks (300 rows)."""
     root = tmp_path_factory.mktemp("autointerp")
     harvest(compose(harvest_overrides(tiny_gpt2, corpus_jsonl, root / "store", tokens=600)))
-    train(make_cfg(root / "store", "model=topk", "model.width=64", "model.k=4", "steps=40", "batch_size=32",
+    train(make_cfg(root / "store", "model=topk", "model.width=64", "model.k=4", "budget=steps:40", "batch_size=32",
                    "data.eval_frac=0.5"), root / "run")
     return root
 

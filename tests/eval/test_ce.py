@@ -5,7 +5,7 @@ import torch
 
 from eval.ce import ce_metrics
 from harvest.lm import load_lm
-from tests.eval.test_metrics import identity_topk
+from tests.train.test_metrics import identity_topk
 from train.saes import build
 
 

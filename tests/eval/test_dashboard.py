@@ -36,7 +36,7 @@ def runs(tiny_gpt2, corpus_jsonl, tmp_path_factory):
     harvest(compose(harvest_overrides(tiny_gpt2, corpus_jsonl, root / "store", tokens=600,
                                       **{"dataset.packing": "document"})))
     for name, model in RUNS.items():
-        train(make_cfg(root / "store", *model, "steps=40", "batch_size=32"), root / name)
+        train(make_cfg(root / "store", *model, "budget=steps:40", "batch_size=32"), root / name)
     return root
 
 

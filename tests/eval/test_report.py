@@ -180,3 +180,51 @@ def test_cli_without_sweep_is_an_error():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "report: error: sweep=<dir> is required: the folder holding the evaluated runs"]
+
+
+# ------------------------------------------------------------------ equal compute (eval/compute.py)
+
+def _curve(points: list[tuple[float, float]], seconds_per_flop: float = 1e-10) -> list[dict]:
+    """Hand-made validation records: (training FLOPs, MSE) at steps 0, 10, 20, ..."""
+    return [{"step": 10 * i, "tokens": 1000 * i, "train_flops": f, "seconds": f * seconds_per_flop, "mse": m,
+             "eval_tokens": 512} for i, (f, m) in enumerate(points)]
+
+
+def test_curves_are_read_at_equal_compute_by_linear_interpolation():
+    from eval.compute import common_budgets, flops_to_reach, markdown, mse_at
+
+    dense = _curve([(0.0, 10.0), (1e11, 6.0), (2e11, 4.0)])
+    sparse = _curve([(0.0, 10.0), (5e10, 5.0), (1e11, 3.0)])
+    assert mse_at(dense, 1.5e11) == pytest.approx(5.0) and mse_at(dense, 2e11) == 4.0
+    assert mse_at(sparse, 7.5e10) == pytest.approx(4.0) and mse_at(sparse, 1.5e11) is None  # not reached
+    assert flops_to_reach(dense, 4.0) == 2e11 and flops_to_reach(sparse, 4.0) == pytest.approx(7.5e10)
+    assert flops_to_reach(sparse, 2.0) is None and flops_to_reach(dense, 10.0) == 0.0
+    budgets = common_budgets([dense, sparse])
+    assert budgets[0] == 1e11 and budgets[-1] == 2e11 and budgets == sorted(set(budgets))
+    table = markdown([("dense", dense), ("sparse", sparse)], [1e11, 2e11])
+    assert "| dense | 6 | **4** |" in table and "| sparse | **3** | not reached |" in table
+
+
+def test_a_sweep_with_validation_curves_gets_curves_a_table_and_findings(tmp_path):
+    runs = {"topk": _run("topk", 4096, 32, 32.0, 4.0, flops=2e11),
+            "switch": _run("switch", 4096, 32, 31.0, 3.0, match="width", n=4, flops=1e11)}
+    sweep = _sweep(tmp_path / "sweep", runs)
+    for label, points in (("topk", [(0.0, 10.0), (1e11, 6.0), (2e11, 4.0)]),
+                          ("switch", [(0.0, 10.0), (5e10, 5.0), (1e11, 3.0)])):
+        (sweep / label / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _curve(points)))
+    md = build_report(sweep, tmp_path / "out").read_text()
+    assert (tmp_path / "out" / "curves.png").stat().st_size > 10_000
+    assert "![Validation curves](curves.png)" in md and "## At equal training compute" in md
+    assert "| run | MSE at 1e+11 FLOPs | MSE at 1.2e+11 FLOPs | MSE at 1.5e+11 FLOPs | MSE at 2e+11 FLOPs |" in md
+    assert "| switch | **3** | not reached | not reached | not reached |" in md
+    assert "| topk | 6 | **5.6** | **5** | **4** |" in md
+    assert ("Switch N=4 (switch) reached the held-out MSE of the best TopK run (topk, 4 at its end) after 7.5e+10 "
+            "training FLOPs, less than that run's 2e+11 (2.7x)") in md
+    assert "Fixed width: in 0 of 1 width-matched pairs" in md
+
+
+def test_a_sweep_without_curves_says_so():
+    from eval.report import EvaluatedRun, equal_compute_section
+
+    line = equal_compute_section([EvaluatedRun("a", _run("topk", 64, 4, 4.0, 1.0))])[0]
+    assert line.startswith("No run has a validation curve")

@@ -25,7 +25,7 @@ def sweep(tiny_gpt2, corpus_jsonl, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     harvest(compose(harvest_overrides(tiny_gpt2, corpus_jsonl, root / "store", tokens=600)))
     for name, model in RUNS.items():
-        train(make_cfg(root / "store", *model, "steps=40", "batch_size=32"), root / "sweep" / name)
+        train(make_cfg(root / "store", *model, "budget=steps:40", "batch_size=32"), root / "sweep" / name)
     return root
 
 

@@ -23,7 +23,7 @@ def test_demo_end_to_end_on_a_tiny_model(tiny_gpt2, corpus_jsonl, tmp_path, caps
     cfg = compose_app("demo", [f"out={tmp_path / 'demo'}"])
     cfg.harvest = [f"model={tiny_gpt2}", "layer=2", f"dataset.name={corpus_jsonl}", f"store={tmp_path / 'store'}",
                    "context_size=16", "chunk_seqs=2", "tokens=600", "batch_size=4", "progress=false", "device=cpu"]
-    cfg.train = ["steps=20", "batch_size=32", "data.eval_frac=0.1", "progress=false", "device=cpu"]
+    cfg.train = ["budget=steps:20", "batch_size=32", "data.eval_frac=0.1", "progress=false", "device=cpu"]
     cfg.runs = OmegaConf.create({"topk": ["model=topk", "model.width=64", "model.k=4"],
                                  "switch": ["model=switch", "model.width=64", "model.n_experts=4", "model.k=4"]})
     cfg.eval = ["ce_seqs=4", "progress=false", "device=cpu"]

@@ -34,7 +34,7 @@ MODELS = {"topk": ["model=topk", "model.width=64", "model.k=4"],
           "relu": ["model=relu", "model.width=64"]}
 MODELS["switch_ep"] = [*MODELS["switch"], "expert_parallel=2"]  # experts 0-1 on rank 0, 2-3 on rank 1
 # dead_window=64: a latent is dead if it fired in neither rank's half of the last step
-SHORT = ["steps=6", "batch_size=64", "log_every=1", "checkpoint_every=3", "lr=1e-3", "dead_window=64"]
+SHORT = ["budget=steps:6", "batch_size=64", "log_every=1", "checkpoint_every=3", "lr=1e-3", "dead_window=64"]
 
 
 def cfg_for(store, arch, *overrides):
@@ -220,7 +220,7 @@ def test_two_ranks_average_the_gradient_of_the_union_batch(dp, arch):
 def test_two_ranks_write_the_run_once_and_one_process_resumes_it(dp, capsys):
     cfg, run_dir = dp["topk"]
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "config.yaml", "done.json", "metrics.jsonl",
-                                                          "sae", "store.json"]
+                                                          "sae", "store.json", "validation.jsonl"]
     assert json.loads((run_dir / "done.json").read_text()) == {"step": 6, "tokens": 6 * 64, "world_size": WORLD}
 
     cfg, run_dir = dp["dp_killed"]
@@ -250,7 +250,7 @@ def test_make_train_nproc_launches_torchrun(dp, tmp_path):
     """`make train model=switch N=4 nproc=2 ep=2`, end to end through torchrun and Hydra: both ranks
     find the same run folder and split the experts."""
     store = dp["topk"][0].data.store
-    args = (f"data.store={store} model.width=64 model.k=4 steps=4 batch_size=64 log_every=1 progress=false device=cpu "
+    args = (f"data.store={store} model.width=64 model.k=4 budget=steps:4 batch_size=64 log_every=1 progress=false device=cpu "
             f"data.window_chunks=4 data.eval_frac=0.1 hydra.run.dir={tmp_path / 'run'}")
     cmd = ["make", "--no-print-directory", "train", "model=switch", "N=4", f"nproc={WORLD}", "ep=2", f"ARGS={args}",
            f"PY={sys.executable}", "-o", ".venv/.installed"]

@@ -6,6 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from tests.conftest import CONF
+from train.budget import Budget
 from train.config import TrainConfig
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "train" / "experiment").glob("*.yaml") if p.stem != "paper")
@@ -28,7 +29,7 @@ def test_every_run_of_the_grid_is_valid(name):
         with initialize_config_dir(config_dir=str(CONF / "train"), version_base="1.3"):
             cfg = TrainConfig.from_omegaconf(compose("train", overrides=[f"+experiment={name}", *overrides]))
         kwargs = cfg.sae_kwargs(768)  # raises for k > expert width, width % N, ...
-        assert cfg.steps == 100_000 and cfg.batch_size == 8192 and cfg.data.store.endswith("gpt2_resid_post8")
+        assert cfg.run_budget == Budget("steps", 100_000) and cfg.batch_size == 8192 and cfg.data.store.endswith("gpt2_resid_post8")
         assert cfg.model["arch"] == name.split("_")[1]
         if name == "fig3_switch_flops":
             assert kwargs["expert_width"] == 24576 and kwargs["n_experts"] == 8

@@ -39,7 +39,7 @@ def synthetic_store(path, n_chunks=40, d=32, atoms=64, clusters=4, active=3, see
 
 
 def make_cfg(store, *overrides) -> TrainConfig:
-    base = [f"data.store={store}", "steps=500", "batch_size=128", "lr=0.01", "log_every=50",
+    base = [f"data.store={store}", "budget=steps:500", "batch_size=128", "lr=0.01", "log_every=50",
             "checkpoint_every=100", "progress=false", "device=cpu", "data.window_chunks=4", "data.eval_frac=0.1"]
     with initialize_config_dir(config_dir=str(CONF / "train"), version_base="1.3"):
         return TrainConfig.from_omegaconf(compose("train", overrides=[*base, *overrides]))
@@ -61,7 +61,7 @@ def store(tmp_path_factory):
 @pytest.mark.parametrize("model", [["model=topk", "model.width=64", "model.k=4"],
                                    ["model=switch", "model.width=64", "model.n_experts=4", "model.k=4"]])
 def test_topk_and_switch_learn_a_known_sparse_dictionary(store, tmp_path, model):
-    sae_dir = train(make_cfg(store, *model, "steps=800"), tmp_path / "run")
+    sae_dir = train(make_cfg(store, *model, "budget=steps:800"), tmp_path / "run")
     assert fve(store, sae_dir) > 0.9
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(50, 801, 50))
@@ -84,7 +84,7 @@ def test_resumed_run_ends_with_the_same_weights(store, tmp_path, monkeypatch, mo
 
 
 def _resume_equals_straight(store, tmp_path, monkeypatch, model):
-    cfg = make_cfg(store, *model, "steps=60", "checkpoint_every=20")
+    cfg = make_cfg(store, *model, "budget=steps:60", "checkpoint_every=20")
     train(cfg, tmp_path / "straight")
 
     import train.loop as loop
@@ -122,7 +122,7 @@ def test_bad_input_is_refused(store, tmp_path, overrides, message):
 
 def test_a_half_written_checkpoint_is_ignored_on_resume(store, tmp_path):
     """A kill while saving leaves only checkpoint.pt.tmp; checkpoint.pt is the last complete one."""
-    cfg = make_cfg(store, "model.width=64", "model.k=4", "steps=20", "checkpoint_every=10")
+    cfg = make_cfg(store, "model.width=64", "model.k=4", "budget=steps:20", "checkpoint_every=10")
     train(cfg, tmp_path / "run")
     (tmp_path / "run" / "done.json").unlink()
     (tmp_path / "run" / "checkpoint.pt.tmp").write_bytes(b"\x80\x02 truncated")
@@ -132,20 +132,20 @@ def test_a_half_written_checkpoint_is_ignored_on_resume(store, tmp_path):
 
 def test_resuming_on_a_store_with_another_d_is_refused(tmp_path):
     path = synthetic_store(tmp_path / "s", n_chunks=10)
-    train(make_cfg(path, "model.width=64", "model.k=4", "steps=10", "checkpoint_every=5"), tmp_path / "run")
+    train(make_cfg(path, "model.width=64", "model.k=4", "budget=steps:10", "checkpoint_every=5"), tmp_path / "run")
     (tmp_path / "run" / "done.json").unlink()  # pretend it was interrupted, and the store replaced
     shutil.rmtree(path)
     synthetic_store(path, d=16, n_chunks=10)
     with pytest.raises(TrainError, match="d=32 activations, but the store .* has d=16"):
-        train(make_cfg(path, "model.width=64", "model.k=4", "steps=10", "checkpoint_every=5"), tmp_path / "run")
+        train(make_cfg(path, "model.width=64", "model.k=4", "budget=steps:10", "checkpoint_every=5"), tmp_path / "run")
 
 
 def test_relaunching_a_run_folder_with_other_settings_is_refused(store, tmp_path):
-    train(make_cfg(store, "model.width=64", "model.k=4", "steps=10"), tmp_path / "run")
-    with pytest.raises(TrainError, match=r"other settings \(model.k: 4 -> 8, steps: 10 -> 20\)"):
-        train(make_cfg(store, "model.width=64", "model.k=8", "steps=20"), tmp_path / "run")
+    train(make_cfg(store, "model.width=64", "model.k=4", "budget=steps:10"), tmp_path / "run")
+    with pytest.raises(TrainError, match=r"other settings \(budget: 'steps:10' -> 'steps:20', model.k: 4 -> 8\)"):
+        train(make_cfg(store, "model.width=64", "model.k=8", "budget=steps:20"), tmp_path / "run")
     # runtime keys may change: this relaunch just finds the finished run
-    train(make_cfg(store, "model.width=64", "model.k=4", "steps=10", "log_every=3", "progress=true"), tmp_path / "run")
+    train(make_cfg(store, "model.width=64", "model.k=4", "budget=steps:10", "log_every=3", "progress=true"), tmp_path / "run")
 
 
 def test_incomplete_store_and_infinite_loss(tmp_path):
@@ -159,7 +159,7 @@ def test_incomplete_store_and_infinite_loss(tmp_path):
 
 def test_a_two_run_sweep_completes_and_a_relaunch_skips_it(store, tmp_path):
     cmd = [sys.executable, "-m", "train", "-m", "model=topk,switch", "model.width=64", "model.k=4",
-           f"data.store={store}", "steps=20", "batch_size=64", "progress=false", "device=cpu",
+           f"data.store={store}", "budget=steps:20", "batch_size=64", "progress=false", "device=cpu",
            f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
@@ -170,7 +170,7 @@ def test_a_two_run_sweep_completes_and_a_relaunch_skips_it(store, tmp_path):
 
 
 def test_unknown_model_group_on_the_command_line_is_one_line():
-    out = subprocess.run([sys.executable, "-m", "train", "model=topk,moe", "steps=1"], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "train", "model=topk,moe", "budget=steps:1"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 2 and out.stderr == "train: error: unknown model 'moe'; choose one of gated, relu, switch, topk\n"
 
@@ -179,7 +179,7 @@ def test_compiled_training_matches_eager(store, tmp_path):
     """compile=true runs the same steps through torch.compile (relu: the quickest to compile)."""
     runs = {}
     for compiled in (False, True):
-        cfg = make_cfg(store, "model=relu", "model.width=64", "steps=4", f"compile={str(compiled).lower()}")
+        cfg = make_cfg(store, "model=relu", "model.width=64", "budget=steps:4", f"compile={str(compiled).lower()}")
         runs[compiled] = load(train(cfg, tmp_path / str(compiled)))
     for (name, p), q in zip(runs[False].named_parameters(), runs[True].parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)

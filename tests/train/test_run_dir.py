@@ -18,10 +18,11 @@ def test_files_round_trip(tmp_path):
     assert not (run.has_config or run.has_sae or run.finished or run.has_checkpoint)
     run.write_config({"a": {"b": 1}, "lr": None})
     assert run.read_config() == {"a": {"b": 1}, "lr": None}
-    with run.open_metrics() as log:
-        log.write("".join(f'{{"step": {s}}}\n' for s in (10, 20, 30)))
-    run.drop_metrics_after(20)
-    assert run.read_metrics() == [{"step": 10}, {"step": 20}]
+    for log in (run.METRICS, run.VALIDATION):
+        with run.open_log(log) as f:
+            f.write("".join(f'{{"step": {s}}}\n' for s in (0, 10, 20, 30)))
+    run.drop_logs_after(20)
+    assert run.read_metrics() == run.read_validation() == [{"step": 0}, {"step": 10}, {"step": 20}]
     run.save_checkpoint({"step": 7, "w": torch.arange(3)})
     state = run.load_checkpoint(torch.device("cpu"))
     assert state["step"] == 7 and torch.equal(state["w"], torch.arange(3))
@@ -40,7 +41,7 @@ def test_files_round_trip(tmp_path):
 
 def test_open_checks_the_run_and_its_store(tmp_path):
     store = synthetic_store(tmp_path / "store", n_chunks=10, d=16)
-    train(make_cfg(store, "steps=4", "model.width=32", "model.k=2"), tmp_path / "run")
+    train(make_cfg(store, "budget=steps:4", "model.width=32", "model.k=2"), tmp_path / "run")
     trained = RunDir(tmp_path / "run").open(torch.device("cpu"))
     assert trained.sae.d == 16 and trained.held == [9] and isinstance(trained.store, ActivationStore)
     assert sum(len(x) for x in trained.held_out_rows(10_000)) == trained.store.chunk_rows

@@ -64,7 +64,7 @@ def test_slurm_launcher_composes_with_a_paper_grid_and_command_line_keys() -> No
     cfg = multirun_config("hydra/launcher=slurm", "+experiment=fig3_switch_width", "hydra.launcher.partition=gpu",
                           "hydra.launcher.account=proj42", "+hydra.launcher.additional_parameters.mail_type=END")
     assert cfg.hydra.sweeper.params == {"model.k": "8,16,32,64,128"}  # the grid is untouched
-    assert cfg.model.arch == "switch" and cfg.model.n_experts == 16 and cfg.steps == 100_000
+    assert cfg.model.arch == "switch" and cfg.model.n_experts == 16 and cfg.budget == "steps:100_000"
     assert cfg.hydra.launcher.partition == "gpu" and cfg.hydra.launcher.account == "proj42"
     assert cfg.hydra.launcher.additional_parameters == {"mail_type": "END"}
     # the node Hydra instantiates: the plugin's launcher, with every interpolation resolved
@@ -184,8 +184,8 @@ def test_a_sweep_runs_through_the_slurm_launcher(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env = {**env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "FAKE_SLURM": str(tmp_path / "slurm")}
     cmd = [sys.executable, "-m", "train", "-m", "hydra/launcher=slurm", "hydra.launcher.partition=debug",
-           "model=topk,switch", "model.width=32", "model.k=4", f"data.store={store}", "steps=10", "batch_size=64",
-           "log_every=5", "progress=false", "device=cpu", f"hydra.sweep.dir={tmp_path}/sweep_${{now:%H-%M-%S}}"]
+           "model=topk,switch", "model.width=32", "model.k=4", f"data.store={store}", "data.eval_frac=0.25",
+           "budget=steps:10", "batch_size=64", "log_every=5", "progress=false", "device=cpu", f"hydra.sweep.dir={tmp_path}/sweep_${{now:%H-%M-%S}}"]
 
     first = sweep(cmd, env)
     assert first.returncode == 0, first.stdout + first.stderr

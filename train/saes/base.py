@@ -144,8 +144,10 @@ class SAE(nn.Module):
         """True when a TopK-style decoder runs as dense grouped matmuls (Switch, narrow experts)."""
         return False
 
-    def schedule(self, step: int, steps: int) -> None:
-        """Called before every training step: architectures with a warmed-up penalty update it here."""
+    def schedule(self, done: float, total: float) -> None:
+        """Called before every training step with how much of the run's budget is spent, `done` of
+        `total` (steps, or seconds for a seconds budget): architectures with a warmed-up penalty
+        update it here."""
 
     def unit_norm_decoders(self) -> list[nn.Parameter]:
         """Parameters [..., n, d] whose rows are decoder directions held at unit norm."""

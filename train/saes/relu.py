@@ -59,9 +59,9 @@ class ReLUSAE(SAE):
     def config(self) -> dict[str, Any]:
         return {"d": self.d, "width": self.width, "l1_coeff": self.l1_coeff, "warmup_frac": self.warmup_frac}
 
-    def schedule(self, step: int, steps: int) -> None:
-        ramp = self.warmup_frac * steps
-        self.l1_now.fill_(self.l1_coeff * (min(1.0, step / ramp) if ramp > 0 else 1.0))
+    def schedule(self, done: float, total: float) -> None:
+        ramp = self.warmup_frac * total
+        self.l1_now.fill_(self.l1_coeff * (min(1.0, done / ramp) if ramp > 0 else 1.0))
 
     def encode(self, x: torch.Tensor) -> Codes:
         """x [B, d] -> dense codes [B, M]."""

@@ -1,11 +1,11 @@
-"""eval.metrics: the reconstruction metrics on a hand-computed example and on exact SAEs."""
+"""train.metrics: the reconstruction metrics on a hand-computed example and on exact SAEs."""
 
 import math
 
 import pytest
 import torch
 
-from eval.metrics import ReconMetrics, reconstruction_metrics
+from train.metrics import ReconMetrics, reconstruction_metrics
 from train.saes import Codes, build
 
 

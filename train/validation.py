@@ -1,0 +1,64 @@
+"""Validation during training: the SAE's reconstruction of a fixed held-out sample, every
+`eval_every` steps, logged to the run's validation.jsonl (`RunDir.VALIDATION`).
+
+The sample is `eval_tokens` rows spread over the store's held-out chunks (never trained on): k =
+min(len(held), MAX_CHUNKS) chunks evenly spaced along the held-out list, and from each the same
+number of rows evenly spaced along the chunk; rows above the run's norm cut are then left out, as in
+eval. Runs on one store with the same `data.eval_frac`, `data.outlier_factor` and `eval_tokens` see
+the same rows. A line holds the step, the tokens and training FLOPs spent so far (FLOPs as eval
+counts them: `train.saes.flops.algorithmic_cost`), the seconds of training so far (validation
+passes not counted), and the metrics of `train.metrics` over the sample: mse, nmse, fve, l0, dead_frac
+(latents that fire on none of the sample's tokens), expert_load and expert_entropy (Switch).
+
+Cost: one encode + decode of the sample, about eval_tokens / (3 x batch_size) of a training step
+(a forward pass is about a third of forward + backward), every eval_every steps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from harvest.store import ActivationStore
+from runtime.device import autocast
+from train.loader import outliers
+from train.metrics import ReconMetrics
+from train.saes import SAE
+
+MAX_CHUNKS = 8  # held-out chunks the sample is read from (bounds the start-up read on big stores)
+
+
+def validation_rows(store: ActivationStore, held: list[int], n_rows: int, cut: float | None) -> np.ndarray:
+    """The validation sample, float32 [<= n_rows, d]: see the module docstring."""
+    if not held:
+        raise ValueError("the store has no held-out chunk to validate on")
+    k = min(len(held), MAX_CHUNKS)
+    chunks = [held[i * len(held) // k] for i in range(k)]
+    per_chunk = min(store.chunk_rows, -(-n_rows // k))
+    offsets = np.linspace(0, store.chunk_rows - 1, per_chunk).round().astype(np.int64)
+    rows = np.concatenate([store.read_chunk(c)[offsets] for c in chunks])[:n_rows]
+    return rows[~outliers(rows, cut)]
+
+
+class Validator:
+    """Metrics of an SAE on the validation sample (kept on the training device)."""
+
+    def __init__(self, rows: np.ndarray, batch_size: int, device: torch.device, dtype: torch.dtype):
+        self.x = torch.from_numpy(rows).to(device)
+        self.batch_size, self.device, self.dtype = batch_size, device, dtype
+
+    @torch.inference_mode()
+    def __call__(self, sae: SAE) -> dict[str, Any]:
+        """encode + decode of every sample row (no losses, so no collective even in a data-parallel
+        Switch) -> the metrics of `train.metrics.ReconMetrics` with `eval_tokens` the rows used."""
+        acc = ReconMetrics(sae.d, sae.n_latents, getattr(sae, "n_experts", None), dead_window=None)
+        for x in self.x.split(self.batch_size):
+            with autocast(self.device, self.dtype):
+                codes = sae.encode(x)
+                recon = sae.decode(codes)
+            acc.update(x, recon.float(), codes)
+        out = acc.result()
+        out.pop("dead_window_tokens")
+        return out
