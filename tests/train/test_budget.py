@@ -10,12 +10,12 @@ import torch
 
 import train.loop as loop
 from harvest.store import ActivationStore
-from tests.train.test_loop import make_cfg, synthetic_store
+from tests.train.test_loop import assert_same_weights, make_cfg, synthetic_store, train_killed_at
 from train.budget import Budget, BudgetError, Length
 from train.config import TrainError
 from train.loop import train
 from train.run_dir import RunDir
-from train.saes import build, load
+from train.saes import build
 from train.saes.flops import algorithmic_cost
 from train.validation import validation_rows
 
@@ -83,17 +83,7 @@ def test_a_seconds_budget_stops_on_time_decays_by_time_and_counts_time_spent_bef
     assert logged == list(range(1, 11))  # 10 steps x 0.5 s (log lines read the clock outside the steps)
     assert lrs[7] == 0.01 and lrs[8] == pytest.approx(0.005) and lrs[9] == 0.0  # the last 1 s of 5: steps 9-10
 
-    real_update = loop.DeadLatents.update
-
-    def crash_at_step_6(self, out, batch):
-        real_update(self, out, batch)
-        if self.tokens == 6 * batch:
-            raise RuntimeError("simulated kill")
-
-    monkeypatch.setattr(loop.DeadLatents, "update", crash_at_step_6)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        train(cfg, tmp_path / "killed")
-    monkeypatch.setattr(loop.DeadLatents, "update", real_update)
+    train_killed_at(cfg, tmp_path / "killed", 6, monkeypatch)
     state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
     assert (state["step"], state["seconds"]) == (4, 2.0)
     train(cfg, tmp_path / "killed")  # resumes at step 4 with 2 s spent: 3 s (6 steps) left
@@ -106,21 +96,9 @@ def test_a_flop_budget_resumed_after_a_kill_equals_an_uninterrupted_run(store, t
     cfg = make_cfg(store, "model=switch", "model.width=64", "model.n_experts=4", "model.k=4", "checkpoint_every=7",
                    f"budget=flops:{30 * 128 * per_token!r}", "eval_every=5")
     train(cfg, tmp_path / "straight")
-    real_update = loop.DeadLatents.update
-
-    def crash_at_step_25(self, out, batch):
-        real_update(self, out, batch)
-        if self.tokens == 25 * batch:
-            raise RuntimeError("simulated kill")
-
-    monkeypatch.setattr(loop.DeadLatents, "update", crash_at_step_25)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        train(cfg, tmp_path / "killed")
-    monkeypatch.setattr(loop.DeadLatents, "update", real_update)
+    train_killed_at(cfg, tmp_path / "killed", 25, monkeypatch)
     train(cfg, tmp_path / "killed")
-    a, b = load(tmp_path / "straight" / "sae"), load(tmp_path / "killed" / "sae")
-    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert torch.equal(p, q), name
+    assert_same_weights(tmp_path / "straight" / "sae", tmp_path / "killed" / "sae")
     straight, killed = RunDir(tmp_path / "straight").read_validation(), RunDir(tmp_path / "killed").read_validation()
     assert [v["step"] for v in killed] == [0, 5, 10, 15, 20, 25, 30]  # redone validations not logged twice
     drop = ("seconds",)

@@ -83,27 +83,37 @@ def test_resumed_run_ends_with_the_same_weights(store, tmp_path, monkeypatch, mo
         torch.set_num_threads(threads)
 
 
-def _resume_equals_straight(store, tmp_path, monkeypatch, model):
-    cfg = make_cfg(store, *model, "budget=steps:60", "checkpoint_every=20")
-    train(cfg, tmp_path / "straight")
+def assert_same_weights(a_dir, b_dir) -> None:
+    """The two saved SAEs are bit for bit the same."""
+    a, b = load(a_dir), load(b_dir)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
 
+
+def train_killed_at(cfg: TrainConfig, run_dir, step: int, monkeypatch) -> None:
+    """train() killed during its `step`-th step (after the forward and backward, before the step counts)."""
     import train.loop as loop
 
     real_update = loop.DeadLatents.update
 
-    def crash_at_step_50(self, out, batch):  # a kill between checkpoints (the last one: step 40)
+    def crash(self, out, batch):
         real_update(self, out, batch)
-        if self.tokens == 50 * batch:
+        if self.tokens == step * batch:
             raise RuntimeError("simulated kill")
 
-    monkeypatch.setattr(loop.DeadLatents, "update", crash_at_step_50)
+    monkeypatch.setattr(loop.DeadLatents, "update", crash)
     with pytest.raises(RuntimeError, match="simulated kill"):
-        train(cfg, tmp_path / "killed")
+        train(cfg, run_dir)
     monkeypatch.setattr(loop.DeadLatents, "update", real_update)
+
+
+def _resume_equals_straight(store, tmp_path, monkeypatch, model):
+    cfg = make_cfg(store, *model, "budget=steps:60", "checkpoint_every=20")
+    train(cfg, tmp_path / "straight")
+
+    train_killed_at(cfg, tmp_path / "killed", 50, monkeypatch)  # between checkpoints (the last one: step 40)
     train(cfg, tmp_path / "killed")
-    a, b = load(tmp_path / "straight" / "sae"), load(tmp_path / "killed" / "sae")
-    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert torch.equal(p, q), name
+    assert_same_weights(tmp_path / "straight" / "sae", tmp_path / "killed" / "sae")
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps))  # the redone steps were not logged twice
 
