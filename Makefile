@@ -8,7 +8,7 @@ HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
 # nproc=R: harvest and train run as R processes under torchrun (one per GPU; README "Many processes")
 LAUNCH       := $(if $(nproc),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(nproc),$(PY))
 
-.PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report geometry dashboard autointerp demo reproduce bench bench-dist clean-venv
+.PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report geometry dashboard autointerp demo reproduce bench bench-dist bench-validation clean-venv
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
@@ -23,9 +23,10 @@ help:
 	@echo "make geometry run=<dir or [a,b]> [ARGS='topk_run=... tsne=false']   feature geometry -> <run>/geometry.json + PNGs"
 	@echo "make dashboard run=<dir> [ARGS='n_features=50']   static HTML feature dashboards -> <run>/dashboard/"
 	@echo "make autointerp run=<dir> ARGS='explainer.model=<name> ...'   detection scoring -> <run>/autointerp.json"
-	@echo "make demo                  offline demo: harvest, 4 SAEs, eval, report -> results/demo (~15 min, 2 CPUs)"
+	@echo "make demo                  offline demo: harvest, 9 SAEs (Figure 1 at demo scale), eval, report -> results/demo (5 min here, 2 CPUs)"
 	@echo "make bench                 training step time of TopK / Switch / the reference vs roofline -> results/bench/train.json"
 	@echo "make bench-dist            expert-parallel vs one-process Switch tokens/s, all-to-all bytes vs minimum -> results/bench/dist.json"
+	@echo "make bench-validation      wall-clock with vs without validation during training, demo settings -> results/bench/validation.json"
 	@echo "make reproduce             the paper's Figure 1 and 3 grids (GPT-2, OpenWebText, GPUs; see README)"
 
 setup: .venv/.installed data/models/smollm2-135m/model.safetensors data/corpus/offline.jsonl
@@ -109,3 +110,7 @@ bench: .venv/.installed
 # minimum (bench/dist.py); ARGS='--quick' for a small shape.
 bench-dist: .venv/.installed
 	$(PY) -m bench.dist $(ARGS)
+
+# What validation during training costs at the demo's settings (bench/validation.py; needs the demo store).
+bench-validation: .venv/.installed
+	$(PY) -m bench.validation $(ARGS)

@@ -1,10 +1,11 @@
-"""Benchmarks (`make bench`, `bench-dist`, `bench-loader`, `bench-harvest`): each prints ratios
+"""Benchmarks (`make bench`, `bench-dist`, `bench-loader`, `bench-harvest`, `bench-validation`): each prints ratios
 measured side by side in one run and writes its numbers as JSON under results/bench/.
 
     harvest_speed   tokens/s of forward-to-block vs harvest vs full forward, codecs
     train_step      training step time of TopK / Switch / the reference algorithm vs roofline
     dist            expert-parallel vs one-process Switch tokens/s, all-to-all bytes vs the minimum
     loader          batches/s of the loader vs the trainer's consumption, peak memory
+    validation      wall-clock of training with vs without validation, at the demo's settings
 
 They sit above the stages and import them; no stage imports a benchmark.
 """

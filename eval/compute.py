@@ -86,6 +86,9 @@ def findings(runs: Sequence[EvaluatedRun]) -> list[str]:
 
     - Figure 1: the training FLOPs each expert family needs to reach the held-out MSE of the best
       dense TopK-style run (read off the validation curves), against that run's own FLOPs;
+    - at equal compute: which family has the lowest MSE at each common FLOP budget;
+    - same width, equal compute: each width-matched expert run against the dense run of its width,
+      read at the expert run's final FLOPs;
     - at fixed width (width-matched runs with as many latents as a dense run): which MSE is lower.
     """
     dense = [r for r in runs if r.sae.sparse_codes and not r.sae.has_experts and r.curve]
@@ -107,6 +110,27 @@ def findings(runs: Sequence[EvaluatedRun]) -> list[str]:
             else:
                 out.append(f"Figure 1 (compute): no {series} run reached the held-out MSE of the best "
                            f"{best.sae.display_name} run ({best.label}, {target:.4g}) within its budget.")
+    with_curves = [r for r in runs if len(r.curve) > 1]
+    budgets = common_budgets([r.curve for r in with_curves])
+    if len({r.series for r in with_curves}) > 1 and budgets:
+        winners = []
+        for b in budgets:
+            reached = [(m, r) for r in with_curves if (m := mse_at(r.curve, b)) is not None]
+            winners.append(min(reached, key=lambda p: p[0])[1].series)
+        tally = ", ".join(f"{series} at {winners.count(series)}" for series in dict.fromkeys(winners))
+        out.append(f"At equal training compute: the lowest held-out MSE among the runs that reached each of the "
+                   f"{len(budgets)} common FLOP budgets ({', '.join(f'{b:.2g}' for b in budgets)}) belongs to {tally}.")
+    dense_curves = {r.get("n_latents"): r for r in dense}
+    same = [(r, d, r.curve[-1]["mse"], m) for r in experts if r.get("match") != "flops"
+            and (d := dense_curves.get(r.get("n_latents"))) is not None
+            and (m := mse_at(d.curve, r.curve[-1]["train_flops"])) is not None]
+    if same:
+        lower = sum(e < m for _, _, e, m in same)
+        examples = "; ".join(f"M={r.get('n_latents')}: {d.sae.display_name} {m:.4g} vs {r.series} {e:.4g}"
+                             for r, d, e, m in same)
+        out.append(f"Same width, equal compute: at the final training FLOPs of each width-matched expert run, its "
+                   f"expert SAE had the lower held-out MSE than the dense run of the same width in {lower} of "
+                   f"{len(same)} pairs ({examples}).")
     by_width = {r.get("n_latents"): r for r in runs if r.sae.sparse_codes and not r.sae.has_experts}
     pairs = [(r, by_width[r.get("n_latents")]) for r in runs
              if r.sae.has_experts and r.get("match") != "flops" and r.get("n_latents") in by_width]

@@ -353,7 +353,8 @@ def build_report(sweep: Path, out: Path, title: str | None = None, intro: list[s
     if curves:
         md += ["![Validation curves](curves.png)", "",
                "Validation curves: held-out MSE during training against the training FLOPs and the seconds spent "
-               "so far, one line per run (label at its end).", ""]
+               "so far, one line per run (label at its end). Seconds are this machine's; the first run of a "
+               "process also pays one-off warm-up.", ""]
     md += ["## At equal training compute", "", *equal_compute_section(runs),
            "## MSE and loss recovered vs L0 (Figure 3)", "", "![Pareto fronts](pareto.png)", "",
            "Left: width-matched Switch runs; right: FLOP-matched ones; TopK, ReLU and Gated in both; one line per "

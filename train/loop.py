@@ -1,8 +1,10 @@
 """The training loop: batches from the store -> SAE -> loss -> recipe step, with logs and checkpoints.
 
 `train(cfg, run_dir)` reads as the recipe: check the run folder, open the store, join the ranks,
-build the SAE, `resume` from a checkpoint, `record_launch`, then `fit` step by step (`train_step`,
-`log_metrics`, `save_checkpoint`) and `finish`. The folder's files are `train.run_dir.RunDir`'s.
+build the SAE, turn the budget into a `run_length` (train/budget.py), `resume` from a checkpoint,
+`record_launch`, then `Trainer.fit` step by step (`train_step`, `metrics`, `save_checkpoint`,
+`validate` on the held-out sample of train/validation.py) and `finish`. The folder's files are
+`train.run_dir.RunDir`'s.
 Launching into a folder with a checkpoint continues from it (unless resume=false); a finished run is
 skipped, which makes re-launched sweeps resume where they stopped.
 
@@ -229,8 +231,9 @@ class Trainer:
         cfg, main = self.cfg, self.dist.is_main
         unit = dict(unit="s", bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]") \
             if self.length.timed else {}
-        bar = tqdm(total=self.length.total, initial=self.length.elapsed(self.step, self.seconds),
-                   desc=f"train {cfg.model['arch']}", disable=not (cfg.progress and main), **unit)
+        total, done = (self.length.total, self.seconds) if self.length.timed else (self.length.steps, self.step)
+        bar = tqdm(total=total, initial=done, desc=f"train {cfg.model['arch']}", disable=not (cfg.progress and main),
+                   **unit)
         if self.eval_every and self.step == 0:
             self.validate()
         t_log, tokens_log = clock(), 0

@@ -43,12 +43,13 @@ class ReconMetrics:
     def update(self, x: torch.Tensor, recon: torch.Tensor, codes: Codes) -> None:
         """x, recon [n, d]; codes of the same n tokens."""
         x, err = x.double().cpu(), (x - recon).double().cpu()
+        err2 = err * err
         self.n += len(x)
-        self.sq_err += err.pow(2).sum().item()
+        self.sq_err += err2.sum().item()
         self.sum_x += x.sum(0)
-        self.sum_x2 += x.pow(2).sum(0)
+        self.sum_x2 += (x * x).sum(0)
         self.sum_e += err.sum(0)
-        self.sum_e2 += err.pow(2).sum(0)
+        self.sum_e2 += err2.sum(0)
         active = codes.active().cpu()
         self.active += int(active.sum())
         take = len(x) if self.dead_window is None else max(0, min(len(x), self.dead_window - self.window_seen))

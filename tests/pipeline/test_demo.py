@@ -12,9 +12,10 @@ from runtime.config import compose_app
 def test_the_shipped_demo_config_is_valid_for_every_stage():
     harvest_cfg, runs, eval_cfg = plan(compose_app("demo", []))
     assert harvest_cfg.model == "data/models/smollm2-135m" and harvest_cfg.tokens == 162_560
-    assert set(runs) == {"topk", "relu", "switch_width", "switch_flops"}
-    assert runs["switch_flops"].sae_kwargs(576)["expert_width"] == 2304
-    assert runs["switch_width"].sae_kwargs(576)["expert_width"] == 576
+    assert {n for n in runs if n.startswith("topk")} == {"topk_512", "topk_1024", "topk_2048"}
+    assert {n for n in runs if n.startswith("switch")} == {f"switch{n}_{w}" for n in (4, 8) for w in (512, 1024, 2048)}
+    assert runs["switch8_512"].sae_kwargs(576)["expert_width"] == 64
+    assert {r.model["k"] for r in runs.values()} == {32} and len({r.budget for r in runs.values()}) == 1
     assert all(r.data.store == harvest_cfg.store for r in runs.values())
     assert eval_cfg.run == "results/demo/runs"
 
@@ -30,6 +31,8 @@ def test_demo_end_to_end_on_a_tiny_model(tiny_gpt2, corpus_jsonl, tmp_path, caps
     report = run_demo(cfg)
     text = report.read_text()
     assert "| topk |" in text and "| switch |" in text and "Demo stage timings" in text
+    assert text.splitlines()[2].startswith("2 SAEs trained on the demo store (600 harvested tokens")
+    assert "![Validation curves](curves.png)" in text and "| run | MSE at " in text
     timings = json.loads((tmp_path / "demo" / "timings.json").read_text())
     assert list(timings) == ["harvest", "train topk", "train switch", "eval", "report"]
     for name in ("topk", "switch"):
@@ -49,6 +52,6 @@ def test_bad_demo_override_is_one_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("demo: error:") and err.count("\n") == 1
     with pytest.raises(SystemExit):
-        main(['runs.topk=["model=topk","model.k=99999"]'])
+        main(['runs.topk_512=["model=topk","model.k=99999"]'])
     err = capsys.readouterr().err
     assert err.startswith("demo: error:") and "k=99999" in err and err.count("\n") == 1
