@@ -8,7 +8,7 @@ HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
 # nproc=R: harvest and train run as R processes under torchrun (one per GPU; README "Many processes")
 LAUNCH       := $(if $(nproc),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(nproc),$(PY))
 
-.PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report geometry dashboard autointerp demo reproduce bench bench-dist bench-validation clean-venv
+.PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report geometry dashboard autointerp demo paper-cpu reproduce bench bench-dist bench-validation clean-venv
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
@@ -27,6 +27,7 @@ help:
 	@echo "make bench                 training step time of TopK / Switch / the reference vs roofline -> results/bench/train.json"
 	@echo "make bench-dist            expert-parallel vs one-process Switch tokens/s, all-to-all bytes vs minimum -> results/bench/dist.json"
 	@echo "make bench-validation      wall-clock with vs without validation during training, demo settings -> results/bench/validation.json"
+	@echo "make paper-cpu             Figures 1 and 3 at CPU scale, 1.95M offline tokens -> results/paper_cpu (not yet timed)"
 	@echo "make reproduce             the paper's Figure 1 and 3 grids (GPT-2, OpenWebText, GPUs; see README)"
 
 setup: .venv/.installed data/models/smollm2-135m/model.safetensors data/corpus/offline.jsonl
@@ -90,6 +91,10 @@ autointerp: .venv/.installed
 # The offline demo (conf/demo/demo.yaml): reuses a complete demo store, skips finished runs.
 demo: setup
 	$(PY) -m pipeline.demo $(ARGS)
+
+# Both figures at CPU scale on 1.95M offline tokens (conf/demo/paper_cpu.yaml); resumes like the demo.
+paper-cpu: setup
+	$(PY) -m pipeline.demo --config-name=paper_cpu $(ARGS)
 
 # The paper's Figure 1 and 3 grids at paper scale (conf/train/experiment/*.yaml): needs the hub for
 # the harvest and GPUs for the ~50 training runs (cost in the README). Re-running resumes everything.

@@ -93,13 +93,13 @@ def run_demo(cfg: DictConfig) -> Path:
     timings["eval"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    report = build_report(out / "runs", out, title="Offline demo: SmolLM2-135M block 20, local corpus",
-                          intro=intro(harvest_cfg.tokens, runs))
+    report = build_report(out / "runs", out, title=cfg.title, intro=intro(harvest_cfg.tokens, runs))
     timings["report"] = time.perf_counter() - t
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     lines = ["", "## Demo stage timings (this run, this machine)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in timings.items()] + [f"| total | {sum(timings.values()):.0f} |", ""]
-    lines += ["Settings: `conf/demo/demo.yaml` (" + OmegaConf.to_yaml({"train": list(cfg.train)}).strip() + ").", ""]
+    lines += [f"Settings: `conf/demo/{cfg.name}.yaml` (" + OmegaConf.to_yaml({"train": list(cfg.train)}).strip()
+              + ").", ""]
     with open(report, "a") as f:
         f.write("\n".join(lines))
     print(f"[demo] 4/4 report: {report} ({sum(timings.values()):.0f} s in all)")
@@ -107,8 +107,12 @@ def run_demo(cfg: DictConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m pipeline.demo [--config-name=<name>] [overrides]`: conf/demo/<name>.yaml (default demo)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    names = [a.split("=", 1)[1] for a in args if a.startswith("--config-name=")]
     with one_line_errors("demo"):
-        run_demo(compose_app("demo", sys.argv[1:] if argv is None else argv))
+        run_demo(compose_app("demo", [a for a in args if not a.startswith("--config-name=")],
+                             names[-1] if names else None))
 
 
 if __name__ == "__main__":

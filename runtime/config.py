@@ -17,10 +17,10 @@ T = TypeVar("T")
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def compose_app(app: str, overrides: list[str]) -> DictConfig:
-    """The config of `python -m <app> <overrides>` (conf/<app>/<app>.yaml)."""
+def compose_app(app: str, overrides: list[str], name: str | None = None) -> DictConfig:
+    """The config of `python -m <app> <overrides>`: conf/<app>/<name>.yaml, by default <app>.yaml."""
     with initialize_config_dir(config_dir=str(CONF / app), version_base="1.3"):
-        return compose(app, overrides=list(overrides))
+        return compose(name or app, overrides=list(overrides))
 
 
 def instantiate(cls: type[T], raw: dict[str, Any], error: type[ToolkitError], app: str) -> T:

@@ -20,6 +20,13 @@ def test_the_shipped_demo_config_is_valid_for_every_stage():
     assert eval_cfg.run == "results/demo/runs"
 
 
+def test_the_cpu_replication_config_is_valid_for_every_stage():
+    harvest_cfg, runs, _ = plan(compose_app("demo", [], "paper_cpu"))
+    assert harvest_cfg.tokens == 1_950_000 and harvest_cfg.store.endswith("_2m") and len(runs) == 19
+    assert {r.run_budget.kind for r in runs.values()} == {"tokens"} and len({r.budget for r in runs.values()}) == 1
+    assert runs["fig3_switch4flops_k64"].sae_kwargs(576)["expert_width"] == 2048
+
+
 def test_demo_end_to_end_on_a_tiny_model(tiny_gpt2, corpus_jsonl, tmp_path, capsys):
     cfg = compose_app("demo", [f"out={tmp_path / 'demo'}"])
     cfg.harvest = [f"model={tiny_gpt2}", "layer=2", f"dataset.name={corpus_jsonl}", f"store={tmp_path / 'store'}",
@@ -55,3 +62,7 @@ def test_bad_demo_override_is_one_line(capsys):
         main(['runs.topk_512=["model=topk","model.k=99999"]'])
     err = capsys.readouterr().err
     assert err.startswith("demo: error:") and "k=99999" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        main(["--config-name=nope"])
+    err = capsys.readouterr().err
+    assert err.startswith("demo: error:") and "nope" in err and err.count("\n") == 1
