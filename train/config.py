@@ -31,9 +31,9 @@ if not OmegaConf.has_resolver("dirname"):
     OmegaConf.register_new_resolver("dirname", dirname)
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "train"
+AUTO_SECONDS_EVERY = 100  # eval_every=auto with a seconds budget: validate every this many steps
 # Keys that change how a run runs, not what it trains: Hydra leaves them out of run folder names
 # (conf/train/train.yaml, override_dirname.exclude_keys), and a run may be relaunched with other values.
-AUTO_SECONDS_EVERY = 100  # eval_every=auto with a seconds budget: validate every this many steps
 RUNTIME_KEYS = tuple(OmegaConf.load(CONF / "train.yaml").hydra.job.config.override_dirname.exclude_keys)
 
 
