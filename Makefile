@@ -27,7 +27,7 @@ help:
 	@echo "make bench                 training step time of TopK / Switch / the reference vs roofline -> results/bench/train.json"
 	@echo "make bench-dist            expert-parallel vs one-process Switch tokens/s, all-to-all bytes vs minimum -> results/bench/dist.json"
 	@echo "make bench-validation      wall-clock with vs without validation during training, demo settings -> results/bench/validation.json"
-	@echo "make paper-cpu             Figures 1 and 3 at CPU scale, 1.95M offline tokens -> results/paper_cpu (not yet timed)"
+	@echo "make paper-cpu             Figures 1 and 3 at CPU scale, 1.95M offline tokens -> results/paper_cpu (~60 min, 2 CPUs)"
 	@echo "make reproduce             the paper's Figure 1 and 3 grids (GPT-2, OpenWebText, GPUs; see README)"
 
 setup: .venv/.installed data/models/smollm2-135m/model.safetensors data/corpus/offline.jsonl

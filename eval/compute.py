@@ -82,17 +82,23 @@ def flops_to_reach(curve: Curve, target: float) -> float | None:
 
 
 def findings(runs: Sequence[EvaluatedRun]) -> list[str]:
-    """What the runs say about the paper's claims, as sentences (none where the runs cannot say):
+    """What the runs say about the paper's claims, as sentences (none where the runs cannot say). Runs
+    compare only at the same k: the Figure 1 and equal-compute statements use the k most runs share.
 
     - Figure 1: the training FLOPs each expert family needs to reach the held-out MSE of the best
       dense TopK-style run (read off the validation curves), against that run's own FLOPs;
     - at equal compute: which family has the lowest MSE at each common FLOP budget;
-    - same width, equal compute: each width-matched expert run against the dense run of its width,
-      read at the expert run's final FLOPs;
-    - at fixed width (width-matched runs with as many latents as a dense run): which MSE is lower.
+    - same width, equal compute: each width-matched expert run against the dense run of its width
+      and k, read at the expert run's final FLOPs;
+    - at fixed width (width-matched runs with as many latents and the same k as a dense run): which
+      final MSE is lower.
     """
-    dense = [r for r in runs if r.sae.sparse_codes and not r.sae.has_experts and r.curve]
-    experts = [r for r in runs if r.sae.has_experts and r.curve]
+    sparse = [r for r in runs if r.sae.sparse_codes]
+    ks = [r.get("k") for r in sparse]
+    k = max(set(ks), key=ks.count) if ks else None
+    at_k = [r for r in sparse if r.get("k") == k]
+    dense = [r for r in at_k if not r.sae.has_experts and r.curve]
+    experts = [r for r in at_k if r.sae.has_experts and r.curve]
     out = []
     if dense and experts:
         best = min(dense, key=lambda r: r.get("mse"))
@@ -104,13 +110,13 @@ def findings(runs: Sequence[EvaluatedRun]) -> list[str]:
             if reached:
                 f, r = min(reached, key=lambda p: p[0])
                 verdict = "less" if f < need else "more"
-                out.append(f"Figure 1 (compute): {series} ({r.label}) reached the held-out MSE of the best "
+                out.append(f"Figure 1 (compute, k={k}): {series} ({r.label}) reached the held-out MSE of the best "
                            f"{best.sae.display_name} run ({best.label}, {target:.4g} at its end) after {f:.3g} "
                            f"training FLOPs, {verdict} than that run's {need:.3g} ({need / f:.2g}x).")
             else:
-                out.append(f"Figure 1 (compute): no {series} run reached the held-out MSE of the best "
+                out.append(f"Figure 1 (compute, k={k}): no {series} run reached the held-out MSE of the best "
                            f"{best.sae.display_name} run ({best.label}, {target:.4g}) within its budget.")
-    with_curves = [r for r in runs if len(r.curve) > 1]
+    with_curves = [r for r in at_k if len(r.curve) > 1]
     budgets = common_budgets([r.curve for r in with_curves])
     if len({r.series for r in with_curves}) > 1 and budgets:
         winners = []
@@ -118,25 +124,26 @@ def findings(runs: Sequence[EvaluatedRun]) -> list[str]:
             reached = [(m, r) for r in with_curves if (m := mse_at(r.curve, b)) is not None]
             winners.append(min(reached, key=lambda p: p[0])[1].series)
         tally = ", ".join(f"{series} at {winners.count(series)}" for series in dict.fromkeys(winners))
-        out.append(f"At equal training compute: the lowest held-out MSE among the runs that reached each of the "
-                   f"{len(budgets)} common FLOP budgets ({', '.join(f'{b:.2g}' for b in budgets)}) belongs to {tally}.")
-    dense_curves = {r.get("n_latents"): r for r in dense}
-    same = [(r, d, r.curve[-1]["mse"], m) for r in experts if r.get("match") != "flops"
-            and (d := dense_curves.get(r.get("n_latents"))) is not None
+        out.append(f"At equal training compute (k={k}): the lowest held-out MSE among the runs that reached each "
+                   f"of the {len(budgets)} common FLOP budgets ({', '.join(f'{b:.2g}' for b in budgets)}) belongs "
+                   f"to {tally}.")
+    dense_of = {(r.get("n_latents"), r.get("k")): r for r in sparse if not r.sae.has_experts}
+    width_matched = [r for r in sparse if r.sae.has_experts and r.get("match") != "flops"]
+    same = [(r, d, r.curve[-1]["mse"], m) for r in width_matched if r.curve
+            and (d := dense_of.get((r.get("n_latents"), r.get("k")))) is not None and d.curve
             and (m := mse_at(d.curve, r.curve[-1]["train_flops"])) is not None]
     if same:
         lower = sum(e < m for _, _, e, m in same)
-        examples = "; ".join(f"M={r.get('n_latents')}: {d.sae.display_name} {m:.4g} vs {r.series} {e:.4g}"
-                             for r, d, e, m in same)
+        examples = "; ".join(f"M={r.get('n_latents')} k={r.get('k')}: {d.sae.display_name} {m:.4g} vs {r.series} "
+                             f"{e:.4g}" for r, d, e, m in same)
         out.append(f"Same width, equal compute: at the final training FLOPs of each width-matched expert run, its "
-                   f"expert SAE had the lower held-out MSE than the dense run of the same width in {lower} of "
+                   f"expert SAE had the lower held-out MSE than the dense run of the same width and k in {lower} of "
                    f"{len(same)} pairs ({examples}).")
-    by_width = {r.get("n_latents"): r for r in runs if r.sae.sparse_codes and not r.sae.has_experts}
-    pairs = [(r, by_width[r.get("n_latents")]) for r in runs
-             if r.sae.has_experts and r.get("match") != "flops" and r.get("n_latents") in by_width]
+    pairs = [(r, dense_of[(r.get("n_latents"), r.get("k"))]) for r in width_matched
+             if (r.get("n_latents"), r.get("k")) in dense_of]
     if pairs:
         worse = sum(s.get("mse") > d.get("mse") for s, d in pairs)
-        out.append(f"Fixed width: in {worse} of {len(pairs)} width-matched pairs the expert SAE has the higher "
-                   "final held-out MSE than the dense one of the same width (the paper: Switch is worse at a fixed "
-                   "width and better at a fixed compute).")
+        out.append(f"Fixed width: in {worse} of {len(pairs)} width-matched pairs (same width and k) the expert SAE has "
+                   "the higher final held-out MSE than the dense one (the paper: Switch is worse at a fixed width and "
+                   "better at a fixed compute).")
     return out

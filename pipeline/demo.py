@@ -22,6 +22,9 @@ from runtime.errors import ToolkitError, one_line_errors
 from train.config import TrainConfig
 
 
+PAPER_TOKENS = 100_000 * 8192  # the paper's training tokens per run
+
+
 class DemoError(ToolkitError):
     """Bad demo config; printed as one line."""
 
@@ -44,14 +47,17 @@ def plan(cfg: DictConfig) -> tuple[HarvestConfig, dict[str, TrainConfig], DictCo
 def intro(store_tokens: int, runs: dict[str, TrainConfig]) -> list[str]:
     """The report's opening paragraph: what was run and how far its numbers reach."""
     first = next(iter(runs.values()))
-    tokens = first.run_budget
-    return [f"{len(runs)} SAEs trained on the demo store ({store_tokens:,} harvested tokens, 10% of its chunks held "
-            f"out), each for `budget={tokens}` at batch {first.batch_size:,}, with held-out validation every "
-            f"{first.eval_every} steps. This is the paper's Figure 1 at a scale some 1000x below its own (GPT-2, "
-            "100K steps x 8192 tokens): every run here sees its training rows a few times, widths are at most a "
-            "few thousand latents, and each number comes from one seed. The statements below are read off "
-            "these runs' held-out numbers; where they differ from the paper, that is what this scale shows, not "
-            "a verdict on the method.", ""]
+    budget = first.run_budget
+    tokens = budget.amount if budget.kind == "tokens" else budget.amount * first.batch_size
+    scale = f", some {PAPER_TOKENS / tokens:,.0f}x fewer than the paper's 100K steps x 8192" \
+        if budget.kind in ("steps", "tokens") else ""
+    return [f"{len(runs)} SAEs trained on a store of the demo model ({store_tokens:,} harvested tokens, every "
+            f"{max(2, round(1 / first.data.eval_frac))}th chunk held out), each for `budget={budget}` at batch "
+            f"{first.batch_size:,}{f' ({tokens:,.0f} tokens{scale})' if scale else ''}, with held-out validation "
+            f"every {first.eval_every} steps. Widths are at most a few thousand latents, the corpus is not "
+            "OpenWebText, and each number comes from one seed. The statements below are read off these runs' "
+            "held-out numbers; where they differ from the paper, that is what this scale shows, not a verdict on "
+            "the method.", ""]
 
 
 def run_demo(cfg: DictConfig) -> Path:

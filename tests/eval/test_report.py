@@ -218,9 +218,9 @@ def test_a_sweep_with_validation_curves_gets_curves_a_table_and_findings(tmp_pat
     assert "| run | MSE at 1e+11 FLOPs | MSE at 1.2e+11 FLOPs | MSE at 1.5e+11 FLOPs | MSE at 2e+11 FLOPs |" in md
     assert "| switch | **3** | not reached | not reached | not reached |" in md
     assert "| topk | 6 | **5.6** | **5** | **4** |" in md
-    assert ("Switch N=4 (switch) reached the held-out MSE of the best TopK run (topk, 4 at its end) after 7.5e+10 "
+    assert ("Figure 1 (compute, k=32): Switch N=4 (switch) reached the held-out MSE of the best TopK run (topk, 4 at its end) after 7.5e+10 "
             "training FLOPs, less than that run's 2e+11 (2.7x)") in md
-    assert "Fixed width: in 0 of 1 width-matched pairs" in md
+    assert "Fixed width: in 0 of 1 width-matched pairs (same width and k)" in md
 
 
 def test_a_sweep_without_curves_says_so():

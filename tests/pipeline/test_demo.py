@@ -38,7 +38,7 @@ def test_demo_end_to_end_on_a_tiny_model(tiny_gpt2, corpus_jsonl, tmp_path, caps
     report = run_demo(cfg)
     text = report.read_text()
     assert "| topk |" in text and "| switch |" in text and "Demo stage timings" in text
-    assert text.splitlines()[2].startswith("2 SAEs trained on the demo store (600 harvested tokens")
+    assert text.splitlines()[2].startswith("2 SAEs trained on a store of the demo model (600 harvested tokens")
     assert "![Validation curves](curves.png)" in text and "| run | MSE at " in text
     timings = json.loads((tmp_path / "demo" / "timings.json").read_text())
     assert list(timings) == ["harvest", "train topk", "train switch", "eval", "report"]
