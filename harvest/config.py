@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from runtime.config import instantiate
+from runtime.config import flatten, instantiate
 from runtime.errors import ToolkitError
 
 SITES = ("resid_post", "attn_out", "mlp_out")
@@ -99,7 +99,7 @@ class HarvestConfig:
         raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
         assert isinstance(raw, dict)
         raw = {k: v for k, v in raw.items() if k != "hydra"}
-        missing = [k for k, v in _flatten(raw).items() if v == "???"]
+        missing = [k for k, v in flatten(raw).items() if v == "???"]
         if missing:
             raise HarvestError(f"missing config value(s): {', '.join(missing)} (set them or pick a preset)")
         if isinstance(raw.get("tokens"), float) and raw["tokens"].is_integer():
@@ -132,13 +132,3 @@ class HarvestConfig:
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise HarvestError(message)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out

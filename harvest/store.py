@@ -140,6 +140,11 @@ class Layout:
         return self.n_chunks * self.chunk_rows
 
 
+def held_out_period(eval_frac: float) -> int:
+    """Every this-many-th chunk is held out at a held-out fraction eval_frac > 0."""
+    return max(2, round(1 / eval_frac))
+
+
 def split_chunks(n_chunks: int, eval_frac: float) -> tuple[list[int], list[int]]:
     """(training chunk ids, held-out chunk ids) of a store with n_chunks chunks.
 
@@ -147,7 +152,7 @@ def split_chunks(n_chunks: int, eval_frac: float) -> tuple[list[int], list[int]]
     over the corpus, and the same when the store grows."""
     if eval_frac <= 0:
         return list(range(n_chunks)), []
-    period = max(2, round(1 / eval_frac))
+    period = held_out_period(eval_frac)
     held = [i for i in range(n_chunks) if i % period == period - 1]
     return [i for i in range(n_chunks) if i % period != period - 1], held
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from harvest.config import HarvestConfig
+from harvest.store import held_out_period
 from runtime.config import compose_app
 from runtime.errors import ToolkitError, one_line_errors
 from train.config import TrainConfig
@@ -52,7 +53,7 @@ def intro(store_tokens: int, runs: dict[str, TrainConfig]) -> list[str]:
     scale = f", some {PAPER_TOKENS / tokens:,.0f}x fewer than the paper's 100K steps x 8192" \
         if budget.kind in ("steps", "tokens") else ""
     return [f"{len(runs)} SAEs trained on a store of the demo model ({store_tokens:,} harvested tokens, every "
-            f"{max(2, round(1 / first.data.eval_frac))}th chunk held out), each for `budget={budget}` at batch "
+            f"{held_out_period(first.data.eval_frac)}th chunk held out), each for `budget={budget}` at batch "
             f"{first.batch_size:,}{f' ({tokens:,.0f} tokens{scale})' if scale else ''}, with held-out validation "
             f"every {first.eval_every} steps. Widths are at most a few thousand latents, the corpus is not "
             "OpenWebText, and each number comes from one seed. The statements below are read off these runs' "

@@ -42,3 +42,11 @@ def require_given(cfg: DictConfig, key: str, error: type[ToolkitError], message:
     """`error(message)` unless `cfg.<key>` is set: not missing (???), null, empty or an empty list."""
     if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, "", []):
         raise error(message)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config containers as dotted keys: {"a": {"b": 1}} -> {"a.b": 1}."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from harvest.store import ActivationStore
+from harvest.store import ActivationStore, held_out_period
+from runtime.config import flatten
 from runtime.device import autocast, pick_device
 from train.config import RUNTIME_KEYS, TrainConfig, TrainError
 from train.dist import DataParallel, Dist, init
@@ -103,21 +104,13 @@ def batch_metrics(out: Output, dist: Dist) -> dict:
 
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}."""
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def check_same_run(cfg: TrainConfig, run: RunDir) -> None:
     """A run folder holds one run: relaunching it with other settings is refused, not silently mixed.
     Keys Hydra leaves out of run names (RUNTIME_KEYS) may change between launches."""
     if not run.has_config or not cfg.resume:
         return
-    old = _flat(run.read_config())
-    new = _flat(json.loads(json.dumps(cfg.to_dict())))  # tuples as lists, as the saved YAML has them
+    old = flatten(run.read_config())
+    new = flatten(json.loads(json.dumps(cfg.to_dict())))  # tuples as lists, as the saved YAML has them
     diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
             if k not in RUNTIME_KEYS and old.get(k) != new.get(k)]
     if diff:
@@ -306,18 +299,18 @@ def record_launch(cfg: TrainConfig, run: RunDir, store: ActivationStore, step: i
         run.write_store(store)
 
 
-def training_chunks(cfg: TrainConfig, store: ActivationStore, dist: Dist) -> list[int]:
-    """The store's chunks that are not held out. Refused: a store too small to hold a chunk out (at
+def split_chunks(cfg: TrainConfig, store: ActivationStore, dist: Dist) -> tuple[list[int], list[int]]:
+    """(training chunk ids, held-out chunk ids). Refused: a store too small to hold a chunk out (at
     data.eval_frac > 0), or too small to give every rank a chunk."""
     train_ids, held = store.split(cfg.data.eval_frac)
     if cfg.data.eval_frac > 0 and not held:
         raise TrainError(f"store {cfg.data.store} has {store.n_chunks} chunks, too few to hold one out for evaluation "
-                         f"at data.eval_frac={cfg.data.eval_frac} (every {max(2, round(1 / cfg.data.eval_frac))}th "
+                         f"at data.eval_frac={cfg.data.eval_frac} (every {held_out_period(cfg.data.eval_frac)}th "
                          "chunk): harvest more tokens, or train without a held-out set with data.eval_frac=0 "
                          "eval_every=0 (and evaluate on another store)")
     if len(train_ids) < dist.world:
         raise TrainError(f"the store has {len(train_ids)} training chunks, fewer than the {dist.world} ranks")
-    return train_ids
+    return train_ids, held
 
 
 def run_length(cfg: TrainConfig, flops_per_token: float) -> tuple[Length, int]:
@@ -350,12 +343,11 @@ def optimizer(cfg: TrainConfig, sae: SAE, layout: DataParallel, state: dict | No
     return opt, base_lr
 
 
-def validator(cfg: TrainConfig, store: ActivationStore, dist: Dist, every: int, cut: float | None
-              ) -> Validator | None:
-    """Rank 0's validation sample (train/validation.py), or None."""
+def validator(cfg: TrainConfig, store: ActivationStore, held: list[int], dist: Dist, every: int,
+              cut: float | None) -> Validator | None:
+    """Rank 0's validation sample from the held-out chunks (train/validation.py), or None."""
     if not (every and dist.is_main):
         return None
-    _, held = store.split(cfg.data.eval_frac)
     rows = validation_rows(store, held, cfg.eval_tokens, cut)
     return Validator(rows, cfg.batch_size, dist.device, getattr(torch, cfg.dtype))
 
@@ -374,7 +366,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> Path:
     if cfg.batch_size % dist.world:
         raise TrainError(f"batch_size {cfg.batch_size} is not divisible by the number of ranks {dist.world}")
     layout = ExpertParallel(dist, cfg.expert_parallel) if cfg.expert_parallel > 1 else DataParallel(dist)
-    train_ids = training_chunks(cfg, store, dist)
+    train_ids, held = split_chunks(cfg, store, dist)
 
     torch.manual_seed(cfg.seed)
     sae = _build(cfg, store.d_model).to(dist.device)  # the whole SAE, sharded by layout.prepare below
@@ -393,6 +385,6 @@ def train(cfg: TrainConfig, run_dir: Path) -> Path:
     opt, base_lr = optimizer(cfg, sae, layout, state)
     trainer = Trainer(cfg, run, dist, layout, sae, opt, base_lr, length, itertools.chain([first], batches), step,
                       state.get("seconds", 0.0) if state else 0.0, dead, flops_per_token,
-                      validator(cfg, store, dist, every, cut), every)
+                      validator(cfg, store, held, dist, every, cut), every)
     trainer.fit()
     return trainer.finish()
