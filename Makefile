@@ -8,7 +8,7 @@ HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
 # nproc=R: harvest and train run as R processes under torchrun (one per GPU; README "Many processes")
 LAUNCH       := $(if $(nproc),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(nproc),$(PY))
 
-.PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report geometry dashboard autointerp demo paper-cpu reproduce bench bench-dist bench-validation clean-venv
+.PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report geometry dashboard autointerp demo paper-cpu reproduce bench bench-dist bench-validation bench-store clean-venv
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
@@ -27,6 +27,7 @@ help:
 	@echo "make bench                 training step time of TopK / Switch / the reference vs roofline -> results/bench/train.json"
 	@echo "make bench-dist            expert-parallel vs one-process Switch tokens/s, all-to-all bytes vs minimum -> results/bench/dist.json"
 	@echo "make bench-validation      wall-clock with vs without validation during training, demo settings -> results/bench/validation.json"
+	@echo "make bench-store           reading a store with vs without its chunk checksums -> results/bench/store_read.json"
 	@echo "make paper-cpu             Figures 1 and 3 at CPU scale, 1.95M offline tokens -> results/paper_cpu (~60 min, 2 CPUs)"
 	@echo "make reproduce             the paper's Figure 1 and 3 grids (GPT-2, OpenWebText, GPUs; see README)"
 
@@ -119,3 +120,7 @@ bench-dist: .venv/.installed
 # What validation during training costs at the demo's settings (bench/validation.py; needs the demo store).
 bench-validation: .venv/.installed
 	$(PY) -m bench.validation $(ARGS)
+
+# What checking each chunk file against its recorded CRC-32 costs when reading (bench/store_read.py; demo store).
+bench-store: .venv/.installed
+	$(PY) -m bench.store_read $(ARGS)

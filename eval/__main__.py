@@ -1,9 +1,12 @@
-"""`python -m eval run=<run dir or folder of runs> [overrides]`: stage 3 (see conf/eval/eval.yaml)."""
+"""`python -m eval run=<run dir or folder of runs> [overrides]`: stage 3 (see conf/eval/eval.yaml).
+
+An unknown key or a bad value is refused in one line before Hydra starts (runtime/cli.py)."""
 
 import hydra
 from omegaconf import DictConfig
 
 from eval.run import EvalConfig
+from runtime.cli import launch
 from runtime.errors import one_line_errors
 
 
@@ -19,4 +22,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch("eval", main, EvalConfig.from_omegaconf)

@@ -30,9 +30,11 @@ from omegaconf import DictConfig, OmegaConf
 from eval.detection import Context, FeatureSample, aggregate, explain_and_score
 from eval.firings import N_DECILES, Firings, choose, deciles, open_run, scan, sequence_rows, top, values_at, window
 from eval.llm import ChatClient, Counters, Endpoint, ResponseCache, base_url_problem
-from eval.options import HeldOutOptions
+from eval.options import HELD_OUT_RULES, PATH, WHOLE_KEYS, HeldOutOptions
 from eval.plots import figure, save_png
-from runtime.config import require, require_given
+from runtime.cli import launch
+from runtime.config import (ENV_NAME, FLAG, NULL, Rule, as_whole, check_values, instantiate, integer, list_of, number, require,
+                            require_given, text)
 from runtime.errors import ToolkitError, one_line_errors, reraise_as
 from train.run_dir import RunDir, TrainedRun
 
@@ -78,43 +80,56 @@ class AutointerpConfig(HeldOutOptions):
             raise AutointerpError("explainer.model=<name> is required: the model name the server serves "
                                   "(e.g. explainer.model=Qwen/Qwen2.5-7B-Instruct); scorer.model defaults to it")
         raw = OmegaConf.to_container(cfg, resolve=True)
-        try:
-            explainer = Endpoint(**raw.pop("explainer"))
-            scorer = Endpoint(**{k: getattr(explainer, k) if v is None else v for k, v in raw.pop("scorer").items()})
-            out = cls(explainer=explainer, scorer=scorer, **raw)
-        except (TypeError, KeyError) as e:
-            raise AutointerpError(f"bad autointerp config: {e}") from None
+        as_whole(raw, *WHOLE_KEYS)
+        check_values(raw, RULES, AutointerpError, "conf/eval/autointerp.yaml")
+        explainer = Endpoint(**raw.pop("explainer"))
+        scorer = Endpoint(**{k: getattr(explainer, k) if v is None else v for k, v in raw.pop("scorer").items()})
+        out = instantiate(cls, {**raw, "explainer": explainer, "scorer": scorer}, AutointerpError, "autointerp")
         out.check()
         return out
 
     def check(self) -> None:
-        """Raise AutointerpError on the first bad value."""
-        checks = [
-            (self.n_features >= 1, f"n_features must be >= 1, got {self.n_features}"),
-            (self.per_decile >= 1, f"per_decile must be >= 1, got {self.per_decile}"),
-            (self.n_explain >= 1, f"n_explain must be >= 1, got {self.n_explain}"),
-            (self.n_negative >= 0, f"n_negative must be >= 0, got {self.n_negative}"),
-            (self.batch_contexts >= 1, f"batch_contexts must be >= 1, got {self.batch_contexts}"),
-            (self.min_active is None or self.min_active >= 1,
-             f"min_active must be >= 1 or null, got {self.min_active}"),
-            (self.features is None or (len(self.features) > 0 and all(isinstance(f, int) and f >= 0
-                                                                       for f in self.features)),
-             f"features must be null or a non-empty list of latent ids >= 0, got {self.features}"),
-            (self.after >= 0 and self.window > self.after, f"need 0 <= after < window, got after={self.after}, "
-                                                           f"window={self.window}"),
-            (self.concurrency >= 1, f"concurrency must be >= 1, got {self.concurrency}"),
-            (self.max_retries >= 0 and self.backoff_s >= 0, "max_retries and backoff_s must be >= 0"),
-            (self.timeout_s > 0, f"timeout_s must be > 0, got {self.timeout_s}"),
-            (0 < self.ci < 1, f"ci must be in (0, 1), got {self.ci}"),
-            (self.n_bootstrap >= 1, f"n_bootstrap must be >= 1, got {self.n_bootstrap}"),
-            *self.held_out_checks(),
-        ]
+        """The checks across keys (every value has passed its rule): AutointerpError on the first."""
+        checks = [(self.window > self.after, f"after must be below window, got after={self.after}, "
+                                             f"window={self.window}")]
         for role, e in (("explainer", self.explainer), ("scorer", self.scorer)):
             problem = base_url_problem(e.base_url)
-            checks += [(problem is None, f"{role}.base_url {problem}"),
-                       (isinstance(e.model, str) and e.model.strip() != "", f"{role}.model must be a model name"),
-                       (e.max_tokens >= 1 and e.temperature >= 0, f"{role}: need max_tokens >= 1 and temperature >= 0")]
+            checks.append((problem is None, f"{role}.base_url {problem}"))
         require(checks, AutointerpError)
+
+
+def _endpoint_rules(role: str, optional: bool) -> dict[str, Rule]:
+    """The rules of an `explainer` or `scorer` block; every scorer value may be null (the explainer's)."""
+    rules = {"base_url": text("an http:// or https:// URL"), "model": text("a model name"),
+             "api_key_env": ENV_NAME | NULL,
+             "temperature": number(0), "max_tokens": integer(1)}
+    return {f"{role}.{key}": rule | NULL if optional and key != "api_key_env" else rule for key, rule in rules.items()}
+
+
+# every key of conf/eval/autointerp.yaml (documented there) and what its value must be
+RULES: dict[str, Rule] = {
+    **HELD_OUT_RULES,
+    "features": list_of(integer(0), "a non-empty list of latent ids >= 0 like [3,17,42]") | NULL,
+    "n_features": integer(1),
+    "min_active": integer(1) | NULL,
+    "seed": integer(0),
+    "window": integer(1),
+    "after": integer(0),
+    "n_explain": integer(1),
+    "per_decile": integer(1),
+    "n_negative": integer(0),
+    "batch_contexts": integer(1),
+    **_endpoint_rules("explainer", optional=False),
+    **_endpoint_rules("scorer", optional=True),
+    "concurrency": integer(1),
+    "timeout_s": number(0, lo_open=True),
+    "max_retries": integer(0),
+    "backoff_s": number(0),
+    "cache": FLAG,
+    "cache_dir": PATH | NULL,
+    "ci": number(0, 1, lo_open=True, hi_open=True),
+    "n_bootstrap": integer(1),
+}
 
 
 # ---------------------------------------------------------------- collecting examples (needs the SAE)
@@ -308,4 +323,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch("autointerp", main, AutointerpConfig.from_omegaconf, conf="eval")

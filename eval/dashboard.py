@@ -23,8 +23,9 @@ import numpy as np
 from omegaconf import DictConfig
 
 from eval.firings import Firings, choose, deciles, open_run, scan, top, values_at, window
-from eval.options import HeldOutOptions
-from runtime.config import require
+from eval.options import PATH, HeldOutOptions
+from runtime.cli import launch
+from runtime.config import NULL, Rule, integer, list_of, one_of
 from runtime.errors import ToolkitError, one_line_errors, reraise_as
 
 if TYPE_CHECKING:  # torch, transformers and the store load only once the input is checked
@@ -55,20 +56,25 @@ class DashboardConfig(HeldOutOptions):
 
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> DashboardConfig:
-        out = cls.compose(cfg, DashboardError, "dashboard",
-                          "run=<run dir> is required: a training run directory holding sae/")
-        feats = out.features
-        require([
-            *out.held_out_checks(),
-            (feats in SELECTIONS or (isinstance(feats, list) and len(feats) > 0
-                                     and all(isinstance(f, int) and not isinstance(f, bool) for f in feats)),
-             f"features must be random, top_density or a non-empty list of indices like [1,5,9], got {feats!r}"),
-            (out.n_features >= 1, f"n_features must be >= 1, got {out.n_features}"),
-            (min(out.n_top, out.n_per_decile, out.n_zero, out.left, out.right) >= 0,
-             "n_top, n_per_decile, n_zero, left and right must be >= 0"),
-            (out.bins >= 1, f"bins must be >= 1, got {out.bins}"),
-        ], DashboardError)
-        return out
+        """The typed config of a composed conf/eval/dashboard.yaml, every value checked; DashboardError."""
+        return cls.compose(cfg, DashboardError, "dashboard",
+                           "run=<run dir> is required: a training run directory holding sae/", RULES)
+
+
+# the keys of conf/eval/dashboard.yaml besides eval.options.HELD_OUT_RULES' (documented there), and their values
+RULES: dict[str, Rule] = {
+    "out": PATH | NULL,
+    "features": (one_of(*SELECTIONS) | list_of(integer(0), "")).saying(
+        f"{', '.join(SELECTIONS)} or a non-empty list of feature indices >= 0 like [1,5,9]"),
+    "n_features": integer(1),
+    "seed": integer(0),
+    "n_top": integer(0),
+    "n_per_decile": integer(0),
+    "n_zero": integer(0),
+    "left": integer(0),
+    "right": integer(0),
+    "bins": integer(1),
+}
 
 
 class Contexts:
@@ -155,4 +161,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch("dashboard", main, DashboardConfig.from_omegaconf, conf="eval")

@@ -26,8 +26,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from eval.plots import figure, save_png
-from runtime.config import instantiate, require, require_given
+from runtime.config import (DEVICE, FLAG, NULL, Rule, check_values, instantiate, integer, list_of, number,
+                            require_given, text)
 from runtime.device import pick_device
+from runtime.cli import launch
 from runtime.errors import ToolkitError, one_line_errors, reraise_as
 from runtime.files import write_text
 from train.run_dir import RunDir
@@ -151,35 +153,32 @@ class GeometryConfig:
 
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> GeometryConfig:
+        """The typed config of a composed conf/eval/geometry.yaml, every value checked (RULES)."""
         require_given(cfg, "run", GeometryError, "run=<dir> is required: a run directory (holding sae/) or a list "
                       "run=[a,b]")
         raw = OmegaConf.to_container(cfg, resolve=True)
+        check_values(raw, RULES, GeometryError, "conf/eval/geometry.yaml")
         raw["run"] = [raw["run"]] if isinstance(raw["run"], str) else raw["run"]
-        out = instantiate(cls, raw, GeometryError, "geometry")
+        return instantiate(cls, raw, GeometryError, "geometry")
 
-        def num(x: Any) -> bool:
-            return isinstance(x, (int, float)) and not isinstance(x, bool)
 
-        def whole(x: Any) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        require([
-            (isinstance(out.run, list) and all(isinstance(r, str) for r in out.run),
-             f"run must be a path or a list of paths, got {out.run!r}"),
-            (num(out.threshold) and 0 < out.threshold <= 1, f"threshold must be in (0, 1], got {out.threshold!r}"),
-            (whole(out.block) and out.block >= 1, f"block must be an integer >= 1, got {out.block!r}"),
-            (whole(out.bins) and out.bins >= 1, f"bins must be an integer >= 1, got {out.bins!r}"),
-            (whole(out.seed), f"seed must be an integer, got {out.seed!r}"),
-            (isinstance(out.tsne, bool), f"tsne must be true or false, got {out.tsne!r}"),
-            (whole(out.tsne_samples) and out.tsne_samples >= 2,
-             f"tsne_samples must be an integer >= 2, got {out.tsne_samples!r}"),
-            (num(out.tsne_perplexity) and out.tsne_perplexity > 0,
-             f"tsne_perplexity must be > 0, got {out.tsne_perplexity!r}"),
-            (whole(out.tsne_pca) and out.tsne_pca >= 0, f"tsne_pca must be an integer >= 0, got {out.tsne_pca!r}"),
-            (whole(out.tsne_iter) and out.tsne_iter >= 250,
-             f"tsne_iter must be an integer >= 250, got {out.tsne_iter!r}"),
-        ], GeometryError)
-        return out
+# every key of conf/eval/geometry.yaml (documented there) and what its value must be
+PATH = text("a path")
+RULES: dict[str, Rule] = {
+    "run": PATH | list_of(PATH, "a non-empty list of paths"),
+    "out": PATH | NULL,
+    "threshold": number(0, 1, lo_open=True),
+    "block": integer(1),
+    "topk_run": PATH | NULL,
+    "seed": integer(0),
+    "bins": integer(1),
+    "tsne": FLAG,
+    "tsne_samples": integer(2),
+    "tsne_perplexity": number(0, lo_open=True),
+    "tsne_pca": integer(0),
+    "tsne_iter": integer(250),  # sklearn's TSNE refuses fewer steps
+    "device": DEVICE,
+}
 
 
 @dataclass
@@ -457,4 +456,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch("geometry", main, GeometryConfig.from_omegaconf, conf="eval")

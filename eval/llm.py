@@ -9,7 +9,11 @@ max_tokens} to `<base_url>/chat/completions` and returns `choices[0].message.con
   request body (the base URL and API key are not part of the key), written through a temporary
   file and os.replace, so a re-run sends no request it has already had answered;
 - counters shared by every client of a run (thread-safe): calls, HTTP requests, cache hits,
-  retries, failed calls, and the first few distinct error messages.
+  retries, failed calls, and the first few distinct error messages;
+- the API key goes to the endpoint's origin only (scheme, host and port of `base_url`): a redirect
+  to another origin is refused with LLMError before anything is sent there, and the key is cut out
+  of every answer and error message (some servers quote the request back). It is read from the
+  environment at request time and written nowhere: not to the cache, the counters or the results.
 
 Concurrency is bounded by the caller: `map_concurrent` runs calls on a pool of `concurrency` threads.
 """
@@ -48,7 +52,13 @@ class LLMError(Exception):
 class Endpoint:
     """One role's server and sampling settings (conf/eval/autointerp.yaml `explainer`, `scorer`). The
     API key is read from the environment variable named `api_key_env` at request time (unset or empty:
-    no Authorization header)."""
+    no Authorization header).
+
+    The key is sent to `base_url`'s origin (scheme, host, port) and nowhere else. Redirects within
+    that origin are followed with it (307 and 308 repeat the POST with its body; 301, 302 and 303
+    become a GET, as urllib does); a redirect to any other origin, an http -> https upgrade
+    included, is refused with an LLMError that names both origins, and nothing is sent to the
+    target. Point `base_url` at the final address instead."""
 
     base_url: str
     model: str
@@ -72,7 +82,43 @@ def base_url_problem(url: str) -> str | None:
         return f"{url!r} has a bad port"
     if parts.query or parts.fragment:
         return f"{url!r} must not have a query or fragment"
+    if parts.username is not None or parts.password is not None:  # (not echoed: it may hold a password)
+        return ("must not hold a user name or password (user:password@host); the API key goes in the environment "
+                "variable named by api_key_env")
     return None
+
+
+def origin(url: str) -> str:
+    """scheme://host:port of `url`, lower case, the port filled in from the scheme: two URLs may share
+    credentials only if their origins are equal."""
+    parts = urllib.parse.urlsplit(url)
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    try:
+        port = parts.port or {"http": 80, "https": 443}.get(scheme)
+    except ValueError:
+        port = None
+    return f"{scheme}://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+class SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirect handler, held to one origin: a redirect elsewhere raises LLMError before any
+    request goes there (urllib would send the Authorization header along), and a 307 or 308 within
+    the origin repeats the POST with its body and headers (urllib refuses to)."""
+
+    def __init__(self, url: str):
+        self.url, self.origin = url, origin(url)
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> urllib.request.Request | None:
+        if origin(newurl) != self.origin:
+            fp.close()
+            raise LLMError(f"{self.url} answered HTTP {code}, a redirect from {self.origin} to {origin(newurl)}: "
+                           f"refused, the API key is only sent to {self.origin} (set base_url to the new address if "
+                           "you trust it)")
+        if code in (307, 308) and req.get_method() == "POST":
+            return urllib.request.Request(newurl, data=req.data, headers=dict(req.headers), method="POST",
+                                          origin_req_host=req.origin_req_host, unverifiable=True)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 class Counters:
@@ -144,6 +190,7 @@ class ChatClient:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.url = endpoint.base_url.rstrip("/") + "/chat/completions"
+        self.opener = urllib.request.build_opener(SameOriginRedirects(self.url))
 
     def payload(self, messages: list[dict[str, str]]) -> dict[str, Any]:
         e = self.endpoint
@@ -167,27 +214,34 @@ class ChatClient:
             self.cache.put(key, payload, text)
         return text
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.endpoint.api_key_env) if self.endpoint.api_key_env else None
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
+    def _key(self) -> str | None:
+        """The API key, from the environment at request time (None: unset or empty)."""
+        return (os.environ.get(self.endpoint.api_key_env) or None) if self.endpoint.api_key_env else None
 
     def _post(self, payload: dict[str, Any]) -> str:
-        body = json.dumps(payload).encode()
+        """The answer's text; neither it nor an LLMError holds the key, whatever the server sent back."""
+        key = self._key()
+        try:
+            return self._send(json.dumps(payload).encode(), key)
+        except LLMError as e:
+            if key and key in str(e):
+                raise LLMError(str(e).replace(key, "<API key>")) from None
+            raise
+
+    def _send(self, body: bytes, key: str | None) -> str:
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
         for attempt in range(self.max_retries + 1):
             if attempt:
                 self.counters.add("retries")
             self.counters.add("http_requests")
             wait = self.backoff_s * 2**attempt
             try:
-                req = urllib.request.Request(self.url, data=body, headers=self._headers(), method="POST")
-                with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                with self.opener.open(req, timeout=self.timeout_s) as resp:
                     raw = resp.read()
-                return _content(raw, self.url)
+                return _content(_hide(raw, key), self.url)
             except urllib.error.HTTPError as e:
-                detail = e.read()[:200].decode(errors="replace").strip()
+                detail = _hide(e.read(), key)[:200].decode(errors="replace").strip()
                 problem = f"HTTP {e.code} from {self.url}" + (f": {detail}" if detail else "")
                 if e.code not in RETRY_STATUS and e.code < 500:
                     raise LLMError(problem) from None
@@ -198,6 +252,12 @@ class ChatClient:
             if attempt < self.max_retries:
                 time.sleep(min(wait, MAX_WAIT_S))
         raise LLMError(f"{problem} (gave up after {self.max_retries + 1} attempts)")
+
+
+def _hide(raw: bytes, key: str | None) -> bytes:
+    """`raw` with every copy of the key replaced, before anything cuts or keeps it (a server that
+    echoes the request must not get the key into an error message, the cache or the results)."""
+    return raw.replace(key.encode(), b"<API key>") if key else raw
 
 
 def _retry_after(value: str | None) -> float:

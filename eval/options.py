@@ -4,22 +4,33 @@ Imports nothing heavy (no torch): an app can check its config before torch loads
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 
-from runtime.config import instantiate, require_given
+from runtime.config import (DEVICE, FLAG, NULL, Rule, as_whole, check_values, instantiate, integer, number, one_of,
+                            require_given, text)
 from runtime.errors import ToolkitError
 
 T = TypeVar("T", bound="HeldOutOptions")
 
-
-def outlier_factor_check(value: Any) -> tuple[bool, str]:
-    """(ok, message) for `outlier_factor`: run (the run's own data.outlier_factor), null (keep every
-    row) or a number > 1 (rows with a norm above it x the median row norm are left out)."""
-    ok = value in ("run", None) or (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 1)
-    return ok, f"outlier_factor must be run, null or a number > 1, got {value!r}"
+# run: the run's own data.outlier_factor; null: keep every row; a number > 1: rows with a norm above
+# it x the median row norm are left out
+OUTLIER_FACTOR = (one_of("run") | NULL | number(1, lo_open=True)).saying("run, null or a number > 1")
+PATH = text("a path")
+# the keys HeldOutOptions holds, in every app's YAML (documented there), and what each must be
+HELD_OUT_RULES: dict[str, Rule] = {
+    "run": PATH,
+    "store": PATH | NULL,
+    "max_tokens": integer(1),
+    "batch_size": integer(1),
+    "outlier_factor": OUTLIER_FACTOR,
+    "device": DEVICE,
+    "progress": FLAG,
+}
+WHOLE_KEYS = ("max_tokens",)  # a count of rows that may be written like 1e6 on the command line
 
 
 @dataclass(frozen=True)
@@ -37,12 +48,13 @@ class HeldOutOptions:
     progress: bool
 
     @classmethod
-    def compose(cls: type[T], cfg: DictConfig, error: type[ToolkitError], app: str, run_message: str) -> T:
-        """The typed config of an app from its composed Hydra config; `run_message` if run= is not given."""
+    def compose(cls: type[T], cfg: DictConfig, error: type[ToolkitError], app: str, run_message: str,
+                rules: Mapping[str, Rule], whole: tuple[str, ...] = ()) -> T:
+        """The typed config of an app from its composed Hydra config (conf/eval/<app>.yaml): `run_message`
+        if run= is not given, else every value checked against HELD_OUT_RULES and the app's own
+        `rules`; the keys in `whole` (and max_tokens) may be whole floats like 1e6."""
         require_given(cfg, "run", error, run_message)
-        return instantiate(cls, OmegaConf.to_container(cfg, resolve=True), error, app)
-
-    def held_out_checks(self) -> list[tuple[bool, str]]:
-        """(ok, message) checks of these keys, for `runtime.config.require`."""
-        return [(self.max_tokens >= 1 and self.batch_size >= 1, "max_tokens and batch_size must be >= 1"),
-                outlier_factor_check(self.outlier_factor)]
+        raw = OmegaConf.to_container(cfg, resolve=True)
+        as_whole(raw, *WHOLE_KEYS, *whole)
+        check_values(raw, {**HELD_OUT_RULES, **rules}, error, f"conf/eval/{app}.yaml")
+        return instantiate(cls, raw, error, app)

@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from eval import compute
 from eval.plots import figure, save_png
-from runtime.config import require_given
+from runtime.cli import launch
+from runtime.config import NULL, Rule, check_values, instantiate, require_given, text
 from runtime.errors import ToolkitError, one_line_errors
 from train.run_dir import RunDir
 from train.saes import REGISTRY, SAE
@@ -365,15 +366,36 @@ def build_report(sweep: Path, out: Path, title: str | None = None, intro: list[s
     return path
 
 
+@dataclass(frozen=True)
+class ReportConfig:
+    """conf/eval/report.yaml (every key documented there)."""
+
+    sweep: str
+    out: str | None
+    title: str | None
+
+    @classmethod
+    def from_omegaconf(cls, cfg: DictConfig) -> ReportConfig:
+        """The typed config of a composed conf/eval/report.yaml, every value checked; ReportError in one line."""
+        require_given(cfg, "sweep", ReportError, "sweep=<dir> is required: the folder holding the evaluated runs")
+        raw = OmegaConf.to_container(cfg, resolve=True)
+        check_values(raw, RULES, ReportError, "conf/eval/report.yaml")
+        return instantiate(cls, raw, ReportError, "report")
+
+
+# every key of conf/eval/report.yaml (documented there) and what its value must be
+RULES: dict[str, Rule] = {"sweep": text("a path"), "out": text("a path") | NULL, "title": text() | NULL}
+
+
 @hydra.main(config_path="../conf/eval", config_name="report", version_base=None)
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: one line `report: error: ...` and exit 2 on bad input."""
     with one_line_errors("report"):
-        require_given(cfg, "sweep", ReportError, "sweep=<dir> is required: the folder holding the evaluated runs")
-        sweep = Path(str(cfg.sweep))
-        path = build_report(sweep, Path(str(cfg.out)) if cfg.get("out") else sweep, cfg.get("title"))
+        typed = ReportConfig.from_omegaconf(cfg)
+        sweep = Path(typed.sweep)
+        path = build_report(sweep, Path(typed.out) if typed.out else sweep, typed.title)
     print(f"report: {path}")
 
 
 if __name__ == "__main__":
-    main()
+    launch("report", main, ReportConfig.from_omegaconf, conf="eval")

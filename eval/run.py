@@ -18,7 +18,7 @@ from eval.ce import ce_metrics
 from train.metrics import reconstruction_metrics
 from eval.options import HeldOutOptions
 from harvest.lm import load_config, load_lm
-from runtime.config import require
+from runtime.config import FLAG, NULL, Rule, integer, one_of
 from runtime.device import pick_device
 from runtime.errors import ToolkitError, reraise_as
 from train.run_dir import RunDir, TrainedRun
@@ -44,14 +44,20 @@ class EvalConfig(HeldOutOptions):
 
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> EvalConfig:
-        out = cls.compose(cfg, EvalError, "eval", "run= is required: a run directory or a folder of runs")
-        require([
-            *out.held_out_checks(),
-            (out.ce_seqs >= 1 and out.ce_batch >= 1, "ce_seqs and ce_batch must be >= 1"),
-            (out.dead_window is None or out.dead_window >= 1, f"dead_window must be >= 1 or null, got {out.dead_window}"),
-            (out.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {out.dtype!r}"),
-        ], EvalError)
-        return out
+        """The typed config of a composed conf/eval/eval.yaml, every value checked; EvalError in one line."""
+        return cls.compose(cfg, EvalError, "eval", "run= is required: a run directory or a folder of runs", RULES,
+                           whole=("dead_window",))
+
+
+# the keys of conf/eval/eval.yaml besides eval.options.HELD_OUT_RULES' (documented there), and their values
+RULES: dict[str, Rule] = {
+    "dead_window": integer(1) | NULL,
+    "ce": FLAG,
+    "ce_seqs": integer(1),
+    "ce_batch": integer(1),
+    "redo": FLAG,
+    "dtype": one_of("float32", "bfloat16"),
+}
 
 
 def find_runs(path: Path) -> list[RunDir]:

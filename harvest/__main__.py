@@ -1,12 +1,15 @@
 """`python -m harvest [overrides]`: the Hydra entry point of stage 1 (see conf/harvest.yaml).
 
 `torchrun --standalone --nproc_per_node=R -m harvest [overrides]` runs it on R processes (harvest/run.py);
-a refusal is printed by every rank that raises it, everything else by rank 0 only."""
+a refusal is printed by every rank that raises it, everything else by rank 0 only. An unknown key or a
+bad value is refused in one line before Hydra starts (runtime/cli.py); the checks that need the
+dataset and the model's config follow in harvest.run.preflight, before any store is created."""
 
 import hydra
 from omegaconf import DictConfig
 
 from harvest.config import HarvestConfig
+from runtime.cli import launch
 from runtime.errors import one_line_errors
 
 
@@ -24,4 +27,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    launch("harvest", main, HarvestConfig.from_omegaconf)

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from runtime.config import flatten, instantiate
+from runtime.config import DEVICE, FLAG, NULL, Rule, as_whole, check_values, flatten, instantiate, integer, one_of, text
 from runtime.errors import ToolkitError
 
 SITES = ("resid_post", "attn_out", "mlp_out")
@@ -24,7 +24,7 @@ PACKINGS = ("document", "concat")  # how documents become sequences: see harvest
 
 # Keys that change how a harvest runs but not which rows it stores: a store may be resumed or
 # extended with other values. Everything else in the config is the store's identity.
-RUNTIME_KEYS = frozenset({"tokens", "store", "overwrite", "batch_size", "device", "progress"})
+RUNTIME_KEYS = frozenset({"tokens", "store", "overwrite", "repair", "batch_size", "device", "progress"})
 
 
 class HarvestError(ToolkitError):
@@ -67,6 +67,7 @@ class HarvestConfig:
     codec: str
     codec_level: int
     overwrite: bool
+    repair: bool
     batch_size: int
     device: str
     dtype: str
@@ -96,39 +97,67 @@ class HarvestConfig:
 
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> HarvestConfig:
+        """The typed config of a composed conf/harvest/harvest.yaml; every value checked (RULES), then
+        the checks across keys (`validate`). HarvestError in one line for the first problem."""
         raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
         assert isinstance(raw, dict)
         raw = {k: v for k, v in raw.items() if k != "hydra"}
         missing = [k for k, v in flatten(raw).items() if v == "???"]
         if missing:
             raise HarvestError(f"missing config value(s): {', '.join(missing)} (set them or pick a preset)")
-        if isinstance(raw.get("tokens"), float) and raw["tokens"].is_integer():
-            raw["tokens"] = int(raw["tokens"])  # tokens=5e6 on the command line
+        as_whole(raw, *WHOLE_KEYS)
+        check_values(raw, rules(raw.get("codec")), HarvestError, DOCS)
         ds = instantiate(DatasetConfig, raw.pop("dataset"), HarvestError, "harvest")
         out = instantiate(cls, {**raw, "dataset": ds}, HarvestError, "harvest")
         out.validate()
         return out
 
     def validate(self) -> None:
-        """Checks that need nothing but the config itself."""
-        _check(self.site in SITES, f"unknown site {self.site!r}; choose one of {', '.join(SITES)}")
-        _check(isinstance(self.layer, int) and self.layer >= 0, f"layer must be a block index >= 0, got {self.layer!r}")
-        _check(isinstance(self.context_size, int) and self.context_size >= 2, f"context_size must be >= 2, got {self.context_size!r}")
-        _check(isinstance(self.chunk_seqs, int) and self.chunk_seqs >= 1, f"chunk_seqs must be >= 1, got {self.chunk_seqs!r}")
-        _check(isinstance(self.batch_size, int) and self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}")
-        _check(self.dtype in DTYPES, f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        _check(self.store_dtype in STORE_DTYPES, f"unknown store_dtype {self.store_dtype!r}; choose one of {', '.join(STORE_DTYPES)}")
-        _check(self.codec in CODECS, f"unknown codec {self.codec!r}; choose one of {', '.join(CODECS)}")
-        _check(isinstance(self.tokens, int), f"tokens must be a whole number, got {self.tokens!r}")
-        _check(self.tokens >= self.chunk_rows,
-               f"tokens={self.tokens} is below one chunk ({self.chunk_rows} rows = chunk_seqs {self.chunk_seqs} "
-               f"x {self.rows_per_seq} positions); raise tokens or lower chunk_seqs")
-        _check(self.dataset.packing in PACKINGS,
-               f"unknown dataset.packing {self.dataset.packing!r}; choose one of {', '.join(PACKINGS)}")
-        _check(isinstance(self.dataset.shuffle_buffer, int) and self.dataset.shuffle_buffer >= 0,
-               "dataset.shuffle_buffer must be an integer >= 0")
+        """The checks across keys that need nothing but the config (each value passed its rule)."""
+        if self.tokens < self.chunk_rows:
+            raise HarvestError(f"tokens={self.tokens} is below one chunk ({self.chunk_rows} rows = chunk_seqs "
+                               f"{self.chunk_seqs} x {self.rows_per_seq} positions); raise tokens or lower chunk_seqs")
 
 
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise HarvestError(message)
+DOCS = "conf/harvest/harvest.yaml"
+WHOLE_KEYS = ("tokens",)  # counts that may be written like 5e6 on the command line
+NAME = text("a hub id or a path")
+# every key of conf/harvest/harvest.yaml (documented there) and what its value must be
+RULES: dict[str, Rule] = {
+    "model": NAME,
+    "layer": integer(0),
+    "site": one_of(*SITES),
+    "context_size": integer(2),
+    "keep_pos0": FLAG,
+    "tokens": integer(1),
+    "dataset.name": NAME,
+    "dataset.config": text() | NULL,
+    "dataset.split": text(),
+    "dataset.text_field": text(),
+    "dataset.separator": text() | NULL,
+    "dataset.packing": one_of(*PACKINGS),
+    "dataset.shuffle_buffer": integer(0),
+    "store": text("a path"),
+    "chunk_seqs": integer(1),
+    "store_dtype": one_of(*STORE_DTYPES),
+    "codec": one_of(*CODECS),
+    "codec_level": integer(),
+    "overwrite": FLAG,
+    "repair": FLAG,
+    "batch_size": integer(1),
+    "device": DEVICE,
+    "dtype": one_of(*DTYPES),
+    "seed": integer(0),
+    "progress": FLAG,
+}
+# the levels each codec takes: blosc's clevel 0..9; zstd's -131072 (fastest) ..22 (0 = its default, 3)
+CODEC_LEVELS = {
+    "blosc_zstd": integer(0, 9).saying("an integer in 0..9 with codec=blosc_zstd"),
+    "zstd": integer(-131072, 22).saying("an integer in -131072..22 with codec=zstd"),
+}
+
+
+def rules(codec: object) -> dict[str, Rule]:
+    """RULES, with the codec_level range of `codec` (none ignores the level)."""
+    level = CODEC_LEVELS.get(codec) if isinstance(codec, str) else None
+    return {**RULES, "codec_level": level or RULES["codec_level"]}

@@ -12,6 +12,11 @@ parted store (see harvest/store.py): document j goes to rank j % R, which packs 
 stream from its documents and writes global chunks r, r + R, ... from it. Rank 0 alone creates,
 resizes and finally merges the store, with barriers around; each rank resumes from its own state.
 A parted store continues only with the same R (and a single-process one only with one process).
+
+One harvest at a time writes a store: rank 0 holds the lock file `<store>.lock` (runtime/lock.py) from
+preflight to return; a second launch is refused in one line naming the holder. `repair=true` first
+re-creates the chunks `store.verify` finds damaged, from the same config (`repair`). A full disk stops
+the harvest in one line; every committed chunk is intact and the same command resumes.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import itertools
 import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +37,10 @@ from tqdm import tqdm
 from harvest import lm, store, text
 from harvest.config import HarvestConfig, HarvestError
 from runtime.device import pick_device, pick_dtype
+from runtime.files import disk_full
+from runtime.lock import WriterLock
 from runtime.ranks import Ranks, barrier, join
+
 
 @dataclass
 class Plan:
@@ -81,14 +90,17 @@ def _check_store(cfg: HarvestConfig, world: int) -> store.Progress | None:
     cannot be used, or if the store needs more chunks from another number of processes than `world`."""
     path = Path(cfg.store)
     if path.exists():
+        if cfg.overwrite and store.looks_like_store(path):
+            return None
         if not store.is_store(path):
             if path.is_dir() and not any(path.iterdir()):
                 return None  # an empty folder: fine to harvest into
+            if store.looks_like_store(path):
+                raise HarvestError(f"store {path} is damaged beyond repair: its zarr.json (the store's attributes "
+                                   "and progress) is lost; harvest it again with overwrite=true")
             raise HarvestError(f"store path {path} exists and is not an activation store; choose another store=")
-        if cfg.overwrite:
-            return None
-        old = store.ActivationStore(path)
-        old_identity = {k: v for k, v in old.harvest_config.items() if k in cfg.identity()}
+        attrs = store.read_attrs(path)
+        old_identity = {k: v for k, v in attrs["config"].items() if k in cfg.identity()}
         if old_identity != cfg.identity():
             diff = ", ".join(f"{k}: {old_identity.get(k)!r} -> {v!r}" for k, v in cfg.identity().items()
                              if old_identity.get(k) != v)
@@ -96,7 +108,7 @@ def _check_store(cfg: HarvestConfig, world: int) -> store.Progress | None:
                                "choose another store= or pass overwrite=true to replace it")
         progress = store.read_progress(path)
         if not progress.fits(cfg.n_chunks):
-            raise HarvestError(f"store {path} already holds {sum(progress.done) * old.chunk_rows} tokens, "
+            raise HarvestError(f"store {path} already holds {sum(progress.done) * attrs['chunk_rows']} tokens, "
                                f"more than tokens={cfg.tokens}; raise tokens or choose another store=")
         if progress.world != world and not progress.finished(cfg.n_chunks):
             how = "one process (python -m harvest)" if progress.world == 1 else \
@@ -105,6 +117,8 @@ def _check_store(cfg: HarvestConfig, world: int) -> store.Progress | None:
                                f"continued by as many, not {world}: relaunch with {how}, choose another store= or pass "
                                "overwrite=true to replace it")
         return progress
+    if cfg.repair:
+        raise HarvestError(f"repair=true needs an existing store: there is none at {path}")
     ancestor = path.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -127,11 +141,31 @@ class Result:
 
 
 def harvest(cfg: HarvestConfig) -> Result:
-    """Run (or resume) a harvest into cfg.store; under torchrun, this rank's part of it."""
+    """Run (or resume, or repair) a harvest into cfg.store; under torchrun, this rank's part of it."""
     plan = preflight(cfg)
+    lock = WriterLock(store.lock_path(plan.cfg.store), f"store {plan.cfg.store}", HarvestError)
+    lock.check()  # on every rank, so that all refuse together; rank 0 takes it once all have looked
+    barrier(plan.ranks)
+    with lock if plan.ranks.is_main else nullcontext():
+        try:
+            return _harvest(plan)
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            done = store.committed_chunks(plan.cfg.store)
+            raise HarvestError(f"disk full writing {e.filename or plan.cfg.store}: the store is intact with "
+                               f"{len(done)} committed chunks ({len(done) * plan.layout.chunk_rows:,} tokens; "
+                               "temporaries removed); free space and rerun the same command to resume") from None
+
+
+def _harvest(plan: Plan) -> Result:
     cfg, L, ranks = plan.cfg, plan.layout, plan.ranks
     before = sum(plan.progress.done) if plan.progress else 0
     barrier(ranks)  # every rank has read the store before rank 0 changes it
+    if cfg.repair:
+        if ranks.is_main:
+            repair(plan)
+        barrier(ranks)
     if plan.finished:
         if ranks.is_main:
             store.finish(cfg.store, L, plan.meta)
@@ -178,13 +212,60 @@ def harvest(cfg: HarvestConfig) -> Result:
     return Result(Path(cfg.store), rows, seconds, writer.write_seconds, ranks.rank)
 
 
+def repair(plan: Plan) -> list[int]:
+    """Rank 0: restore lost array metadata, then re-create every chunk `store.verify` finds damaged, from
+    the same config: the text is packed again from the start (per rank share of a parted store) and the
+    LM runs only on the bad chunks. Returns the chunk ids re-created; the store is verified again after."""
+    cfg, L = plan.cfg, plan.layout
+    restored = store.restore_metadata(cfg.store, L, store.codec(cfg.codec, cfg.codec_level))
+    if restored:
+        print(f"restored the metadata of array(s) {', '.join(restored)} of {cfg.store}")
+    verdict = store.verify(cfg.store, progress=cfg.progress)
+    if verdict.problems:
+        raise HarvestError(verdict.problems[0])
+    if not verdict.bad:
+        print(f"store {cfg.store}: {verdict.checked} chunks verified intact; nothing to repair")
+        return []
+    bad = sorted(verdict.bad)
+    model, tokenizer = lm.load_lm(cfg.model, plan.device, keep_layers=cfg.layer + 1)
+    reader = lm.SiteReader(model, cfg.layer, cfg.site, getattr(torch, cfg.dtype))
+    writer = store.StoreWriter.attach(cfg.store, L, 0)
+    progress = store.read_progress(cfg.store)
+    target = store.read_attrs(cfg.store)["n_chunks_target"]
+    changed = []
+    bar = tqdm(total=len(bad), unit="chunk", desc=f"repair {Path(cfg.store).name}", disable=not cfg.progress)
+    with bar:
+        for rank, done in enumerate(progress.done):
+            ids = list(store.chunk_ids(target, rank, progress.world)[:done])
+            wanted = set(ids) & set(bad)
+            if not wanted:
+                continue
+            documents = itertools.islice(text.iter_documents(cfg.dataset, cfg.seed), rank, None, progress.world)
+            packer = text.Packer(documents, tokenizer, cfg.context_size,
+                                 text.separator_id(tokenizer, cfg.dataset.separator), text.PackState(),
+                                 packing=cfg.dataset.packing)
+            for i in ids[: ids.index(max(wanted)) + 1]:
+                seqs = packer.take(L.chunk_seqs)  # chunk i's sequences, whether or not it is bad
+                if i in wanted:
+                    acts = _forward_chunk(reader, seqs, cfg.batch_size, plan.device, L)
+                    changed += [f"{name} chunk {i}" for name in writer.rewrite_chunk(i, acts, seqs)]
+                    bar.update()
+    after = store.verify(cfg.store, progress=False)
+    if not after.ok:
+        raise HarvestError(f"repair of {cfg.store} failed: chunk(s) {sorted(after.bad)} are still damaged")
+    same = "identical to what was first written" if not changed else \
+        f"{', '.join(changed)} differ from what was first written (another device or dtype?)"
+    print(f"repaired chunk(s) {', '.join(map(str, bad))} of {cfg.store}: {same}; verified intact")
+    return bad
+
+
 def _open_writer(plan: Plan) -> store.StoreWriter:
     """This rank's writer: rank 0 creates (or replaces, or reopens and resizes) the store, then the others attach."""
     cfg, L, ranks = plan.cfg, plan.layout, plan.ranks
     if not ranks.is_main:
         barrier(ranks)  # the arrays exist, at their final size
         return store.StoreWriter.attach(cfg.store, L, ranks.rank)
-    if cfg.overwrite and store.is_store(cfg.store):
+    if cfg.overwrite and store.looks_like_store(cfg.store):
         store.remove(cfg.store)
     if plan.progress is not None:
         writer = store.StoreWriter.reopen(cfg.store, L, plan.meta)

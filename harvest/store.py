@@ -15,6 +15,14 @@ config (the full harvest config), mean and var (per dimension, over the rows wri
 float64 from the stored 16-bit values), plus layout fields and, in a single-process store, the
 resume state `progress`.
 
+Integrity (format_version 2): when chunk i is committed, the size and CRC-32 of each of its three chunk
+files are recorded in `checksums/<i>.json` ({array: [bytes, crc32]}), written before the commit. Every
+read checks the file against its record before decoding it, so a missing, truncated or overwritten
+chunk is named (DamagedStore, one line) instead of being read as zarr's fill value (zeros) or handed
+to a decompressor. `verify` checks a whole store; `harvest repair=true` re-creates the bad chunks
+(a chunk is a pure function of the config and its index). Version-1 stores (no records) are read with
+the checks that need no record: files present, blosc headers consistent, decodable.
+
 Crash safety: zarr writes every chunk file and zarr.json through a temporary file + rename. A
 chunk's data is written first; then the attributes, which advance `progress`, are written in one
 atomic step. A kill at any moment leaves either the old or the new progress; chunks past it are
@@ -34,23 +42,57 @@ The result reads exactly like a single-process store.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+import struct
+import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numcodecs
 import numpy as np
 import zarr
 import zarr.codecs
+from tqdm import tqdm
 
-from runtime.files import PARTIAL, write_json
+from runtime.errors import ToolkitError
+from runtime.files import remove_litter, write_json, write_text
 
 FORMAT = "switch-sae/activations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: chunk checksums recorded; 1 (still read): none
 PARTS = "parts"  # folder of a parted store's per-rank resume files
+CHECKSUMS = "checksums"  # folder of per-chunk records {array: [bytes, crc32]}, one file per chunk id
+ARRAYS = ("acts", "tokens", "contexts")
+
+
+class DamagedStore(ToolkitError):
+    """A store's chunk or metadata is missing or damaged: named in one line, never read as zeros.
+    `what` is the damage alone (`acts chunk 3 (acts/c/3/0) is missing`), as `verify` lists it."""
+
+    def __init__(self, message: str, what: str | None = None):
+        super().__init__(message)
+        self.what = what or message
+
+
+def _remedy(path: str | Path) -> str:
+    return (f"`python -m harvest.verify store={path}` lists every bad chunk; rerun the harvest command that "
+            "wrote it with repair=true to re-create them")
+
+
+def _chunk_coords(name: str, i: int) -> tuple[int, ...]:
+    """Chunk-grid coordinates of chunk i of array `name` (tokens is 1-d, acts and contexts 2-d)."""
+    return (i,) if name == "tokens" else (i, 0)
+
+
+def file_check(f: Path) -> list[int]:
+    """[size in bytes, CRC-32] of a file, what `checksums/<i>.json` records per array."""
+    data = f.read_bytes()
+    return [len(data), zlib.crc32(data)]
 
 
 def codec(name: str, level: int) -> list:
@@ -194,9 +236,25 @@ def is_store(path: str | Path) -> bool:
         return False
 
 
+def looks_like_store(path: str | Path) -> bool:
+    """A store, or the remains of one whose root zarr.json is lost (its array folders are there)."""
+    return is_store(path) or all((Path(path) / name).is_dir() for name in ARRAYS)
+
+
+def read_attrs(path: str | Path) -> dict[str, Any]:
+    """The root attributes of the store at `path` (readable even when an array is damaged)."""
+    return dict(zarr.open_group(str(path), mode="r").attrs)
+
+
+def lock_path(path: str | Path) -> Path:
+    """The writer's lock file of a store: `<store>.lock`, beside the store (which appears by renaming)."""
+    path = Path(path)
+    return path.with_name(path.name + ".lock")
+
+
 def remove(path: str | Path) -> None:
-    """Delete a store; refuses anything that is not one."""
-    if not is_store(path):
+    """Delete a store (or the remains of one); refuses anything else."""
+    if not looks_like_store(path):
         raise ValueError(f"{path} is not an activation store; not deleting it")
     shutil.rmtree(path)
 
@@ -242,9 +300,11 @@ class StoreWriter:
         self.chunks_done: int = progress.get("chunks_done", 0)  # of this rank's chunk_ids
         self.pack_state: dict[str, Any] = progress.get("pack_state", {"docs_consumed": 0, "carry": []})
         self.stats = RunningStats.from_json(layout.d_model, progress.get("stats"))
-        self._acts = group["acts"]
-        self._tokens = group["tokens"]
-        self._contexts = group["contexts"]
+        # every chunk gets its file, even one equal to the fill value (zarr would skip it): a missing file
+        # always means damage
+        self._acts, self._tokens, self._contexts = (group[name].with_config({"write_empty_chunks": True})
+                                                    for name in ARRAYS)
+        self.checksums = attrs.get("format_version", 1) >= 2  # record each chunk's checksums
         self.write_seconds = 0.0  # time spent in write_chunk, for benchmarks
 
     @classmethod
@@ -258,15 +318,8 @@ class StoreWriter:
         shutil.rmtree(staging, ignore_errors=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         group = zarr.open_group(str(staging), mode="w-")
+        _create_arrays(group, layout, compressors)
         L = layout
-        group.create_array("acts", shape=(L.n_rows, L.d_model), chunks=(L.chunk_rows, L.d_model),
-                           dtype="float16" if L.acts_dtype == "float16" else "uint16",
-                           compressors=compressors, fill_value=0)
-        group.create_array("tokens", shape=(L.n_rows,), chunks=(L.chunk_rows,), dtype="int32",
-                           compressors=[zarr.codecs.ZstdCodec(level=3)], fill_value=0)
-        group.create_array("contexts", shape=(L.n_chunks * L.chunk_seqs, L.context_size),
-                           chunks=(L.chunk_seqs, L.context_size), dtype="int32",
-                           compressors=[zarr.codecs.ZstdCodec(level=3)], fill_value=0)
         group.attrs.update({
             "format": FORMAT, "format_version": FORMAT_VERSION, **meta,
             "d_model": L.d_model, "context_size": L.context_size, "first_pos": L.first_pos,
@@ -313,10 +366,38 @@ class StoreWriter:
         self._acts[rows] = acts
         self._tokens[rows] = contexts[:, L.first_pos :].reshape(-1).astype(np.int32)
         self._contexts[i * L.chunk_seqs : (i + 1) * L.chunk_seqs] = contexts.astype(np.int32)
+        self._record_checksums(i)
         self.stats.update(as_float(acts, L.acts_dtype))
         self.chunks_done += 1
         self._commit(pack_state)
         self.write_seconds += time.perf_counter() - t0
+
+    def _record_checksums(self, i: int) -> None:
+        """Record the size and CRC-32 of chunk i's three files (read back from the page cache)."""
+        if not self.checksums:
+            return  # a version-1 store being extended keeps its format
+        files = {name: self.path / name / self.group[name].metadata.encode_chunk_key(_chunk_coords(name, i))
+                 for name in ARRAYS}
+        (self.path / CHECKSUMS).mkdir(exist_ok=True)
+        write_json(self.path / CHECKSUMS / f"{i}.json", {n: file_check(f) for n, f in files.items()}, indent=None)
+
+    def rewrite_chunk(self, i: int, acts: np.ndarray, contexts: np.ndarray) -> list[str]:
+        """Write chunk i again (repair) without touching progress or statistics. Returns the arrays
+        whose new files differ from the checksum record kept before (none when the harvest is
+        deterministic on this device); the record is then replaced by the new files'."""
+        L = self.layout
+        record = self.path / CHECKSUMS / f"{i}.json"
+        try:
+            before = json.loads(record.read_text())
+        except (OSError, ValueError):
+            before = {}
+        rows = slice(i * L.chunk_rows, (i + 1) * L.chunk_rows)
+        self._acts[rows] = acts
+        self._tokens[rows] = contexts[:, L.first_pos :].reshape(-1).astype(np.int32)
+        self._contexts[i * L.chunk_seqs : (i + 1) * L.chunk_seqs] = contexts.astype(np.int32)
+        self._record_checksums(i)
+        after = json.loads(record.read_text()) if record.exists() else {}
+        return [n for n in ARRAYS if before.get(n) is not None and before.get(n) != after.get(n)]
 
     def _commit(self, pack_state: dict[str, Any]) -> None:
         L = self.layout
@@ -332,6 +413,86 @@ class StoreWriter:
             "var": self.stats.var.tolist(),
             "progress": progress,
         })
+
+
+def _create_arrays(group: zarr.Group, layout: Layout, compressors: list) -> None:
+    """The three empty arrays of a store with this layout (acts compressed with `compressors`)."""
+    L = layout
+    group.create_array("acts", shape=(L.n_rows, L.d_model), chunks=(L.chunk_rows, L.d_model),
+                       dtype="float16" if L.acts_dtype == "float16" else "uint16",
+                       compressors=compressors, fill_value=0)
+    group.create_array("tokens", shape=(L.n_rows,), chunks=(L.chunk_rows,), dtype="int32",
+                       compressors=[zarr.codecs.ZstdCodec(level=3)], fill_value=0)
+    group.create_array("contexts", shape=(L.n_chunks * L.chunk_seqs, L.context_size),
+                       chunks=(L.chunk_seqs, L.context_size), dtype="int32",
+                       compressors=[zarr.codecs.ZstdCodec(level=3)], fill_value=0)
+
+
+def restore_metadata(path: str | Path, layout: Layout, compressors: list) -> list[str]:
+    """Rewrite the metadata (<array>/zarr.json) of the arrays whose metadata is missing or unreadable,
+    as `create` made it for this layout (sized to the store's target), leaving their chunks alone.
+    Returns the arrays restored."""
+    path = Path(path)
+    group = zarr.open_group(str(path), mode="r")
+    broken = []
+    for name in ARRAYS:
+        try:
+            assert isinstance(group[name], zarr.Array)
+        except Exception:
+            broken.append(name)
+    if not broken:
+        return []
+    target = dataclasses.replace(layout, n_chunks=dict(group.attrs).get("n_chunks_target", layout.n_chunks))
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        _create_arrays(zarr.open_group(tmp, mode="w-"), target, compressors)
+        for name in broken:
+            (path / name).mkdir(exist_ok=True)
+            write_text(path / name / "zarr.json", (Path(tmp) / name / "zarr.json").read_text())
+    return broken
+
+
+@dataclass
+class Verdict:
+    """What `verify` found: the chunks it checked and, per bad chunk id, what is wrong with it."""
+
+    path: Path
+    checked: int  # chunk ids checked (each in all three arrays)
+    bad: dict[int, list[str]]  # chunk id -> one message per damaged array file
+    problems: list[str]  # damage found before any chunk could be checked (metadata)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad and not self.problems
+
+
+def committed_chunks(path: str | Path) -> list[int]:
+    """Ids of the chunks a store has committed (a parted store's ranks may be at different places)."""
+    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    rows = attrs["chunk_rows"]
+    if attrs.get("complete") or _world(attrs) == 1:
+        return list(range(attrs["n_tokens"] // rows))
+    progress = read_progress(path)
+    target = attrs["n_chunks_target"]
+    return sorted(i for r, d in enumerate(progress.done) for i in chunk_ids(target, r, progress.world)[:d])
+
+
+def verify(path: str | Path, progress: bool = True) -> Verdict:
+    """Read every committed chunk of every array of the store at `path`, checking each file against its
+    checksum record (version 2) and decoding it. Never raises for damage: the Verdict lists it."""
+    path = Path(path)
+    try:
+        store = ActivationStore(path)
+    except DamagedStore as e:
+        return Verdict(path, 0, {}, [str(e)])
+    ids = committed_chunks(path)
+    bad: dict[int, list[str]] = {}
+    for i in tqdm(ids, desc=f"verify {path.name}", unit="chunk", disable=not progress):
+        for name in ARRAYS:
+            try:
+                store._read(name, i)
+            except DamagedStore as e:
+                bad.setdefault(i, []).append(e.what)
+    return Verdict(path, len(ids), bad, [])
 
 
 def finish(path: str | Path, layout: Layout, meta: dict[str, Any]) -> None:
@@ -359,8 +520,7 @@ def finish(path: str | Path, layout: Layout, meta: dict[str, Any]) -> None:
 
 def _tidy(group: zarr.Group, layout: Layout) -> None:
     """Rank 0, while no other rank writes: clear litter of a killed write, size the arrays to the budget."""
-    for partial in Path(group.store.root).rglob("*" + PARTIAL):
-        partial.unlink(missing_ok=True)
+    remove_litter(group.store.root)
     L = layout
     acts = group["acts"]
     if acts.shape[0] != L.n_rows:
@@ -374,6 +534,18 @@ def as_float(acts: np.ndarray, acts_dtype: str) -> np.ndarray:
     if acts_dtype == "bfloat16":
         return (acts.astype(np.uint32) << 16).view(np.float32)
     return acts.astype(np.float32)
+
+
+def _decode(compressor: Any, data: bytes) -> bytes:
+    """Undo one of the bytes-to-bytes codecs that `codec` makes (blosc or zstd) on a chunk's bytes."""
+    if isinstance(compressor, zarr.codecs.BloscCodec):
+        # blosc trusts the compressed size in its header: check it against the bytes there are first
+        if len(data) < 16 or struct.unpack_from("<I", data, 12)[0] != len(data):  # header bytes 12..15: cbytes
+            raise ValueError("the blosc header does not match the file's size")
+        return numcodecs.Blosc().decode(data)
+    if isinstance(compressor, zarr.codecs.ZstdCodec):
+        return numcodecs.Zstd().decode(data)
+    raise ValueError(f"unsupported codec {type(compressor).__name__}")
 
 
 _REQUIRED = object()
@@ -394,13 +566,26 @@ class ActivationStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not is_store(path):
+            if (self.path / "acts").is_dir():
+                raise DamagedStore(f"store {path} is damaged: its zarr.json (the store's attributes) is missing or "
+                                   "unreadable; harvest it again with overwrite=true")
             raise FileNotFoundError(f"{path} is not an activation store (run `make harvest` first)")
         self.group = zarr.open_group(str(path), mode="r")
         self.attrs: dict[str, Any] = dict(self.group.attrs)
-        self.acts = self.group["acts"]
-        self.tokens = self.group["tokens"]
-        self.contexts = self.group["contexts"]
+        arrays = {name: self._open_array(name) for name in ARRAYS}
+        self.acts, self.tokens, self.contexts = arrays["acts"], arrays["tokens"], arrays["contexts"]
+        self.checked = self.attrs.get("format_version", 1) >= 2  # chunk checksums are recorded
         self._sequences = lru_cache(maxsize=64)(self._chunk_sequences)
+
+    def _open_array(self, name: str) -> zarr.Array:
+        try:
+            array = self.group[name]
+        except Exception:  # KeyError when zarr.json is gone, JSON or metadata errors when it is damaged
+            raise DamagedStore(f"store {self.path} is damaged: array {name!r} has no readable metadata "
+                               f"({name}/zarr.json); {_remedy(self.path)}") from None
+        if not isinstance(array, zarr.Array):
+            raise DamagedStore(f"store {self.path} is damaged: {name!r} is not an array")
+        return array
 
     # ------------------------------------------------------------------ what the store holds
 
@@ -469,18 +654,57 @@ class ActivationStore:
     # ------------------------------------------------------------------ reading rows
 
     def read_chunk_raw(self, i: int) -> np.ndarray:
-        """Chunk i as stored, [chunk_rows, d] float16 or uint16 (bfloat16 bits).
+        """Chunk i as stored, [chunk_rows, d] float16 or uint16 (bfloat16 bits), read-only.
 
-        An uncompressed chunk is memory-mapped (its file holds the raw little-endian rows);
-        a compressed one is read and decompressed whole.
+        The chunk file is read whole, checked against its checksum record and decoded; a missing or
+        damaged one raises DamagedStore naming it.
         """
         if not 0 <= i < self.n_chunks:
             raise IndexError(f"chunk {i} out of range (0..{self.n_chunks - 1})")
-        if not self.acts.compressors:
-            f = self.path / "acts" / "c" / str(i) / "0"
-            if f.exists():
-                return np.memmap(f, dtype=self.acts.dtype, mode="r", shape=(self.chunk_rows, self.d_model))
-        return self.acts[i * self.chunk_rows : (i + 1) * self.chunk_rows]
+        return self._read("acts", i)
+
+    def _read(self, name: str, i: int) -> np.ndarray:
+        """Chunk i of array `name` ([chunk shape], the array's dtype), checked, then decoded."""
+        array = {"acts": self.acts, "tokens": self.tokens, "contexts": self.contexts}[name]
+        key = array.metadata.encode_chunk_key(_chunk_coords(name, i))
+        where = f"{name} chunk {i} ({name}/{key})"
+        try:
+            data = (self.path / name / key).read_bytes()
+        except FileNotFoundError:
+            raise self._damaged(f"{where} is missing") from None
+        if self.checked:
+            self._check(i, name, where, data)
+        shape = array.chunks
+        try:
+            for compressor in reversed(array.compressors):
+                data = _decode(compressor, data)
+            out = np.frombuffer(data, dtype=np.dtype(array.dtype).newbyteorder("<"))
+        except Exception as e:  # a decompressor's error on damaged bytes (version-1 stores)
+            raise self._damaged(f"{where} cannot be decoded ({e})") from None
+        if out.size != int(np.prod(shape)):
+            raise self._damaged(f"{where} decodes to {out.size} values, not {int(np.prod(shape))}")
+        return out.reshape(shape)
+
+    def _check(self, i: int, name: str, where: str, data: bytes) -> None:
+        """Compare a chunk file's bytes with the size and CRC-32 recorded when it was committed."""
+        try:
+            want = json.loads((self.path / CHECKSUMS / f"{i}.json").read_text())[name]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise self._damaged(f"{where} has no readable checksum record ({CHECKSUMS}/{i}.json)") from None
+        if len(data) != want[0]:
+            raise self._damaged(f"{where} has {len(data):,} bytes where {want[0]:,} were written (truncated "
+                                "or overwritten)")
+        if zlib.crc32(data) != want[1]:
+            raise self._damaged(f"{where} does not match the checksum recorded when it was written")
+
+    def _damaged(self, what: str) -> DamagedStore:
+        return DamagedStore(f"store {self.path} is damaged: {what}; {_remedy(self.path)}", what)
+
+    def read_tokens(self, i: int) -> np.ndarray:
+        """Token ids [chunk_rows] int32 of chunk i's rows, checked like `read_chunk_raw`."""
+        if not 0 <= i < self.n_chunks:
+            raise IndexError(f"chunk {i} out of range (0..{self.n_chunks - 1})")
+        return self._read("tokens", i)
 
     def read_chunk(self, i: int) -> np.ndarray:
         """Chunk i as float32 [chunk_rows, d]."""
@@ -507,7 +731,7 @@ class ActivationStore:
         return self._sequences(chunk)[i]
 
     def _chunk_sequences(self, chunk: int) -> np.ndarray:
-        return np.asarray(self.contexts[chunk * self.chunk_seqs : (chunk + 1) * self.chunk_seqs])
+        return self._read("contexts", chunk)
 
     def sequences_of(self, chunk_ids: list[int], n: int) -> np.ndarray:
         """Token ids [n, context_size] of the first n sequences of the chunks `chunk_ids`, in order."""
@@ -517,4 +741,4 @@ class ActivationStore:
     def context(self, row: int) -> tuple[np.ndarray, int]:
         """(the sequence's token ids [context_size], position of `row` in it)."""
         seq, pos = self.locate(row)
-        return self.contexts[seq], pos
+        return self.sequence(seq), pos

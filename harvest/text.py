@@ -48,8 +48,15 @@ def local_files(name: str) -> list[str] | None:
 
 
 def check_dataset(ds: DatasetConfig) -> None:
-    """Fail now, in one line, if the dataset cannot be opened (runs before any model is loaded)."""
-    if local_files(ds.name) is not None:
+    """Fail now, in one line, if the dataset cannot be opened or its records have no `text_field`
+    (runs in preflight, before any model is loaded or any store is created). A local dataset's first
+    record is read; a hub dataset's fields are those its builder declares, when it declares them."""
+    files = local_files(ds.name)
+    if files is not None:
+        first = next(iter(_stream(ds, files)), None)
+        if first is None:
+            raise HarvestError(f"dataset {ds.name!r} holds no records")
+        _check_field(ds, list(first))
         return
     if looks_like_path(ds.name) or Path(ds.name).suffix in _BUILDERS:
         raise HarvestError(f"dataset file {ds.name!r} does not exist ({MISSING_PATH_HINT})")
@@ -58,23 +65,35 @@ def check_dataset(ds: DatasetConfig) -> None:
     import datasets
 
     try:
-        datasets.load_dataset_builder(ds.name, ds.config)
+        builder = datasets.load_dataset_builder(ds.name, ds.config)
     except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HarvestError(f"unknown dataset {ds.name!r}: {first}") from None
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HarvestError(f"unknown dataset {ds.name!r}: {first_line}") from None
+    if builder.info.features is not None:
+        _check_field(ds, list(builder.info.features))
+
+
+def _check_field(ds: DatasetConfig, fields: list[str]) -> None:
+    """dataset.text_field must be one of the records' fields."""
+    if ds.text_field not in fields:
+        raise HarvestError(f"dataset.text_field {ds.text_field!r} is not a field of the records of {ds.name}; "
+                           f"their fields: {', '.join(sorted(fields))}")
+
+
+def _stream(ds: DatasetConfig, files: list[str] | None) -> Iterable[dict]:
+    """The dataset's records in their stored order, streamed: local `files` if given, else the hub's."""
+    import datasets
+
+    if files is not None:
+        builder = _BUILDERS[Path(files[0]).suffix]
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+    return datasets.load_dataset(ds.name, ds.config, split=ds.split, streaming=True)
 
 
 def iter_documents(ds: DatasetConfig, seed: int) -> Iterator[str]:
     """Document texts, in an order fixed by the dataset and `seed`. Opens the stream now."""
-    import datasets
-
-    files = local_files(ds.name)
-    if files is not None:
-        builder = _BUILDERS[Path(files[0]).suffix]
-        kwargs = {"sample_by": "document"} if builder == "text" else {}
-        stream = datasets.load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
-    else:
-        stream = datasets.load_dataset(ds.name, ds.config, split=ds.split, streaming=True)
+    stream = _stream(ds, local_files(ds.name))
     if ds.shuffle_buffer > 0:
         stream = stream.shuffle(seed=seed, buffer_size=ds.shuffle_buffer)
     return _texts(stream, ds.text_field)

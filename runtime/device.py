@@ -24,6 +24,9 @@ def pick_device(name: str) -> torch.device:
         raise ToolkitError(f"unknown device {name!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ToolkitError(f"device {name!r} requested but CUDA is not available here; use device=auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ToolkitError(f"device {name!r} requested but this machine has {torch.cuda.device_count()} CUDA "
+                           f"device(s), cuda:0..cuda:{torch.cuda.device_count() - 1}")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ToolkitError(f"device {name!r} requested but MPS is not available here; use device=auto")
     return device

@@ -11,6 +11,7 @@ and never as a traceback.
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,15 +23,21 @@ class ToolkitError(Exception):
 
 @contextmanager
 def one_line_errors(app: str) -> Iterator[None]:
-    """Run the body; a ToolkitError (or a Hydra composition error) becomes one line and exit code 2."""
+    """Run the body; a ToolkitError (or a Hydra composition error, or a full disk that the stage did not
+    report itself) becomes one line and exit code 2."""
     from hydra.errors import HydraException
 
     try:
         yield
     except ToolkitError as e:
         fail(app, str(e))
-    except HydraException as e:
+    except HydraException as e:  # before OSError: Hydra's missing-config error is one
         fail(app, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        fail(app, f"no space left on device writing {e.filename or 'a file'}; what was saved before is intact "
+                  "(temporaries removed): free space and rerun the same command")
 
 
 def fail(app: str, message: str) -> None:

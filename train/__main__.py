@@ -1,27 +1,20 @@
-"""`python -m train [overrides]`: the Hydra entry point of stage 2 (see conf/train/train.yaml)."""
+"""`python -m train [overrides]`: the Hydra entry point of stage 2 (see conf/train/train.yaml).
 
-import sys
+Before Hydra creates the run folder, `check` refuses in one line (runtime/cli.py) everything the
+run would refuse before its first step: an unknown key or model, any bad value, an unavailable
+device, and a store that cannot be trained on (missing, incomplete, too small to hold chunks out,
+too small for the budget)."""
+
+import os
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from runtime.errors import fail, one_line_errors
-from train.config import TrainConfig
-
-MODELS = Path(__file__).resolve().parents[1] / "conf" / "train" / "model"
-
-
-def check_model_arg(argv: list[str]) -> None:
-    """`model=<name>` (or a multirun list) must name conf/train/model/<name>.yaml: say so in one line
-    instead of Hydra's multi-line composition error."""
-    known = sorted(p.stem for p in MODELS.glob("*.yaml"))
-    for arg in argv:
-        if arg.startswith("model="):
-            for name in arg.split("=", 1)[1].split(","):
-                if name not in known:
-                    fail("train", f"unknown model {name!r}; choose one of {', '.join(known)}")
+from runtime.cli import launch
+from runtime.errors import one_line_errors
+from train.config import TrainConfig, TrainError
 
 
 @hydra.main(config_path="../conf/train", config_name="train", version_base="1.3")
@@ -33,6 +26,24 @@ def main(cfg: DictConfig) -> None:
     print(f"sae: {sae_dir}")
 
 
+def check(cfg: DictConfig) -> None:
+    """The typed config, then the inputs it names: train.loop's own checks of the device and the
+    store, which read but never write (the store is opened read-only, the SAE is not built)."""
+    import torch
+
+    from runtime.device import pick_device
+    from train.dist import Dist
+    from train.loop import open_store, run_length, split_chunks
+
+    typed = TrainConfig.from_omegaconf(cfg)
+    pick_device(typed.device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's number of ranks
+    if typed.batch_size % world:
+        raise TrainError(f"batch_size {typed.batch_size} is not divisible by the number of ranks {world}")
+    store = open_store(typed)
+    split_chunks(typed, store, Dist(0, world, 0, torch.device("cpu")))
+    run_length(typed, typed.flops_per_token(store.d_model))
+
+
 if __name__ == "__main__":
-    check_model_arg(sys.argv[1:])
-    main()
+    launch("train", main, check)

@@ -12,10 +12,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from runtime.config import instantiate, require
+from runtime.config import (DEVICE, FLAG, NULL, Rule, as_whole, check_values, instantiate, integer, list_of, number,
+                            one_of, require, text)
 from runtime.errors import ToolkitError
 from train.budget import Budget, BudgetError
 from train.saes import REGISTRY
+from train.saes.flops import cost
 
 
 class TrainError(ToolkitError):
@@ -71,10 +73,18 @@ class TrainConfig:
 
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> TrainConfig:
+        """The typed config of a composed conf/train/train.yaml: every value checked (RULES, then the
+        architecture's `model_rules`), then the checks across keys (`validate`); TrainError in one line."""
         raw = OmegaConf.to_container(cfg, resolve=True)
         assert isinstance(raw, dict)
+        as_whole(raw, *WHOLE_KEYS)
+        model = raw.pop("model", None)
+        if not isinstance(model, dict):
+            raise TrainError(f"model must be one of {', '.join(REGISTRY)} (model=<name>), got {model!r}")
+        check_values(raw, RULES, TrainError, DOCS)
         data = instantiate(DataConfig, raw.pop("data"), TrainError, "train")
-        out = instantiate(cls, {**raw, "data": data, "adam_betas": tuple(raw["adam_betas"])}, TrainError, "train")
+        out = instantiate(cls, {**raw, "model": model, "data": data, "adam_betas": tuple(raw["adam_betas"])},
+                          TrainError, "train")
         out.validate()
         return out
 
@@ -104,9 +114,19 @@ class TrainConfig:
         except ValueError as e:
             raise TrainError(str(e)) from None
 
+    def flops_per_token(self, d: int) -> float:
+        """Training FLOPs per token of this SAE on inputs of width d, as the loop counts them for a
+        flops budget (train.saes.flops.algorithmic_cost), without building the SAE."""
+        sae = REGISTRY[self.model["arch"]]
+        kwargs = self.sae_kwargs(d)
+        sizes = {name: kwargs[name] for name in sae.size_args}
+        return cost(sae.arch, d, sparse_backward=sae.sparse_codes, **sizes).train
+
     def validate(self) -> None:
+        """The model's keys (its architecture's `check_model`) and the checks across keys; every other
+        value has passed its rule."""
         arch = self.model.get("arch")
-        if arch not in REGISTRY:
+        if not isinstance(arch, str) or arch not in REGISTRY:
             raise TrainError(f"unknown model {arch!r}; choose one of {', '.join(sorted(REGISTRY))}")
         sae = REGISTRY[arch]
         try:
@@ -115,8 +135,6 @@ class TrainConfig:
             raise TrainError(str(e)) from None
         ep = self.expert_parallel
         if ep != 1:
-            if not (isinstance(ep, int) and ep > 1):
-                raise TrainError(f"expert_parallel must be an integer >= 1, got {ep!r}")
             got = f"model={arch}" + (f", n_experts={self.model['n_experts']}" if sae.has_experts else "")
             if not sae.has_experts or self.model["n_experts"] % ep:
                 sharded = " or ".join(name for name, cls in REGISTRY.items() if cls.has_experts)
@@ -128,20 +146,39 @@ class TrainConfig:
             Budget.parse(self.budget)
         except BudgetError as e:
             raise TrainError(str(e)) from None
-        every = self.eval_every
-        require([
-            (every == "auto" or (isinstance(every, int) and not isinstance(every, bool) and every >= 0),
-             f"eval_every must be auto, 0 (no validation) or a number of steps, got {every!r}"),
-            (isinstance(self.eval_tokens, int) and self.eval_tokens >= 1, f"eval_tokens must be >= 1, got "
-                                                                           f"{self.eval_tokens!r}"),
-            (every == 0 or self.data.eval_frac > 0, "validation needs held-out chunks: data.eval_frac=0 holds none "
-                                                    "out; set eval_every=0 or data.eval_frac > 0"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.lr is None or self.lr > 0, f"lr must be > 0 or null, got {self.lr}"),
-            (0 <= self.lr_decay_frac <= 1, f"lr_decay_frac must be in [0, 1], got {self.lr_decay_frac}"),
-            (0 <= self.data.eval_frac < 1, f"data.eval_frac must be in [0, 1), got {self.data.eval_frac}"),
-            (self.data.outlier_factor is None or self.data.outlier_factor > 1,
-             f"data.outlier_factor must be > 1 or null, got {self.data.outlier_factor}"),
-            (self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every and log_every must be >= 1"),
-            (self.dtype in ("float32", "bfloat16"), f"dtype must be float32 or bfloat16, got {self.dtype!r}"),
-        ], TrainError)
+        require([(self.eval_every == 0 or self.data.eval_frac > 0,
+                  "validation needs held-out chunks: data.eval_frac=0 holds none out; set eval_every=0 or "
+                  "data.eval_frac > 0")], TrainError)
+
+
+DOCS = "conf/train/train.yaml"
+WHOLE_KEYS = ("dead_window", "eval_tokens")  # token counts that may be written like 1e7 on the command line
+# every key of conf/train/train.yaml but `model` (documented there; the model's keys are its
+# architecture's `model_rules`) and what its value must be
+RULES: dict[str, Rule] = {
+    "data.store": text("a path"),
+    # held out: every round(1/eval_frac)-th chunk, at least every 2nd (harvest.store.held_out_period)
+    "data.eval_frac": number(0, 0.5).saying("a number in [0, 0.5] (every round(1/eval_frac)-th chunk is held "
+                                            "out, at most every 2nd)"),
+    "data.window_chunks": integer(1),
+    "data.allow_incomplete": FLAG,
+    "data.outlier_factor": number(1, lo_open=True) | NULL,
+    "budget": text("kind:amount, e.g. steps:100_000 or flops:1e13"),  # read by train.budget.Budget.parse
+    "batch_size": integer(1),
+    "lr": number(0, lo_open=True) | NULL,
+    "lr_decay_frac": number(0, 1),
+    "adam_betas": list_of(number(0, 1, hi_open=True), "a pair [beta1, beta2] of numbers in [0, 1)", length=2),
+    "grad_clip": number(0, lo_open=True),
+    "seed": integer(0),
+    "dead_window": integer(1),
+    "log_every": integer(1),
+    "eval_every": one_of("auto") | integer(0),
+    "eval_tokens": integer(1),
+    "checkpoint_every": integer(1),
+    "resume": FLAG,
+    "device": DEVICE,
+    "dtype": one_of("float32", "bfloat16"),
+    "compile": FLAG,
+    "progress": FLAG,
+    "expert_parallel": integer(1),
+}

@@ -24,6 +24,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,10 +35,13 @@ from tqdm import tqdm
 from harvest.store import ActivationStore, held_out_period
 from runtime.config import flatten
 from runtime.device import autocast, pick_device
+from runtime.errors import reraise_as
+from runtime.files import disk_full, remove_litter
+from runtime.lock import WriterLock
+from train.budget import BudgetError, Length
 from train.config import RUNTIME_KEYS, TrainConfig, TrainError
 from train.dist import DataParallel, Dist, init
 from train.expert_parallel import ExpertParallel
-from train.budget import BudgetError, Length
 from train.loader import Batches, norm_cut
 from train.recipe import apply_update, default_lr, lr_factor, make_optimizer
 from train.run_dir import RunDir
@@ -201,14 +205,19 @@ class Trainer:
             log.write(json.dumps(record) + "\n")
 
     def save_checkpoint(self) -> None:
-        """The whole training state, gathered from every rank's shard, written by rank 0."""
+        """The whole training state, gathered from every rank's shard, written by rank 0. Tensors and
+        plain values only (`resume` reads it with torch.load(weights_only=True)): the SAE's and Adam's
+        state dicts (tensors; Adam's param_groups hold numbers, bools, None, a betas tuple and lists of
+        parameter ids), the CPU RNG state as a uint8 tensor, the dead-latent counters (a tensor and an
+        int), the step, world size and expert_parallel (ints) and the seconds trained (a float)."""
         self.dead.last = self.dist.all_reduce_max(self.dead.last)
         weights, moments = self.layout.full_state(self.sae, self.opt)
         if self.dist.is_main:
-            self.run.save_checkpoint({"sae": weights, "opt": moments, "step": self.step, "seconds": self.seconds,
-                                      "dead_tokens": self.dead.tokens, "dead_last": self.dead.last,
-                                      "rng": torch.get_rng_state(), "world_size": self.dist.world,
-                                      "expert_parallel": self.cfg.expert_parallel})
+            self.run.save_checkpoint({"sae": weights, "opt": moments, "step": int(self.step),
+                                      "seconds": float(self.seconds), "dead_tokens": int(self.dead.tokens),
+                                      "dead_last": self.dead.last, "rng": torch.get_rng_state(),
+                                      "world_size": int(self.dist.world),
+                                      "expert_parallel": int(self.cfg.expert_parallel)})
         self.last_good = self.step
 
     def _agree_on_seconds(self) -> None:
@@ -270,7 +279,14 @@ def resume(cfg: TrainConfig, run: RunDir, sae: SAE, dead: DeadLatents, store: Ac
     checkpoint, whose optimizer and schedule state are loaded once they exist). (0, None) for a new run."""
     if not (cfg.resume and run.has_checkpoint):
         return 0, None
-    state = run.load_checkpoint(dist.device)
+    with reraise_as(TrainError):  # a file holding more than tensors and plain values is refused, not run
+        state = run.load_checkpoint(dist.device)
+    needed = {"sae", "opt", "step", "dead_tokens", "dead_last", "rng"}
+    missing = sorted(needed - set(state)) if isinstance(state, dict) else sorted(needed)
+    if missing or not (isinstance(state["sae"], dict) and isinstance(state["sae"].get("b_pre"), torch.Tensor)):
+        raise TrainError(f"{run.path / RunDir.CHECKPOINT} is not a checkpoint of this toolkit (it lacks "
+                         f"{', '.join(missing) or 'sae.b_pre'}); delete it to train this run from scratch, or use "
+                         "another run directory")
     d = state["sae"]["b_pre"].shape[0]
     if d != store.d_model:
         raise TrainError(f"{run} holds a run on d={d} activations, but the store {cfg.data.store} has "
@@ -353,7 +369,11 @@ def validator(cfg: TrainConfig, store: ActivationStore, held: list[int], dist: D
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> Path:
-    """Train (or resume, or skip if finished) the run in `run_dir`; returns the saved SAE's folder."""
+    """Train (or resume, or skip if finished) the run in `run_dir`; returns the saved SAE's folder.
+
+    One launch at a time trains a run folder: rank 0 holds its lock file (RunDir.LOCK) throughout and a
+    second launch is refused in one line naming the holder. A full disk stops the run in one line; the
+    last checkpoint is intact and the same command resumes from it."""
     run = RunDir(run_dir)
     run.create()
     check_same_run(cfg, run)
@@ -363,6 +383,23 @@ def train(cfg: TrainConfig, run_dir: Path) -> Path:
     device = pick_device(cfg.device)
     store = open_store(cfg)
     dist = init(device)  # one process: a Dist whose collectives do nothing
+    lock = WriterLock(run.path / RunDir.LOCK, f"run {run}", TrainError)
+    lock.check()  # on every rank, so that all refuse together; rank 0 takes it once all have looked
+    dist.barrier()
+    with lock if dist.is_main else nullcontext():
+        if dist.is_main:
+            remove_litter(run.path, RunDir.CHECKPOINT)  # a killed launch's half-written checkpoint
+        try:
+            return _train(cfg, run, store, dist)
+        except OSError as e:
+            if not disk_full(e):
+                raise
+            raise TrainError(f"disk full writing {e.filename or run}: {run} keeps its last complete checkpoint "
+                             "(temporaries removed); free space and relaunch the same command to resume") from None
+
+
+def _train(cfg: TrainConfig, run: RunDir, store: ActivationStore, dist: Dist) -> Path:
+    """The recipe, in the locked run folder."""
     if cfg.batch_size % dist.world:
         raise TrainError(f"batch_size {cfg.batch_size} is not divisible by the number of ranks {dist.world}")
     layout = ExpertParallel(dist, cfg.expert_parallel) if cfg.expert_parallel > 1 else DataParallel(dist)

@@ -4,9 +4,11 @@
     store.json        which activations the run trains on (`ActivationStore.identity()`)
     metrics.jsonl     one JSON line per logged step (the training batch's loss terms, L0, ...)
     validation.jsonl  one JSON line per validation on held-out rows (train/validation.py)
-    checkpoint.pt     SAE, optimizer, schedule, data position and RNG (replaced atomically)
+    checkpoint.pt     SAE, optimizer, schedule, data position and RNG (replaced atomically): tensors and
+                      plain values only, read back with torch.load(weights_only=True)
     sae/              the trained SAE: sae.safetensors + sae.json (`train.saes.save` / `load`)
     done.json         written last: {step, tokens, world_size}; a finished run has it
+    train.lock        present while a launch trains here: {host, pid, started, command} (runtime/lock.py)
     eval.json, geometry.json, autointerp.json, ...     results of later stages (`write_result`)
 
 Training writes through `RunDir`; eval, geometry, dashboard, autointerp and report read through it.
@@ -16,6 +18,9 @@ Training writes through `RunDir`; eval, geometry, dashboard, autointerp and repo
 from __future__ import annotations
 
 import json
+import pickle
+import re
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +28,7 @@ from typing import IO, Any
 
 import torch
 from omegaconf import OmegaConf
+from safetensors import SafetensorError
 
 from harvest.store import ActivationStore
 from runtime.errors import ToolkitError
@@ -45,6 +51,7 @@ class RunDir:
     CHECKPOINT = "checkpoint.pt"
     SAE = "sae"
     DONE = "done.json"
+    LOCK = "train.lock"  # held by the launch that trains here (runtime/lock.py)
     # results of later stages
     EVAL = "eval.json"
     GEOMETRY = "geometry.json"
@@ -121,11 +128,27 @@ class RunDir:
         write_json(self.path / self.STORE, store.identity())
 
     def load_checkpoint(self, device: torch.device) -> dict[str, Any]:
-        """The training state `save_checkpoint` wrote, its tensors on `device`."""
-        return torch.load(self.path / self.CHECKPOINT, map_location=device, weights_only=False)
+        """The training state `save_checkpoint` wrote, its tensors on `device`.
+
+        Read with weights_only=True: only tensors and plain values are rebuilt, so a file that asks
+        the unpickler for anything else (a planted pickle, a checkpoint of an older format) is refused
+        with RunError, and nothing in it runs. A damaged file is refused the same way."""
+        f = self.path / self.CHECKPOINT
+        try:
+            return torch.load(f, map_location=device, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise RunError(f"{f} is not loaded: it holds objects other than tensors and plain values "
+                           f"({_refused_global(str(e))}), and such a file is never unpickled: delete it to train this "
+                           "run from scratch, or use another run directory") from None
+        except (EOFError, RuntimeError, ValueError, OSError) as e:
+            raise RunError(f"{f} is not a readable checkpoint ({_first_line(e)}); delete it to train this run from "
+                           "scratch, or use another run directory") from None
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
-        """Flushed to disk before it replaces the previous checkpoint: never half-written."""
+        """Flushed to disk before it replaces the previous checkpoint: never half-written. `state` may
+        hold only what `load_checkpoint` reads back (tensors, dicts, lists, tuples, str, int, float,
+        bool, None): anything else is a TypeError here, not a checkpoint that cannot be resumed."""
+        _check_plain(state, "state")
         write_atomic(self.path / self.CHECKPOINT, lambda f: torch.save(state, f), durable=True)
 
     def open_log(self, name: str) -> IO[str]:
@@ -155,7 +178,21 @@ class RunDir:
         return self.path / self.SAE
 
     def load_sae(self, device: str | torch.device = "cpu") -> SAE:
-        return load(self.path / self.SAE, device)
+        """The trained SAE. Its weights are read by safetensors (a JSON header and raw tensor bytes;
+        nothing in the file is executed), its architecture from sae.json; a file that is not what
+        `save_sae` writes is refused with RunError naming it."""
+        folder = self.path / self.SAE
+        try:
+            return load(folder, device)
+        except SafetensorError as e:
+            raise RunError(f"{folder / 'sae.safetensors'} is not loaded: it holds something other than tensors in "
+                           f"safetensors format ({_first_line(e)})") from None
+        except (ValueError, KeyError, TypeError) as e:  # a JSON syntax error is a ValueError
+            raise RunError(f"{folder / 'sae.json'} does not describe an SAE ({type(e).__name__}: "
+                           f"{_first_line(e)})") from None
+        except RuntimeError as e:  # load_state_dict: other names or shapes
+            raise RunError(f"{folder / 'sae.safetensors'} does not hold the weights of the SAE its sae.json "
+                           f"describes ({_first_line(e)})") from None
 
     def sae_config(self) -> dict[str, Any]:
         """sae.json: the architecture and its constructor arguments, without loading weights."""
@@ -228,6 +265,36 @@ class RunDir:
                            f"{eval_frac}, {acts.n_chunks} chunks)")
         factor = config["data"].get("outlier_factor") if outlier_factor == "run" else outlier_factor
         return TrainedRun(self, config, sae, acts, held, norm_cut(acts, factor), factor)
+
+
+PLAIN = (str, int, float, bool, type(None))  # what weights_only=True rebuilds, with tensors and the containers
+CONTAINERS = (dict, OrderedDict, list, tuple)  # (exact types: an np.float64 is a float, a NamedTuple a tuple,
+                                               # yet weights_only refuses both)
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """TypeError unless `value` is built of tensors, plain values, dicts, lists and tuples only."""
+    if isinstance(value, torch.Tensor) or type(value) in PLAIN:
+        return
+    if type(value) not in CONTAINERS:
+        raise TypeError(f"checkpoint entry {where} is a {type(value).__module__}.{type(value).__qualname__}: "
+                        "store it as tensors or plain values, which torch.load(weights_only=True) reads back")
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for k, v in items:
+        if type(k) not in (str, int):
+            raise TypeError(f"checkpoint key {k!r} in {where} is a {type(k).__name__}, not a str or int")
+        _check_plain(v, f"{where}[{k!r}]")
+
+
+def _refused_global(message: str) -> str:
+    """What torch's weights-only unpickler refused, in a few words, from its long message."""
+    found = re.search(r"GLOBAL ([\w.]+)", message)
+    return f"it names {found.group(1)}" if found else "or it is damaged"
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
 
 
 @dataclass

@@ -299,14 +299,14 @@ def compose_cfg(*overrides: str):
 @pytest.mark.parametrize("overrides, message", [
     ([], "run=<run dir> is required"),
     (["run=x"], "explainer.model=<name> is required"),
-    (["run=x", "explainer.model=m", "n_features=0"], "n_features must be >= 1"),
-    (["run=x", "explainer.model=m", "per_decile=0"], "per_decile must be >= 1"),
+    (["run=x", "explainer.model=m", "n_features=0"], "n_features must be an integer >= 1, got 0"),
+    (["run=x", "explainer.model=m", "per_decile=0"], "per_decile must be an integer >= 1, got 0"),
     (["run=x", "explainer.model=m", "explainer.base_url=localhost:8000/v1"],
      "explainer.base_url 'localhost:8000/v1' must start with http:// or https://"),
     (["run=x", "explainer.model=m", "scorer.base_url=http://"], "scorer.base_url 'http://' has no host"),
-    (["run=x", "explainer.model=m", "window=4", "after=4"], "need 0 <= after < window"),
-    (["run=x", "explainer.model=m", "concurrency=0"], "concurrency must be >= 1"),
-    (["run=x", "explainer.model=m", "features=[]"], "features must be null or a non-empty list"),
+    (["run=x", "explainer.model=m", "window=4", "after=4"], "after must be below window, got after=4, window=4"),
+    (["run=x", "explainer.model=m", "concurrency=0"], "concurrency must be an integer >= 1, got 0"),
+    (["run=x", "explainer.model=m", "features=[]"], "features must be a non-empty list of latent ids >= 0"),
 ])
 def test_bad_config(overrides, message):
     with pytest.raises(AutointerpError, match=re.escape(message)):

@@ -274,16 +274,17 @@ def test_tokens_are_escaped_in_text_and_tooltips():
 
 def test_bad_input_is_one_line_before_any_work(runs, tmp_path):
     for args, line in [([f"run={tmp_path / 'nope'}"], f"run {tmp_path / 'nope'} does not exist"),
-                       ([f"run={runs / 'topk'}", "n_features=0"], "n_features must be >= 1, got 0")]:
+                       ([f"run={runs / 'topk'}", "n_features=0"], "n_features must be an integer >= 1, got 0")]:
         out = subprocess.run([sys.executable, "-m", "eval.dashboard", *args], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
         assert out.returncode == 2 and out.stderr == f"dashboard: error: {line}\n", out.stderr
     (tmp_path / "half").mkdir()
     cases = [((tmp_path / "half",), "has no trained SAE"),
              ((runs / "topk", "features=[3,64]"), r"^feature 64 out of range: the SAE has 64 latents \(0..63\)$"),
-             ((runs / "topk", "features=[-1]"), "feature -1 out of range"),
+             ((runs / "topk", "features=[-1]"), r"features must be random, top_density or a non-empty list of feature "
+                                                r"indices >= 0 like \[1,5,9\], got \[-1\]"),
              ((runs / "topk", "store=" + str(tmp_path)), "is not an activation store"),
-             ((runs / "topk", "device=nonsense"), "unknown device")]
+             ((runs / "topk", "device=nonsense"), "device must be auto, cpu, cuda, cuda:N or mps, got 'nonsense'")]
     for (run, *over), message in cases:
         with pytest.raises(DashboardError, match=message):
             build_dashboard(config(run, f"out={tmp_path / 'o'}", *over))

@@ -108,8 +108,8 @@ def save_run(path: Path, arch: str, **kw) -> Path:
 @pytest.mark.parametrize("overrides, expect", [
     ([], "run=<dir> is required"),
     (["run=[]"], "run=<dir> is required"),
-    (["run=RUN", "threshold=0"], "threshold must be in (0, 1]"),
-    (["run=RUN", "threshold=1.5"], "threshold must be in (0, 1]"),
+    (["run=RUN", "threshold=0"], "threshold must be a number in (0, 1], got 0"),
+    (["run=RUN", "threshold=1.5"], "threshold must be a number in (0, 1], got 1.5"),
     (["run=RUN", "tsne_samples=1"], "tsne_samples must be an integer >= 2"),
     (["run=RUN", "block=0"], "block must be an integer >= 1"),
     (["run=RUN", "tsne=maybe"], "tsne must be true or false"),

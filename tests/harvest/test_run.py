@@ -22,7 +22,7 @@ def _digest(folder: Path) -> str:
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    ({"site": "mlp_in"}, "unknown site 'mlp_in'"),
+    ({"site": "mlp_in"}, "site must be one of resid_post, attn_out, mlp_out, got 'mlp_in'"),
     ({"layer": 4}, r"layer 4 is out of range: .* has blocks 0\.\.3"),
     ({"tokens": 29}, "tokens=29 is below one chunk"),
     ({"context_size": 65}, "exceeds .*64 positions"),
@@ -30,9 +30,11 @@ def _digest(folder: Path) -> str:
     ({"dataset.name": "someone/unknown-dataset"}, "Hub is unreachable; use the embedded offline preset"),
     ({"store": "/proc/version/store"}, "is not writable: /proc/version is a file"),
     ({"store": "/proc/sys/harvest-store"}, "is not writable: cannot create anything in /proc/sys"),
-    ({"codec": "gzip"}, "unknown codec"),
-    ({"tokens": 1.5}, "tokens must be a whole number"),
-    ({"dataset.packing": "pad"}, "unknown dataset.packing 'pad'"),
+    ({"codec": "gzip"}, "codec must be one of blosc_zstd, zstd, none, got 'gzip'"),
+    ({"codec_level": 10}, "codec_level must be an integer in 0..9 with codec=blosc_zstd, got 10"),
+    ({"tokens": 1.5}, "tokens must be an integer >= 1, got 1.5"),
+    ({"dataset.packing": "pad"}, "dataset.packing must be one of document, concat, got 'pad'"),
+    ({"dataset.text_field": "body"}, "dataset.text_field 'body' is not a field of the records of .*; their fields: id, text"),
 ])
 def test_bad_input_is_refused_before_any_work(tiny_gpt2, corpus_jsonl, tmp_path, extra, message):
     overrides = harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "s", **extra)

@@ -35,3 +35,11 @@ def test_autocast_is_a_no_op_for_float32_only():
         assert (x @ x).dtype == torch.float32
     with autocast(torch.device("cpu"), torch.bfloat16):
         assert (x @ x).dtype == torch.bfloat16
+
+
+def test_pick_device_refuses_a_gpu_index_the_machine_lacks(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ToolkitError, match=r"'cuda:2' requested but this machine has 2 CUDA device\(s\), cuda:0..cuda:1"):
+        pick_device("cuda:2")

@@ -27,4 +27,17 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_litter(tmp_path):
     with pytest.raises(OSError):
         write_atomic(p, broken, durable=True)
     assert p.read_bytes() == b"old"
-    assert not (tmp_path / ("ckpt.bin" + PARTIAL)).exists()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["ckpt.bin"]  # no temporary left
+    assert not list(tmp_path.glob("*" + PARTIAL))
+
+
+def test_remove_litter_removes_temporaries_of_one_file_or_of_all(tmp_path):
+    from runtime.files import remove_litter
+
+    (tmp_path / "sub").mkdir()
+    for name in ("checkpoint.pt.1a2b.partial", "metrics.jsonl.3c4d.partial", "sub/0.9f.partial", "keep.json"):
+        (tmp_path / name).write_text("x")
+    remove_litter(tmp_path, "checkpoint.pt")
+    assert not (tmp_path / "checkpoint.pt.1a2b.partial").exists() and (tmp_path / "metrics.jsonl.3c4d.partial").exists()
+    remove_litter(tmp_path)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == ["keep.json"]

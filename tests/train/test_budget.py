@@ -84,7 +84,7 @@ def test_a_seconds_budget_stops_on_time_decays_by_time_and_counts_time_spent_bef
     assert lrs[7] == 0.01 and lrs[8] == pytest.approx(0.005) and lrs[9] == 0.0  # the last 1 s of 5: steps 9-10
 
     train_killed_at(cfg, tmp_path / "killed", 6, monkeypatch)
-    state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)
     assert (state["step"], state["seconds"]) == (4, 2.0)
     train(cfg, tmp_path / "killed")  # resumes at step 4 with 2 s spent: 3 s (6 steps) left
     assert lr_and_steps(tmp_path / "killed")[0] == list(range(1, 11))

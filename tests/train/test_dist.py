@@ -224,7 +224,7 @@ def test_two_ranks_write_the_run_once_and_one_process_resumes_it(dp, capsys):
     assert json.loads((run_dir / "done.json").read_text()) == {"step": 6, "tokens": 6 * 64, "world_size": WORLD}
 
     cfg, run_dir = dp["dp_killed"]
-    state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     assert (state["step"], state["dead_tokens"], state["world_size"]) == (3, 3 * 64, WORLD)
     assert not (run_dir / "done.json").exists()
     loop.train(cfg, run_dir)  # one process
@@ -261,7 +261,7 @@ def test_make_train_nproc_launches_torchrun(dp, tmp_path):
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3, 4]
     done = json.loads((tmp_path / "run" / "done.json").read_text())
     assert done["world_size"] == WORLD
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["expert_parallel"] == 2
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["expert_parallel"] == 2
 
 
 def test_expert_parallel_with_an_empty_shard(dp):
@@ -281,9 +281,9 @@ def test_expert_parallel_checkpoints_hold_the_whole_state(dp, tmp_path, monkeypa
     """A 2-rank expert-parallel checkpoint (step 3 of 6) holds the whole SAE and Adam moments: those of
     one process on the union batches; one process then finishes the run from it."""
     cfg, run_dir = dp["ep_killed"]
-    got = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    got = torch.load(run_dir / "checkpoint.pt", weights_only=True)
     one_process_on_the_union(cfg, tmp_path / "ref", monkeypatch, kill_at=4)
-    want = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=False)
+    want = torch.load(tmp_path / "ref" / "checkpoint.pt", weights_only=True)
     assert (got["step"], got["world_size"], got["expert_parallel"]) == (3, WORLD, WORLD)
     assert_same_weights(got["sae"], want["sae"])
     assert got["sae"]["W_enc"].shape == (4, 16, 32)

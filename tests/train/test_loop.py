@@ -120,8 +120,8 @@ def _resume_equals_straight(store, tmp_path, monkeypatch, model):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["model=switch", "model.width=64", "model.n_experts=4", "model.k=20"], "k=20 is larger than an expert's width 16"),
-    (["model=switch", "model.width=64", "model.n_experts=5"], "width 64 is not divisible by n_experts 5"),
-    (["model=topk", "model.width=64", "model.k=65"], "k=65 is larger than the width 64"),
+    (["model=switch", "model.width=64", "model.n_experts=5"], "model.width=64 is not divisible by model.n_experts=5"),
+    (["model=topk", "model.width=64", "model.k=65"], "model.k=65 is larger than model.width=64"),
     (["model.arch=moe"], "unknown model 'moe'"),
     (["data.store=/nonexistent/store"], "is not an activation store"),
 ])

@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from runtime.config import Rule, check_values
+
 if TYPE_CHECKING:
     from train.saes.flops import Cost
 
@@ -93,6 +95,8 @@ class SAE(nn.Module):
     # TopK-style SAEs: which kernels run the encoder's backward and the decoder, "auto" | "sparse" |
     # "dense" (train/saes/kernels.py; auto picks by expert width / k) | "reference" (plain autograd)
     kernels: str = "auto"
+    # the keys of conf/train/model/<arch>.yaml besides `arch` (documented there) and what each must be
+    model_rules: ClassVar[dict[str, Rule]] = {}
 
     def __init__(self, d: int):
         super().__init__()
@@ -102,7 +106,11 @@ class SAE(nn.Module):
     @classmethod
     def check_model(cls, model: Mapping[str, Any]) -> None:
         """Checks of the user-facing model keys (conf/train/model/<arch>.yaml without `arch`) that need
-        no data, run as soon as the train config is read: ValueError with the message. Default: none."""
+        no data, run as soon as the train config is read: ValueError with the message. Here: every key
+        against `model_rules` (no unknown or missing key, every value of its type and range);
+        subclasses add the checks across keys after it."""
+        rules = {f"model.{key}": rule for key, rule in cls.model_rules.items()}
+        check_values({"model": dict(model)}, rules, ValueError, f"conf/train/model/{cls.arch}.yaml")
 
     @classmethod
     def constructor_kwargs(cls, model: Mapping[str, Any], d: int) -> dict[str, Any]:

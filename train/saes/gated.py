@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from runtime.config import integer, number
 from train.recipe import init_tied_
 from train.saes.base import SAE, Codes, Output, register, sq_error
 from train.saes.flops import Cost
@@ -26,6 +27,7 @@ class GatedSAE(SAE):
     arch = "gated"
     display_name = "Gated"
     size_args = ("width",)
+    model_rules = {"width": integer(1), "l1_coeff": number(0)}
 
     def __init__(self, d: int, width: int, l1_coeff: float):
         super().__init__(d)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from runtime.config import integer, number
 from train.recipe import normalize_rows_
 from train.saes.base import SAE, Codes, Output, register, sq_error
 from train.saes.flops import Cost
@@ -25,6 +26,7 @@ class ReLUSAE(SAE):
     arch = "relu"
     display_name = "ReLU"
     size_args = ("width",)
+    model_rules = {"width": integer(1), "l1_coeff": number(0), "warmup_frac": number(0, 1)}
 
     def __init__(self, d: int, width: int, l1_coeff: float, warmup_frac: float):
         super().__init__(d)

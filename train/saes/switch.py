@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from runtime.config import integer, number, one_of
 from train.recipe import geometric_median, init_tied_
 from train.saes.base import SAE, Codes, Output, register, sq_error
 from train.saes.flops import Cost
@@ -50,10 +51,25 @@ class SwitchSAE(SAE):
         with torch.no_grad():
             nn.init.normal_(self.W_router, std=d**-0.5)
 
+    model_rules = {"n_experts": integer(1), "match": one_of(*MATCHES), "width": integer(1), "k": integer(1),
+                   "alpha": number(0)}
+
     @classmethod
     def check_model(cls, model: Mapping[str, Any]) -> None:
-        if model.get("match") not in MATCHES:
-            raise ValueError(f"model.match must be width or flops, got {model.get('match')!r}")
+        super().check_model(model)
+        n, width = model["n_experts"], model["width"]
+        if model["match"] == "width" and width % n:
+            raise ValueError(f"model.width={width} is not divisible by model.n_experts={n} (model.match=width "
+                             "splits the width over the experts)")
+        e = cls.expert_width(model)
+        if model["k"] > e:
+            split = f"model.width={width} / model.n_experts={n}" if model["match"] == "width" else "model.width"
+            raise ValueError(f"model.k={model['k']} is larger than an expert's width {e} ({split})")
+
+    @staticmethod
+    def expert_width(model: Mapping[str, Any]) -> int:
+        """e: the width split over the experts (match=width), or the width itself (match=flops)."""
+        return model["width"] // model["n_experts"] if model["match"] == "width" else model["width"]
 
     @classmethod
     def constructor_kwargs(cls, model: Mapping[str, Any], d: int) -> dict[str, Any]:
@@ -62,17 +78,8 @@ class SwitchSAE(SAE):
         of a TopK SAE of that width); match=flops: every expert is `width` wide, e = width
         (M = N width, the FLOPs of that TopK SAE plus the router)."""
         cls.check_model(model)
-        m = dict(model)
-        n, width, match = m.pop("n_experts"), m.pop("width"), m.pop("match")
-        if match == "width":
-            if width % n:
-                raise ValueError(f"width {width} is not divisible by n_experts {n} (model.match=width)")
-            e = width // n
-        else:
-            e = width
-        if m["k"] > e:
-            raise ValueError(f"k={m['k']} is larger than an expert's width {e}")
-        return {"d": d, "n_experts": n, "expert_width": e, **m}
+        m = {key: value for key, value in model.items() if key not in ("width", "match")}
+        return {"d": d, "expert_width": cls.expert_width(model), **m}
 
     @classmethod
     def cost_formula(cls, d: int, *, n_experts: int, expert_width: int, k: int, sparse_backward: bool = False,

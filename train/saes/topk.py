@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from runtime.config import integer
 from train.recipe import init_tied_
 from train.saes.base import SAE, Codes, Output, register, sq_error
 from train.saes.flops import Cost
@@ -31,11 +32,18 @@ class TopKSAE(SAE):
         self.W_dec = nn.Parameter(torch.empty(width, d))
         init_tied_(self.W_enc, self.W_dec)
 
+    model_rules = {"width": integer(1), "k": integer(1)}
+
+    @classmethod
+    def check_model(cls, model: Mapping[str, Any]) -> None:
+        super().check_model(model)
+        if model["k"] > model["width"]:
+            raise ValueError(f"model.k={model['k']} is larger than model.width={model['width']}")
+
     @classmethod
     def constructor_kwargs(cls, model: Mapping[str, Any], d: int) -> dict[str, Any]:
         """width (M), k -> d, width, k."""
-        if model["k"] > model["width"]:
-            raise ValueError(f"k={model['k']} is larger than the width {model['width']}")
+        cls.check_model(model)
         return {"d": d, **model}
 
     @classmethod
