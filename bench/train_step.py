@@ -57,8 +57,7 @@ class SwitchReference(SwitchSAE):
     then the unchosen experts' latents masked out before the TopK. Same outputs as SwitchSAE; the
     baseline to beat, kept here only."""
 
-    def encode(self, x: torch.Tensor) -> Codes:
-        probs, expert = self.route(x)
+    def encode_routed(self, x: torch.Tensor, probs: torch.Tensor, expert: torch.Tensor) -> Codes:
         pre = (x - self.b_pre) @ self.W_enc.view(-1, self.d).T  # [B, M]: the full width
         owner = torch.arange(self.n_latents, device=x.device) // self.expert_width
         pre = pre.masked_fill(owner[None, :] != expert[:, None], float("-inf"))

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 
-from tests.conftest import ROOT, documents
+from tests.conftest import CONF, ROOT, documents
 from tests.train.test_loop import synthetic_store
 
 # module run by `python -m` -> the app name its errors start with
@@ -40,6 +40,8 @@ BASE = {
     "eval.autointerp": ["run={tmp}/run", "explainer.model=m", "progress=false"],
 }
 
+# the `model=` options the train CLI lists, one per conf/train/model/*.yaml
+MODELS = ", ".join(sorted(p.stem for p in (CONF / "train" / "model").glob("*.yaml")))
 # (app module, the bad arguments, text the one line must contain: the key, the value, what is allowed)
 CASES = [
     # harvest: conf/harvest/harvest.yaml
@@ -75,12 +77,21 @@ CASES = [
     ("train", ["model.width=-8"], "model.width must be an integer >= 1, got -8"),
     ("train", ["model.k=2.5"], "model.k must be an integer >= 1, got 2.5"),
     ("train", ["model.width=64", "model.k=65"], "model.k=65 is larger than model.width=64"),
+    ("train", ["model=batchtopk", "model.width=64", "model.k=65"], "model.k=65 is larger than model.width=64"),
+    ("train", ["model=batchtopk", "model.k=0"], "model.k must be an integer >= 1, got 0"),
     ("train", ["model=relu", "model.warmup_frac=2"], "model.warmup_frac must be a number in [0, 1], got 2"),
     ("train", ["model=gated", "model.l1_coeff=-1"], "model.l1_coeff must be a number >= 0, got -1"),
+    ("train", ["model=jumprelu", "model.bandwidth=0"], "model.bandwidth must be a number > 0, got 0"),
+    ("train", ["model=jumprelu", "model.bandwidth=-0.01"], "model.bandwidth must be a number > 0, got -0.01"),
+    ("train", ["model=jumprelu", "model.l0_coeff=-1"], "model.l0_coeff must be a number >= 0, got -1"),
+    ("train", ["model=jumprelu", "model.warmup_frac=1.5"], "model.warmup_frac must be a number in [0, 1], got 1.5"),
+    ("train", ["model=jumprelu", "model.warmup_frac=-0.1"], "model.warmup_frac must be a number in [0, 1], got -0.1"),
+    ("train", ["model=jumprelu", "model.threshold_init=0"], "model.threshold_init must be a number > 0, got 0"),
+    ("train", ["model=jumprelu", "model.l0_coef=1"], "unknown key 'model.l0_coef'; did you mean 'model.l0_coeff'?"),
     ("train", ["model.widht=3"], "unknown key 'model.widht'; did you mean 'model.width'?"),
     ("train", ["foo=1"], "unknown key 'foo'"),
     ("train", ["+foo=1"], "unknown key 'foo'"),
-    ("train", ["model=moe"], "unknown model 'moe'; choose one of gated, relu, switch, topk"),
+    ("train", ["model=moe"], f"unknown model 'moe'; choose one of {MODELS}"),
     ("train", ["model=topk,switch"], "'model=topk,switch' gives several values: add -m (--multirun)"),
     ("train", ["data.window_chunks=0"], "data.window_chunks must be an integer >= 1, got 0"),
     ("train", ["data.eval_frac=0.9"], "data.eval_frac must be a number in [0, 0.5]"),

@@ -140,6 +140,9 @@ class TrainConfig:
                 sharded = " or ".join(name for name, cls in REGISTRY.items() if cls.has_experts)
                 raise TrainError(f"expert_parallel={ep} needs model={sharded} with n_experts divisible by it "
                                  f"(got {got})")
+            problem = sae.expert_parallel_problem(self._model_keys())
+            if problem:
+                raise TrainError(problem)
             if self.compile:
                 raise TrainError("compile=true is not supported with expert_parallel > 1")
         try:

@@ -89,8 +89,12 @@ class DeadLatents:
         self.tokens += batch
         self.last.masked_fill_(out.codes.fired(len(self.last)), self.tokens)
 
+    def mask(self) -> torch.Tensor:
+        """[M] bool: the latents silent for `window` tokens (on this rank, since the last merge)."""
+        return (self.tokens - self.last) >= self.window
+
     def fraction(self) -> float:
-        return ((self.tokens - self.last) >= self.window).float().mean().item()
+        return self.mask().float().mean().item()
 
 
 def batch_metrics(out: Output, dist: Dist) -> dict:
@@ -170,6 +174,8 @@ class Trainer:
         """One optimizer step on the next batch; stops every rank at once if the loss is not finite."""
         x = next(self.batches)
         self.sae.schedule(self.length.elapsed(self.step, self.seconds), self.length.total)
+        if self.sae.uses_dead_latents:
+            self.sae.dead = self.dead.mask()  # AuxK revives these
         for group in self.opt.param_groups:
             group["lr"] = self.lr()
         with autocast(self.dist.device, self.dtype):

@@ -54,11 +54,16 @@ class Validator:
         """encode + decode of every sample row (no losses, so no collective even in a data-parallel
         Switch) -> the metrics of `train.metrics.ReconMetrics` with `eval_tokens` the rows used."""
         acc = ReconMetrics(sae.d, sae.n_latents, getattr(sae, "n_experts", None), dead_window=None)
-        for x in self.x.split(self.batch_size):
-            with autocast(self.device, self.dtype):
-                codes = sae.encode(x)
-                recon = sae.decode(codes)
-            acc.update(x, recon.float(), codes)
+        training = sae.training
+        sae.eval()  # the inference rule, as eval will measure it (BatchTopK's threshold)
+        try:
+            for x in self.x.split(self.batch_size):
+                with autocast(self.device, self.dtype):
+                    codes = sae.encode(x)
+                    recon = sae.decode(codes)
+                acc.update(x, recon.float(), codes)
+        finally:
+            sae.train(training)
         out = acc.result()
         out.pop("dead_window_tokens")
         return out

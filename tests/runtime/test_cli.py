@@ -4,6 +4,10 @@ import pytest
 from hydra.core.global_hydra import GlobalHydra
 
 from runtime.cli import precheck
+from tests.conftest import CONF
+
+# the `model=` options the train CLI lists, one per conf/train/model/*.yaml
+MODELS = ", ".join(sorted(p.stem for p in (CONF / "train" / "model").glob("*.yaml")))
 
 
 def run(argv, capsys):
@@ -26,11 +30,11 @@ def test_the_check_gets_the_config_hydra_would_compose(capsys):
 @pytest.mark.parametrize(("argv", "line"), [
     (["model.widht=3"], "train: error: unknown key 'model.widht'; did you mean 'model.width'?"),
     (["model=switch", "model.n_expert=3"], "train: error: unknown key 'model.n_expert'; did you mean 'model.n_experts'?"),
-    (["model=moe"], "train: error: unknown model 'moe'; choose one of gated, relu, switch, topk"),
+    (["model=moe"], f"train: error: unknown model 'moe'; choose one of {MODELS}"),
     (["+experiment=fig9"], "train: error: unknown experiment 'fig9'; choose one of fig1_switch, fig1_topk, fig3_gated, "
                            "fig3_relu, fig3_switch_flops, fig3_switch_width, fig3_topk, paper"),
     (["lr=[1"], "train: error: cannot read the override 'lr=[1': no viable alternative at input '[1'"),
-    (["-m", "model=topk,moe"], "train: error: unknown model 'moe'; choose one of gated, relu, switch, topk"),
+    (["-m", "model=topk,moe"], f"train: error: unknown model 'moe'; choose one of {MODELS}"),
 ])
 def test_composition_errors_are_one_line(argv, line, capsys):
     cfg, code, err = run(argv, capsys)

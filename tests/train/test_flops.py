@@ -21,10 +21,14 @@ KWARGS = {
     "switch": dict(n_experts=N, expert_width=E, k=K),
     "relu": dict(width=M),
     "gated": dict(width=M),
+    "batchtopk": dict(width=M, k=K),
+    "jumprelu": dict(width=M),
 }
 ARCHS = list(KWARGS)
 # the constructor arguments that do not change the cost (conf/train/model/*.yaml's values)
-TRAINING = {"switch": dict(alpha=3.0), "relu": dict(l1_coeff=5.0, warmup_frac=0.05), "gated": dict(l1_coeff=1.0)}
+TRAINING = {"switch": dict(alpha=3.0), "relu": dict(l1_coeff=5.0, warmup_frac=0.05), "gated": dict(l1_coeff=1.0),
+            "batchtopk": dict(theta_decay=0.99),
+            "jumprelu": dict(l0_coeff=0.003, warmup_frac=0.05, bandwidth=0.01, threshold_init=0.03)}
 
 
 def counted(fn: Callable[[], object]) -> int:
@@ -61,6 +65,7 @@ def test_params_closed_forms():
     assert cost("topk", D, width=M, k=K).params == 2 * M * D + M + D
     assert cost("relu", D, width=M).params == 2 * M * D + M + D
     assert cost("gated", D, width=M).params == 2 * M * D + 3 * M + D
+    assert cost("jumprelu", D, width=M).params == 2 * M * D + 2 * M + D
     assert cost("switch", D, n_experts=N, expert_width=E, k=K).params == 2 * M * D + N * D + 2 * D
 
 
@@ -87,7 +92,7 @@ def test_dense_train_matches_flop_counter(arch):
     assert all(p.grad is not None for p in sae.parameters())
 
 
-@pytest.mark.parametrize("arch", ["topk", "switch"])
+@pytest.mark.parametrize("arch", ["topk", "switch", "batchtopk"])
 @pytest.mark.parametrize("backward", ["sparse", "dense"])
 def test_the_fast_paths_run_their_counts(arch, backward):
     """train.saes.kernels: embedding bag + sparse matmul, or grouped matmuls (the dense count)."""
@@ -110,7 +115,7 @@ def test_dense_decoder_and_algorithmic_counts():
     for arch in ARCHS:
         sae, _ = make(arch)
         sae.kernels = "dense"
-        assert algorithmic_cost(sae) == cost(arch, D, **KWARGS[arch], sparse_backward=arch in ("topk", "switch"))
+        assert algorithmic_cost(sae) == cost(arch, D, **KWARGS[arch], sparse_backward=arch in ("topk", "switch", "batchtopk"))
 
 
 def test_closed_forms_of_the_small_shapes():
@@ -122,6 +127,8 @@ def test_closed_forms_of_the_small_shapes():
     assert cost("relu", D, width=M).train == 10 * D * M  # no input-gradient matmul: x has no trained bias
     assert cost("gated", D, width=M).forward == 4 * D * M
     assert cost("gated", D, width=M).train == 16 * D * M
+    assert cost("jumprelu", D, width=M).forward == 4 * D * M
+    assert cost("jumprelu", D, width=M).train == 10 * D * M  # as relu: no input gradient, elementwise thresholds
     assert cost("topk", D, width=M, k=K, sparse_backward=True).train == 2 * D * M + 10 * K * D
     assert cost("switch", D, **KWARGS["switch"], sparse_backward=True).train == 6 * D * N + 2 * D * E + 10 * K * D
 
@@ -259,13 +266,17 @@ def test_paper_scale_switch_vs_topk():
     ("relu", dict(width=M, k=K), "not k"),
     ("gated", dict(), "needs width"),
     ("topk", dict(width=M, k=M + 1), "at most"),
-    ("switch", dict(n_experts=N, expert_width=E, k=E + 1), "at most the expert width"),
+    ("switch", dict(n_experts=N, expert_width=E, k=E + 1), "larger than an expert.s width"),
     ("topk", dict(width=M, k=0), "positive integer"),
     ("relu", dict(width=-1), "positive integer"),
     ("relu", dict(width=64.0), "positive integer"),
     ("relu", dict(width=True), "positive integer"),
-    ("relu", dict(width=M, sparse_backward=True), "topk and switch only"),
-    ("gated", dict(width=M, sparse_backward=True), "topk and switch only"),
+    ("batchtopk", dict(width=M, k=M + 1), "at most"),
+    ("batchtopk", dict(width=M, k=0), "positive integer"),
+    ("relu", dict(width=M, sparse_backward=True), "applies to topk, switch and batchtopk only; relu has dense codes"),
+    ("gated", dict(width=M, sparse_backward=True), "applies to topk, switch and batchtopk only; gated has dense"),
+    ("jumprelu", dict(width=M, sparse_backward=True), "and batchtopk only; jumprelu has dense codes"),
+    ("jumprelu", dict(width=M, dense_decoder=True), "switch only, not jumprelu"),
 ])
 def test_bad_arguments(arch, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -276,7 +287,7 @@ def test_bad_d_and_bad_sae():
     with pytest.raises(ValueError, match="d must be"):
         cost("relu", 0, width=M)
     sae, _ = make("relu")
-    with pytest.raises(ValueError, match="topk and switch only"):
+    with pytest.raises(ValueError, match="topk, switch and batchtopk only"):
         sae_cost(sae, sparse_backward=True)
 
     class Other(torch.nn.Module):

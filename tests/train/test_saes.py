@@ -83,7 +83,7 @@ def test_init_from_batch_sets_medians_and_k_is_checked():
     sae.init_from_batch(_x())
     torch.testing.assert_close(sae.b_pre.data, sae.b_router.data)
     assert sae.b_pre.abs().sum() > 0
-    with pytest.raises(ValueError, match="k=9 must be between 1 and an expert's width 8"):
+    with pytest.raises(ValueError, match="model.k=9 is larger than an expert's width 8"):
         build("switch", d=8, n_experts=2, expert_width=8, k=9, alpha=3.0)
     with pytest.raises(ValueError, match="unknown SAE architecture 'moe'"):
         build("moe", d=8)
@@ -127,14 +127,18 @@ def test_gated_equals_its_definition_and_aux_trains_only_the_gate():
 
 @pytest.mark.parametrize("arch,kw", [("topk", {"width": 32, "k": 4}), ("switch", {"n_experts": 4, "expert_width": 8, "k": 2, "alpha": 3.0}),
                                      ("relu", {"width": 32, "l1_coeff": 3.0, "warmup_frac": 0.05}),
-                                     ("gated", {"width": 32, "l1_coeff": 1.0})])
+                                     ("gated", {"width": 32, "l1_coeff": 1.0}),
+                                     ("batchtopk", {"width": 32, "k": 4, "theta_decay": 0.99}),
+                                     ("jumprelu", {"width": 32, "l0_coeff": 0.003, "warmup_frac": 0.05,
+                                                   "bandwidth": 0.01, "threshold_init": 0.03})])
 def test_save_load_round_trip(tmp_path, arch, kw):
     sae = build(arch, d=8, **kw)
     sae.init_from_batch(_x())
     save(sae, tmp_path / "sae")
     again = load(tmp_path / "sae")
+    assert not again.training  # loaded for inference (BatchTopK: the threshold rule)
     x = _x(seed=1)
-    torch.testing.assert_close(again(x).recon, sae(x).recon)
+    torch.testing.assert_close(again(x).recon, sae.eval()(x).recon)
     assert type(again) is type(sae) and again.config() == sae.config()
 
 

@@ -87,6 +87,8 @@ class SAE(nn.Module):
     display_name: ClassVar[str]  # the name in plots and reports, e.g. "TopK"
     # the constructor arguments that set the size: what `flops.cost(arch, d, ...)` takes besides d
     size_args: ClassVar[tuple[str, ...]]
+    # size_args that may be left out, with their value then (one that defaults to 0 may be 0: an absent part)
+    size_defaults: ClassVar[dict[str, int]] = {}
     # TopK-style codes (idx, vals [B, k]): training can run the sparse backward (`sparse_backward`)
     sparse_codes: ClassVar[bool] = False
     # a router sends every token to one of `n_experts` experts: the only kind of SAE expert parallel
@@ -97,6 +99,9 @@ class SAE(nn.Module):
     kernels: str = "auto"
     # the keys of conf/train/model/<arch>.yaml besides `arch` (documented there) and what each must be
     model_rules: ClassVar[dict[str, Rule]] = {}
+    # AuxK (train/saes/auxk.py): the dead-latent mask [M] bool the loop sets before every training step
+    # of an SAE with `aux_k` > 0 (None: not tracked)
+    dead: torch.Tensor | None = None
 
     def __init__(self, d: int):
         super().__init__()
@@ -109,8 +114,18 @@ class SAE(nn.Module):
         no data, run as soon as the train config is read: ValueError with the message. Here: every key
         against `model_rules` (no unknown or missing key, every value of its type and range);
         subclasses add the checks across keys after it."""
+        if "aux_k" in model and "aux_k" not in cls.model_rules:
+            with_auxk = ", ".join(arch for arch, c in REGISTRY.items() if "aux_k" in c.model_rules)
+            raise ValueError(f"model.aux_k (AuxK) needs an architecture with TopK-style dead-latent revival "
+                             f"({with_auxk}), not {cls.arch}")
         rules = {f"model.{key}": rule for key, rule in cls.model_rules.items()}
         check_values({"model": dict(model)}, rules, ValueError, f"conf/train/model/{cls.arch}.yaml")
+
+    @classmethod
+    def expert_parallel_problem(cls, model: Mapping[str, Any]) -> str | None:
+        """Why expert parallelism cannot run this model configuration (None: it can, or the
+        architecture has no experts, which the train config refuses on its own)."""
+        return None
 
     @classmethod
     def constructor_kwargs(cls, model: Mapping[str, Any], d: int) -> dict[str, Any]:
@@ -146,6 +161,18 @@ class SAE(nn.Module):
     def sparse_backward(self) -> bool:
         """True when training runs the sparse encoder backward (what train.saes.flops counts)."""
         return False
+
+    @property
+    def uses_dead_latents(self) -> bool:
+        """True when the forward needs the dead-latent mask `dead` (AuxK on)."""
+        return bool(getattr(self, "aux_k", 0))
+
+    def dead_rows(self) -> torch.Tensor | None:
+        """Indices [D] of the dead latents when AuxK applies to this forward (training, some dead), else None."""
+        if not (self.training and self.uses_dead_latents and self.dead is not None):
+            return None
+        rows = self.dead.nonzero().squeeze(1)
+        return rows if len(rows) else None
 
     @property
     def dense_decoder(self) -> bool:
@@ -207,9 +234,10 @@ def save(sae: SAE, folder: str | Path) -> None:
 
 
 def load(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """The SAE that `save` wrote, in one call."""
+    """The SAE that `save` wrote, in one call, in eval mode (architectures whose inference rule differs
+    from their training rule, such as BatchTopK's threshold, encode with the inference rule)."""
     folder = Path(folder)
     config = json.loads((folder / "sae.json").read_text())
     sae = build(config.pop("arch"), **config)
     sae.load_state_dict(load_file(folder / "sae.safetensors"))
-    return sae.to(device)
+    return sae.to(device).eval()

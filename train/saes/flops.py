@@ -14,11 +14,11 @@ Conventions
   `width` itself with `model.match=flops`, then M = N * e).
 * `forward` is inference: `sae.decode(sae.encode(x))`. `train` is one training step, forward +
   backward of `sae(x).losses["loss"]` (what torch autograd runs on our code), optimizer excluded.
-* `sparse_backward=True` (architectures with TopK-style codes, `SAE.sparse_codes`: topk and switch)
-  counts a backward that exploits the sparse code: only the k active pre-activations get a gradient,
+* `sparse_backward=True` (architectures with TopK-style codes, `SAE.sparse_codes`: topk, switch and
+  batchtopk) counts a backward that exploits the sparse code: only the k active pre-activations get a gradient,
   so the encoder backward is two gathers of k rows (grad of the k active W_enc rows, 2kd, and grad
   of the input, 2kd) instead of two dense matmuls. It is the same 4kd for the dense TopK encoder as
-  for a Switch expert. relu and gated have dense codes and no such backward: asking for it raises
+  for a Switch expert (and for batchtopk, whose k is the mean over tokens). relu, gated and jumprelu have dense codes and no such backward: asking for it raises
   ValueError. `sparse_backward=False` counts the dense backward, whether plain autograd runs it or
   the grouped matmuls of train/saes/kernels.py (the same 4de per token). `dense_decoder=True`
   (architectures with experts, `SAE.has_experts`: switch) counts the decoder as narrow experts run
@@ -36,10 +36,13 @@ topk      2dM + 2kd                          6dM + 6kd                   2dM + 1
 switch    2dN + 2de + 2kd                    6dN + 6de + 6kd             6dN + 2de + 10kd
 relu      4dM                                10dM                        (ValueError)
 gated     4dM                                16dM                        (ValueError)
+batchtopk 2dM + 2kd                          6dM + 6kd                   2dM + 10kd
+jumprelu  4dM                                10dM                        (ValueError)
 ========  =================================  ==========================  ===========================
 
-Parameters: topk and relu 2Md + M + d; switch 2Md + Nd + 2d (W_enc, W_dec [N, e, d], W_router
-[N, d], b_router, b_pre); gated 2Md + 3M + d (b_gate, r_mag, b_mag).
+Parameters: topk, relu and batchtopk 2Md + M + d; switch 2Md + Nd + 2d (W_enc, W_dec [N, e, d], W_router
+[N, d], b_router, b_pre); gated 2Md + 3M + d (b_gate, r_mag, b_mag); jumprelu 2Md + 2M + d (b_enc,
+log_theta).
 
 Each architecture's `cost_formula` classmethod (train/saes/<arch>.py) computes its row, next to
 the derivation of every term; this module checks the arguments and dispatches to it.
@@ -100,7 +103,7 @@ def cost(arch: str, d: int, *, sparse_backward: bool = False, dense_decoder: boo
     if arch not in REGISTRY:
         raise _unknown(arch)
     cls = REGISTRY[arch]
-    given = {name: v for name, v in sizes.items() if v is not None}
+    given = {**cls.size_defaults, **{name: v for name, v in sizes.items() if v is not None}}
     extra = [name for name in given if name not in cls.size_args]
     if extra:
         raise ValueError(f"{arch} takes {', '.join(cls.size_args)}, not {', '.join(extra)}")
@@ -108,7 +111,8 @@ def cost(arch: str, d: int, *, sparse_backward: bool = False, dense_decoder: boo
     if missing:
         raise ValueError(f"{arch} needs {', '.join(missing)}")
     d = _positive("d", d)
-    a = {name: _positive(name, given[name]) for name in cls.size_args}
+    a = {name: 0 if cls.size_defaults.get(name) == 0 and given[name] == 0 else _positive(name, given[name])
+         for name in cls.size_args}
     if sparse_backward and not cls.sparse_codes:
         raise ValueError(f"sparse_backward applies to {_archs_with('sparse_codes')} only; {arch} has dense codes")
     if dense_decoder and not cls.has_experts:
@@ -118,7 +122,7 @@ def cost(arch: str, d: int, *, sparse_backward: bool = False, dense_decoder: boo
 
 def sae_cost(sae: SAE, sparse_backward: bool | None = None, dense_decoder: bool | None = None) -> Cost:
     """`cost` of a built SAE, from `sae.arch` and `sae.config()`; sparse_backward=None counts the
-    backward the module runs (`sae.sparse_backward`: for topk and switch set by `sae.kernels`, by
+    backward the module runs (`sae.sparse_backward`: for topk, switch and batchtopk set by `sae.kernels`, by
     default sparse for wide experts, dense grouped matmuls for narrow ones; train/saes/kernels.py),
     and likewise dense_decoder=None the decoder it runs (`sae.dense_decoder`, switch only)."""
     arch = getattr(sae, "arch", None)
@@ -135,7 +139,7 @@ def sae_cost(sae: SAE, sparse_backward: bool | None = None, dense_decoder: bool 
 
 def algorithmic_cost(sae: SAE) -> Cost:
     """The fewest FLOPs the architecture needs, whatever kernels run it: the sparse backward and the
-    embedding-bag decoder for TopK-style codes (topk and switch: what eval reports and Figure 1
+    embedding-bag decoder for TopK-style codes (topk, switch and batchtopk: what eval reports and Figure 1
     plots), the dense count for dense codes (relu and gated)."""
     return sae_cost(sae, sparse_backward=sae.sparse_codes, dense_decoder=False)
 

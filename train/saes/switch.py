@@ -8,6 +8,26 @@
 
 Each expert's encoder runs only on the tokens routed to it (train/saes/kernels.py: one sort, one
 grouped matmul, a sparse or grouped backward): compute and pre-activation memory scale with B x M/N, not B x M.
+
+Variants the paper leaves as future work (section 6), each off by default (the paper's Switch):
+
+  active_experts = m > 1   every token goes to its top-m experts; the routed budget of k active
+                           latents is split evenly, k_r / m per expert (k_r divisible by m), and each
+                           expert's code is scaled by its own gate p_i (no renormalisation):
+                           x_hat = sum_{i in top-m} p_i W_dec,i^T TopK_{k_r/m}(W_enc,i (x - b_pre)) + ...
+                           The tokens are replicated m times into the same grouped kernels (B m rows).
+  shared_width = s > 0     one always-active TopK expert of s latents beside the routed ones, meant to
+                           hold the features every expert would otherwise duplicate; it takes
+                           shared_k of the k active latents (k_r = k - shared_k for the routed experts)
+                           and is not gated: x_hat = routed + W_dec,s^T TopK_{shared_k}(W_enc,s (x - b_pre)).
+                           Its latents are numbered after the routed ones (M = N e + s).
+  balance = bias           auxiliary-loss-free balancing (as in DeepSeek-V3): the experts are chosen by
+                           p_i + bias_i but gated by p_i; after every training forward bias_i moves by
+                           bias_rate * sign(mean load - f_i) (no gradient, no alpha term). The bias is a
+                           buffer: saved with the weights and in checkpoints.
+
+Codes of a variant keep the [B, k] layout: the m routed groups of k_r/m slots, then shared_k shared
+slots; `expert` is each token's top-1 expert.
 """
 
 from __future__ import annotations
@@ -20,39 +40,57 @@ from torch import nn
 
 from runtime.config import integer, number, one_of
 from train.recipe import geometric_median, init_tied_
+from train.saes.auxk import auxk_loss, residual_norm
 from train.saes.base import SAE, Codes, Output, register, sq_error
 from train.saes.flops import Cost
 from train.saes.kernels import decode_grouped, decode_rows, runs_sparse, topk_encode, topk_encode_reference
 
 MATCHES = ("width", "flops")  # model.match: how the configured width sizes the experts
+BALANCES = ("aux_loss", "bias")  # model.balance: the paper's alpha * d * L_aux, or the router-bias update
 
 
 @register
 class SwitchSAE(SAE):
     arch = "switch"
     display_name = "Switch"
-    size_args = ("n_experts", "expert_width", "k")
+    size_args = ("n_experts", "expert_width", "k", "active_experts", "shared_width", "shared_k")
+    size_defaults = {"active_experts": 1, "shared_width": 0, "shared_k": 0}  # the paper's Switch
     sparse_codes = True
     has_experts = True
     # Data parallel (train.dist): the loop sets this to a differentiable mean over ranks, so that f_i
     # and P_i are statistics of every rank's tokens and the aux loss is the one of the global batch.
     global_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def __init__(self, d: int, n_experts: int, expert_width: int, k: int, alpha: float):
+    def __init__(self, d: int, n_experts: int, expert_width: int, k: int, alpha: float, active_experts: int = 1,
+                 shared_width: int = 0, shared_k: int = 0, balance: str = "aux_loss", bias_rate: float = 0.0,
+                 aux_k: int = 0, aux_coeff: float = 0.0):
         super().__init__(d)
-        if not 0 < k <= expert_width:
-            raise ValueError(f"k={k} must be between 1 and an expert's width {expert_width}")
+        problem = _split_problem(n_experts, expert_width, k, active_experts, shared_width, shared_k)
+        if problem:
+            raise ValueError(problem)
         self.n_experts, self.expert_width, self.k, self.alpha = n_experts, expert_width, k, alpha
+        self.active_experts, self.shared_width, self.shared_k = active_experts, shared_width, shared_k
+        self.balance_by, self.bias_rate = balance, bias_rate
+        self.aux_k, self.aux_coeff = aux_k, aux_coeff
+        self.k_routed = (k - shared_k) // active_experts  # active latents in each chosen expert
         self.W_router = nn.Parameter(torch.zeros(n_experts, d))
         self.b_router = nn.Parameter(torch.zeros(d))
         self.W_enc = nn.Parameter(torch.empty(n_experts, expert_width, d))
         self.W_dec = nn.Parameter(torch.empty(n_experts, expert_width, d))
         init_tied_(self.W_enc, self.W_dec)
+        if shared_width:
+            self.W_enc_shared = nn.Parameter(torch.empty(shared_width, d))
+            self.W_dec_shared = nn.Parameter(torch.empty(shared_width, d))
+            init_tied_(self.W_enc_shared, self.W_dec_shared)
+        if balance == "bias":
+            self.register_buffer("router_bias", torch.zeros(n_experts))
         with torch.no_grad():
             nn.init.normal_(self.W_router, std=d**-0.5)
 
     model_rules = {"n_experts": integer(1), "match": one_of(*MATCHES), "width": integer(1), "k": integer(1),
-                   "alpha": number(0)}
+                   "alpha": number(0), "active_experts": integer(1), "shared_width": integer(0),
+                   "shared_k": integer(0), "balance": one_of(*BALANCES), "bias_rate": number(0),
+                   "aux_k": integer(0), "aux_coeff": number(0)}
 
     @classmethod
     def check_model(cls, model: Mapping[str, Any]) -> None:
@@ -62,9 +100,23 @@ class SwitchSAE(SAE):
             raise ValueError(f"model.width={width} is not divisible by model.n_experts={n} (model.match=width "
                              "splits the width over the experts)")
         e = cls.expert_width(model)
-        if model["k"] > e:
-            split = f"model.width={width} / model.n_experts={n}" if model["match"] == "width" else "model.width"
-            raise ValueError(f"model.k={model['k']} is larger than an expert's width {e} ({split})")
+        problem = _split_problem(n, e, model["k"], model["active_experts"], model["shared_width"], model["shared_k"])
+        if problem:
+            raise ValueError(problem)
+        if model["balance"] == "bias" and model["bias_rate"] <= 0:
+            raise ValueError("model.balance=bias needs model.bias_rate > 0 (how far each step moves the router bias)")
+
+    @classmethod
+    def expert_parallel_problem(cls, model: Mapping[str, Any]) -> str | None:
+        """Why expert parallelism (train/expert_parallel.py) cannot run this configuration, or None:
+        it exchanges one expert per token and knows neither a shared expert nor a router bias."""
+        variants = [f"model.{key}={model[key]}" for key, plain in
+                    (("active_experts", 1), ("shared_width", 0), ("balance", "aux_loss"), ("aux_k", 0))
+                    if model[key] != plain]
+        if variants:
+            return (f"expert_parallel runs the paper's Switch only, not {', '.join(variants)}; train this variant "
+                    "with expert_parallel=1 (data parallel)")
+        return None
 
     @staticmethod
     def expert_width(model: Mapping[str, Any]) -> int:
@@ -82,52 +134,70 @@ class SwitchSAE(SAE):
         return {"d": d, "expert_width": cls.expert_width(model), **m}
 
     @classmethod
-    def cost_formula(cls, d: int, *, n_experts: int, expert_width: int, k: int, sparse_backward: bool = False,
+    def cost_formula(cls, d: int, *, n_experts: int, expert_width: int, k: int, active_experts: int = 1,
+                     shared_width: int = 0, shared_k: int = 0, sparse_backward: bool = False,
                      dense_decoder: bool = False) -> Cost:
-        """N = n_experts, e = expert_width. Forward 2dN + 2de + 2kd; train 6dN + 6de + 6kd (dense
-        backward), 6dN + 2de + 10kd (sparse); with dense_decoder (and the dense backward) forward
-        2dN + 4de, train 6dN + 12de.
+        """N = n_experts, e = expert_width, m = active_experts, s = shared_width. The paper's Switch
+        (m = 1, s = 0): forward 2dN + 2de + 2kd; train 6dN + 6de + 6kd (dense backward), 6dN + 2de +
+        10kd (sparse); with dense_decoder (and the dense backward) forward 2dN + 4de, train 6dN + 12de.
 
         Router (x - b_router) @ W_router^T: 2dN forward, 4dN backward (grad W_router, and grad of
-        x - b_router since b_router is trained). Each token goes through its own expert's encoder
-        only: 2de forward, 4de backward (grad W_enc[i], grad of x - b_pre), or 4kd with the sparse
-        backward. Decoder as topk's (embedding bag, 2kd forward, 4kd backward), or with
-        dense_decoder as narrow experts run it by default (`decode_grouped`): the token's dense codes
-        over its expert's e latents times that expert's decoder, 2de forward, 4de backward.
-        Parameters 2Md + Nd + 2d with M = N e."""
-        n, e = n_experts, expert_width
-        if k > e:
-            raise ValueError(f"k={k} must be at most the expert width {e}")
-        params = 2 * n * e * d + n * d + 2 * d  # W_enc, W_dec [N, e, d]; W_router [N, d]; b_router, b_pre [d]
+        x - b_router since b_router is trained). Each token goes through its own experts' encoders
+        only: 2dem forward, 4dem backward (grad W_enc[i], grad of x - b_pre), or 4k_r d with the
+        sparse backward (k_r = k - shared_k routed active latents). Decoder as topk's (embedding bag,
+        2kd forward, 4kd backward), or with dense_decoder as narrow experts run it by default
+        (`decode_grouped`): the dense codes over the chosen experts' e latents times their decoders,
+        2dem forward, 4dem backward. A shared expert is a TopK SAE of s latents beside them: encoder
+        2ds forward, 4ds backward (4 shared_k d sparse), its shared_k rows in the embedding bag.
+        Parameters 2Md + Nd + 2d with M = N e + s."""
+        n, e, m, s = n_experts, expert_width, active_experts, shared_width
+        problem = _split_problem(n, e, k, m, s, shared_k)
+        if problem:
+            raise ValueError(problem)
+        params = 2 * (n * e + s) * d + n * d + 2 * d  # W_enc, W_dec [N, e, d] (+ [s, d]); W_router; biases
         router = 2 * d * n
-        encoder = 2 * d * e  # the token's own expert only
-        decoder = 2 * e * d if dense_decoder else 2 * k * d
+        k_routed = k - shared_k
+        encoder = 2 * d * e * m + 2 * d * s  # the token's own experts, and the shared one
+        decoder = (2 * e * d * m + 2 * shared_k * d) if dense_decoder else 2 * k * d
         forward = router + encoder + decoder
         # backward: router grad W_router + grad of x - b_router; decoder grad of vals + grad of its
         # rows; encoder grad W_enc[i] + grad of x - b_pre, dense over e latents or only the k active
-        train = forward + 2 * router + 2 * decoder + 2 * (2 * k * d if sparse_backward else encoder)
+        encoder_backward = 2 * (2 * (k_routed + shared_k) * d) if sparse_backward else 2 * encoder
+        train = forward + 2 * router + 2 * decoder + encoder_backward
         return Cost(params=params, forward=float(forward), train=float(train))
 
     @property
     def n_latents(self) -> int:
+        return self.n_experts * self.expert_width + self.shared_width
+
+    @property
+    def n_routed(self) -> int:
+        """N e: the routed experts' latents, numbered 0..N e - 1 (the shared expert's come after)."""
         return self.n_experts * self.expert_width
 
     def config(self) -> dict[str, Any]:
         return {"d": self.d, "n_experts": self.n_experts, "expert_width": self.expert_width,
-                "k": self.k, "alpha": self.alpha}
+                "k": self.k, "alpha": self.alpha, "active_experts": self.active_experts,
+                "shared_width": self.shared_width, "shared_k": self.shared_k, "balance": self.balance_by,
+                "bias_rate": self.bias_rate, "aux_k": self.aux_k, "aux_coeff": self.aux_coeff}
 
     def unit_norm_decoders(self) -> list[nn.Parameter]:
-        return [self.W_dec]
+        return [self.W_dec, self.W_dec_shared] if self.shared_width else [self.W_dec]
 
     @property
     def sparse_backward(self) -> bool:
-        return runs_sparse(self.kernels, self.expert_width, self.k)
+        return runs_sparse(self.kernels, self.expert_width, self.k_routed)
 
     @property
     def dense_decoder(self) -> bool:
         """Narrow experts decode with grouped matmuls (kernels="dense", or "auto" for them),
         otherwise an embedding bag (train/saes/kernels.py)."""
         return self.kernels != "reference" and not self.sparse_backward
+
+    @property
+    def plain(self) -> bool:
+        """The paper's Switch: one expert per token, no shared expert."""
+        return self.active_experts == 1 and not self.shared_width
 
     @torch.no_grad()
     def init_from_batch(self, x: torch.Tensor) -> None:
@@ -137,23 +207,50 @@ class SwitchSAE(SAE):
         self.b_router.copy_(median)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, d] -> (router probabilities p [B, N], chosen expert [B])."""
+        """x [B, d] -> (router probabilities p [B, N], chosen expert [B]); with active_experts = m > 1
+        the chosen experts [B, m], best first. With balance=bias the choice is made on p + bias."""
         p = torch.softmax((x - self.b_router) @ self.W_router.T, dim=-1)
-        return p, p.argmax(dim=-1)
+        score = p + self.router_bias if self.balance_by == "bias" else p
+        if self.active_experts == 1:
+            return p, score.argmax(dim=-1)
+        return p, score.topk(self.active_experts, dim=-1).indices
 
     def encode(self, x: torch.Tensor) -> Codes:
-        """x [B, d] -> expert [B], probs [B, N], global latent idx [B, k] in 0..M-1 and vals [B, k]
-        already multiplied by the gate p_i* (so decoding is linear and the router gets gradient)."""
-        probs, expert = self.route(x)
-        vals, idx = self.encode_experts(x - self.b_pre, expert)
-        gate = probs.gather(1, expert[:, None])  # [B, 1]: p_i*
-        return Codes(idx=idx, vals=gate * vals, expert=expert, probs=probs)
+        """x [B, d] -> expert [B] (top-1), probs [B, N], global latent idx [B, k] in 0..M-1 and vals [B, k]
+        already multiplied by their expert's gate p_i (so decoding is linear and the router gets gradient)."""
+        return self.encode_routed(x, *self.route(x))
 
-    def encode_experts(self, xc: torch.Tensor, expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_routed(self, x: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> Codes:
+        """`encode` once `route` has given probs [B, N] and the chosen experts [B] or [B, m]."""
+        xc = x - self.b_pre
+        if self.active_experts == 1:
+            vals, idx = self.encode_experts(xc, chosen, self.k_routed)
+            vals = probs.gather(1, chosen[:, None]) * vals  # p_i*
+            expert = chosen
+        else:  # each token once per chosen expert: rows b m + j of the replicated batch
+            m = self.active_experts
+            vals, idx = self.encode_experts(xc.repeat_interleave(m, dim=0), chosen.reshape(-1), self.k_routed)
+            vals = (probs.gather(1, chosen)[..., None] * vals.view(len(x), m, -1)).reshape(len(x), -1)
+            idx, expert = idx.view(len(x), -1), chosen[:, 0]
+        if self.shared_width:
+            s_vals, s_idx = self.encode_shared(xc)
+            vals, idx = torch.cat([vals, s_vals], dim=1), torch.cat([idx, s_idx + self.n_routed], dim=1)
+        return Codes(idx=idx, vals=vals, expert=expert, probs=probs)
+
+    def encode_shared(self, xc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared expert, a TopK encoder every token goes through: xc [B, d] -> vals, idx [B, shared_k]
+        in 0..s-1."""
+        args = (xc, self.W_enc_shared[None], None, None, self.shared_k)
+        if self.kernels == "reference":
+            return topk_encode_reference(*args)
+        return topk_encode(*args, runs_sparse(self.kernels, self.shared_width, self.shared_k))
+
+    def encode_experts(self, xc: torch.Tensor, expert: torch.Tensor, k: int | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """The experts this module holds (all N, or a shard of them), each on its own tokens:
         xc [B, d] (x - b_pre), expert [B] in 0..held-1 -> vals [B, k] >= 0 (no gate), idx [B, k] in
-        0..held * e - 1."""
-        args = (xc, self.W_enc, None, expert, self.k)
+        0..held * e - 1 (k: each expert's active latents, by default k_routed)."""
+        args = (xc, self.W_enc, None, expert, k or self.k_routed)
         if self.kernels == "reference":
             return topk_encode_reference(*args)
         return topk_encode(*args, self.sparse_backward)
@@ -165,29 +262,91 @@ class SwitchSAE(SAE):
         return decode_rows(idx, vals, self.W_dec.view(-1, self.d))
 
     def decode(self, codes: Codes) -> torch.Tensor:
-        """-> x_hat [B, d] = p_i* E_i*(x - b_pre) + b_pre (the gate is in the values)."""
-        return self.decode_experts(codes.idx, codes.vals, codes.expert) + self.b_pre
+        """-> x_hat [B, d] = sum over the chosen experts of p_i E_i(x - b_pre) (+ the shared expert's
+        code) + b_pre (the gates are in the values)."""
+        if self.plain:
+            return self.decode_experts(codes.idx, codes.vals, codes.expert) + self.b_pre
+        routed = codes.idx.shape[1] - self.shared_k
+        recon = decode_rows(codes.idx[:, :routed], codes.vals[:, :routed], self.W_dec.view(-1, self.d))
+        if self.shared_width:
+            recon = recon + decode_rows(codes.idx[:, routed:] - self.n_routed, codes.vals[:, routed:],
+                                        self.W_dec_shared)
+        return recon + self.b_pre
 
     def balance(self, expert: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The load-balancing loss L_aux = N sum_i f_i P_i and the expert load f_i [N], from the chosen
-        expert [B] and router probabilities [B, N] (of every rank's tokens when `global_mean` is set)."""
-        load = torch.bincount(expert, minlength=self.n_experts).to(probs.dtype) / len(expert)  # f_i
+        experts [B] (or [B, m]: f_i counts routing slots) and router probabilities [B, N] (of every
+        rank's tokens when `global_mean` is set)."""
+        load = torch.bincount(expert.reshape(-1), minlength=self.n_experts).to(probs.dtype) / expert.numel()
         mean_probs = probs.mean(dim=0)  # P_i
         if self.global_mean is not None:  # one collective for both; f_i carries no gradient
             load, mean_probs = self.global_mean(torch.cat([load, mean_probs])).split(self.n_experts)
             load = load.detach()
         return self.n_experts * (load * mean_probs).sum(), load
 
+    @torch.no_grad()
+    def nudge_bias(self, load: torch.Tensor) -> None:
+        """Auxiliary-loss-free balancing: bias_i += bias_rate * sign(1/N - f_i), after a training forward."""
+        self.router_bias.add_(self.bias_rate * torch.sign(1 / self.n_experts - load.to(self.router_bias.dtype)))
+
     def forward(self, x: torch.Tensor) -> Output:
-        codes = self.encode(x)
+        probs, chosen = self.route(x)
+        codes = self.encode_routed(x, probs, chosen)
         recon = self.decode(codes)
-        return self.output(x, recon, codes, codes.expert, codes.probs)
+        return self.output(x, recon, codes, chosen, probs)
 
     def output(self, x: torch.Tensor, recon: torch.Tensor, codes: Codes, expert: torch.Tensor, probs: torch.Tensor
                ) -> Output:
-        """The Output of a forward pass: x, recon [B, d], the routing of x (expert [B], probs [B, N])."""
+        """The Output of a forward pass: x, recon [B, d], the routing of x (chosen experts [B] or [B, m],
+        probs [B, N]). With balance=bias, a training forward also moves the router bias."""
         mse = sq_error(x, recon)
         aux, load = self.balance(expert, probs)
-        loss = mse + self.alpha * self.d * aux
-        return Output(recon=recon, codes=codes, losses={"loss": loss, "mse": mse, "aux": aux},
-                      stats={"expert_load": load})
+        if self.balance_by == "bias":
+            loss = mse
+            if self.training:
+                self.nudge_bias(load)
+        else:
+            loss = mse + self.alpha * self.d * aux
+        losses = {"loss": loss, "mse": mse, "aux": aux}
+        if self.aux_k:
+            auxk = self.auxk(x, recon, codes.expert)
+            losses.update(loss=loss + self.aux_coeff * auxk, auxk=auxk)
+        return Output(recon=recon, codes=codes, losses=losses, stats={"expert_load": load})
+
+    def auxk(self, x: torch.Tensor, recon: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """AuxK per expert (train/saes/auxk.py): each token's residual from the dead latents of its
+        (top-1) expert, expert by expert, so no [B, M] tensor is made; the shared expert's dead
+        latents are left out. 0 outside training or with no dead latent."""
+        dead = self.dead_rows()
+        total = x.new_zeros(())
+        if dead is None:
+            return total
+        dead = dead[dead < self.n_routed]
+        xc, resid = x - self.b_pre, x - recon
+        for i in dead.div(self.expert_width, rounding_mode="floor").unique().tolist():
+            rows = dead[dead // self.expert_width == i] % self.expert_width
+            tokens = (expert == i).nonzero().squeeze(1)
+            total = total + auxk_loss(xc[tokens], resid[tokens], self.W_enc[i, rows], None, self.W_dec[i, rows],
+                                      self.aux_k)
+        return total / residual_norm(x, recon)
+
+
+def _split_problem(n: int, e: int, k: int, m: int, s: int, shared_k: int) -> str | None:
+    """Why k active latents cannot be split over m of n experts of width e and a shared expert of s
+    latents taking shared_k of them, or None."""
+    if m > n:
+        return f"model.active_experts={m} is more than model.n_experts={n}"
+    if bool(s) != bool(shared_k):
+        return (f"model.shared_width={s} and model.shared_k={shared_k}: a shared expert needs both > 0 "
+                "(or both 0 for none)")
+    if shared_k > s:
+        return f"model.shared_k={shared_k} is larger than model.shared_width={s}"
+    routed = k - shared_k
+    if routed < m or routed % m:
+        return (f"model.k - model.shared_k = {routed} routed active latents cannot be split evenly over "
+                f"model.active_experts={m} experts")
+    if routed // m > e:
+        if m == 1 and not s:
+            return f"model.k={k} is larger than an expert's width {e}"
+        return f"model.k={k} gives {routed // m} active latents per expert, more than an expert's width {e}"
+    return None

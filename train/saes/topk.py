@@ -8,8 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime.config import integer
+from runtime.config import integer, number
 from train.recipe import init_tied_
+from train.saes.auxk import auxk_loss, residual_norm
 from train.saes.base import SAE, Codes, Output, register, sq_error
 from train.saes.flops import Cost
 from train.saes.kernels import decode_rows, runs_sparse, topk_encode, topk_encode_reference
@@ -22,17 +23,17 @@ class TopKSAE(SAE):
     size_args = ("width", "k")
     sparse_codes = True
 
-    def __init__(self, d: int, width: int, k: int):
+    def __init__(self, d: int, width: int, k: int, aux_k: int = 0, aux_coeff: float = 0.0):
         super().__init__(d)
         if not 0 < k <= width:
             raise ValueError(f"k={k} must be between 1 and the width {width}")
-        self.width, self.k = width, k
+        self.width, self.k, self.aux_k, self.aux_coeff = width, k, aux_k, aux_coeff
         self.W_enc = nn.Parameter(torch.empty(width, d))
         self.b_enc = nn.Parameter(torch.zeros(width))
         self.W_dec = nn.Parameter(torch.empty(width, d))
         init_tied_(self.W_enc, self.W_dec)
 
-    model_rules = {"width": integer(1), "k": integer(1)}
+    model_rules = {"width": integer(1), "k": integer(1), "aux_k": integer(0), "aux_coeff": number(0)}
 
     @classmethod
     def check_model(cls, model: Mapping[str, Any]) -> None:
@@ -72,7 +73,7 @@ class TopKSAE(SAE):
         return self.width
 
     def config(self) -> dict[str, Any]:
-        return {"d": self.d, "width": self.width, "k": self.k}
+        return {"d": self.d, "width": self.width, "k": self.k, "aux_k": self.aux_k, "aux_coeff": self.aux_coeff}
 
     def unit_norm_decoders(self) -> list[nn.Parameter]:
         return [self.W_dec]
@@ -96,4 +97,10 @@ class TopKSAE(SAE):
         codes = self.encode(x)
         recon = self.decode(codes)
         mse = sq_error(x, recon)
-        return Output(recon=recon, codes=codes, losses={"loss": mse, "mse": mse})
+        losses = {"loss": mse, "mse": mse}
+        if self.aux_k:  # AuxK (train/saes/auxk.py): the dead latents reconstruct the residual
+            dead = self.dead_rows()
+            auxk = x.new_zeros(()) if dead is None else auxk_loss(
+                x - self.b_pre, x - recon, self.W_enc[dead], self.b_enc[dead], self.W_dec[dead], self.aux_k) / residual_norm(x, recon)
+            losses = {"loss": mse + self.aux_coeff * auxk, "mse": mse, "auxk": auxk}
+        return Output(recon=recon, codes=codes, losses=losses)

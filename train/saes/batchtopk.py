@@ -1,0 +1,269 @@
+"""BatchTopK SAE (Bussmann, Leask and Nanda 2024, "BatchTopK Sparse Autoencoders").
+
+    a     = ReLU(W_enc (x - b_pre) + b_enc)                          [B, M]
+    train:     z = the B*k largest entries of a over the WHOLE batch, every other entry 0
+    inference: z_i = a_i if a_i > theta else 0                       (one global threshold)
+    x_hat = W_dec^T z + b_pre;  loss = ||x - x_hat||^2 summed over d, mean over tokens (base.sq_error)
+
+Training keeps k active latents per token on average, not per token: a token the dictionary finds
+hard gets more latents, an easy one fewer (or none). The selection depends on the rest of the batch,
+so at inference, where tokens come one by one, it is replaced by a threshold: `self.training`
+decides which rule `encode` applies (`sae.eval()` for the inference rule; `train.run_dir.RunDir.open`
+does it, and so eval, geometry, dashboards and autointerp read the inference rule; the validation
+during training, train/validation.py, encodes the module as the loop holds it, in training mode, so
+its curves are of the batch rule).
+
+theta is estimated as the paper says, from the smallest activation the batch rule kept (the smallest
+positive one) in each training step's batch, m_n at step n, averaged over steps:
+    theta_n = theta_{n-1} + w_n (m_n - theta_{n-1}),   w_n = (1 - c) / (1 - c^n),   c = `theta_decay`
+c = 1 (w_n = 1/n) is the paper's plain mean over every step; c < 1 is a bias-corrected exponential
+moving average, a mean over about the last 1/(1 - c) steps (theta_1 = m_1, and while n << 1/(1 - c)
+nearly the plain mean). The default 0.99 follows the encoder as it trains: on the synthetic store of
+tests/train/test_loop.py (width 64, k 4, 800 steps) the plain mean ends at 3.53, about 23% above the
+final encoder's mean smallest kept activation (2.87), and gives 3.6 active latents per token at
+inference; c = 0.99 ends at 2.84 and gives 4.05. theta and its step count n are buffers (`theta`,
+`theta_steps`), so `base.save`/`load` and checkpoints carry them and a resumed run continues the
+same average. They change in training steps only: `forward` with the module in training mode and
+autograd on (the loop's step); `encode` alone, `torch.no_grad()` and eval mode leave them alone.
+With several data-parallel ranks (train/dist.py sets `global_mean`) m_n is the mean over ranks of
+each rank's smallest kept activation, so every rank holds the same theta. Before the first step
+theta is 0, and the inference rule is then a plain ReLU.
+
+Codes are TopK-style, idx and vals [B, kmax], kmax the largest number of latents any token of the
+batch has, rows padded with index 0 and value 0 (`Codes.active` is vals > 0). The selection is one
+top-k over the flattened [B*M] pre-activations (never a second [B, M] tensor: ReLU is applied to the
+B*k kept values; the inference rule thresholds the pre-activations in place). Training decodes the
+B*k kept values as one embedding bag (exactly 2kd FLOPs per token); `decode` packs the non-zero codes
+the same way.
+
+Encoder backward (`kernels`, as for TopK): only the B*k kept pre-activations carry gradient, so
+"sparse" computes grad (x - b_pre) as an embedding bag of the kept W_enc rows and grad W_enc as a
+sparse [M, B] x [B, d] matmul, 2kd each per token; "dense" scatters the kept gradients into [B, M]
+and runs two dense matmuls, 4dM per token; "auto" picks by width / k (kernels.prefer_sparse);
+"reference" is plain autograd through torch.topk (dense). The TopK kernel of train/saes/kernels.py
+selects per row inside its forward, so it cannot be reused for a batch-wide selection: `_BatchTopK`
+below is the same two sparse ops (embedding bag, sparse matmul) around the batch-wide top-k, held
+to plain autograd by tests/train/test_batchtopk.py.
+
+Deviations, stated: with several data-parallel ranks each rank selects the top (B/R)*k of its own
+B/R tokens (not the top B*k of the global batch); the top-k runs over all B*M pre-activations at
+once (201M values at B 8192, M 24576), where TopK's runs over M per row; theta is by default a moving average rather than the paper's plain mean
+(`theta_decay=1` gives the plain mean).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from runtime.config import integer, number
+from train.recipe import init_tied_
+from train.saes.base import SAE, Codes, Output, register, sq_error
+from train.saes.flops import Cost
+from train.saes.kernels import runs_sparse
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype where autocast is on for x's device, else x's (the custom function casts by hand)."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+
+
+def _offsets(rows: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows [K] ascending in 0..n_rows-1 -> (counts [n_rows], offsets [n_rows]: where each row's entries start)."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    return counts, counts.cumsum(0) - counts
+
+
+class _BatchTopK(torch.autograd.Function):
+    """xc [B, d], w [M, d], b [M] -> (vals [K] >= 0, flat [K] int64 = row * M + latent, ascending):
+    the K largest of xc @ w^T + b over the whole batch, ReLU'd; backward sparse or dense (module doc)."""
+
+    @staticmethod
+    def forward(ctx, xc: torch.Tensor, w: torch.Tensor, b: torch.Tensor, n_keep: int, sparse: bool
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        dt = _compute_dtype(xc)
+        pre = torch.addmm(b.to(dt), xc.to(dt), w.to(dt).T)  # [B, M], the only one
+        vals, flat = pre.view(-1).topk(n_keep, sorted=False)
+        del pre
+        flat, order = flat.sort()
+        vals = vals[order].relu().to(xc.dtype)
+        ctx.save_for_backward(xc, w, vals, flat)
+        ctx.sparse, ctx.dt = sparse, dt
+        ctx.mark_non_differentiable(flat)
+        return vals, flat
+
+    @staticmethod
+    def backward(ctx, g_vals: torch.Tensor, _g_flat: torch.Tensor | None):
+        xc, w, vals, flat = ctx.saved_tensors
+        n, m = len(xc), w.shape[0]
+        g = torch.where(vals > 0, g_vals, 0.0).to(w.dtype)  # [K], through the ReLU
+        rows, cols = flat // m, flat % m
+        need_xc, need_w, need_b = ctx.needs_input_grad[:3]
+        g_xc = g_w = g_b = None
+        if ctx.sparse:
+            if need_xc:  # sum over each row's kept latents of g * W_enc[latent]: an embedding bag
+                g_xc = F.embedding_bag(cols, w, _offsets(rows, n)[1], mode="sum", per_sample_weights=g)
+            if need_w:  # S^T xc with S [B, M] holding g at the kept entries
+                s = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (m, n), check_invariants=False)
+                g_w = torch.sparse.mm(s, xc.to(w.dtype))
+        else:
+            dense = torch.zeros(n * m, dtype=ctx.dt, device=g.device).index_put_((flat,), g.to(ctx.dt)).view(n, m)
+            if need_xc:
+                g_xc = (dense @ w.to(ctx.dt)).to(w.dtype)
+            if need_w:
+                g_w = (dense.T @ xc.to(ctx.dt)).to(w.dtype)
+        if need_b:
+            g_b = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, cols, g)
+        return g_xc, g_w, g_b, None, None
+
+
+@register
+class BatchTopKSAE(SAE):
+    arch = "batchtopk"
+    display_name = "BatchTopK"
+    size_args = ("width", "k")
+    sparse_codes = True
+    model_rules = {"width": integer(1), "k": integer(1), "theta_decay": number(0, 1)}
+    # set by train.dist.DataParallel with several ranks: the mean over ranks of a per-rank statistic
+    global_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __init__(self, d: int, width: int, k: int, theta_decay: float):
+        super().__init__(d)
+        if not 0 < k <= width:
+            raise ValueError(f"k={k} must be between 1 and the width {width}")
+        if not 0 <= theta_decay <= 1:
+            raise ValueError(f"theta_decay={theta_decay} must be in [0, 1]")
+        self.width, self.k, self.theta_decay = width, k, theta_decay
+        self.W_enc = nn.Parameter(torch.empty(width, d))
+        self.b_enc = nn.Parameter(torch.zeros(width))
+        self.W_dec = nn.Parameter(torch.empty(width, d))
+        init_tied_(self.W_enc, self.W_dec)
+        self.register_buffer("theta", torch.zeros(()))  # the inference threshold
+        self.register_buffer("theta_steps", torch.zeros((), dtype=torch.long))  # training steps averaged into it
+
+    @classmethod
+    def check_model(cls, model: Mapping[str, Any]) -> None:
+        super().check_model(model)
+        if model["k"] > model["width"]:
+            raise ValueError(f"model.k={model['k']} is larger than model.width={model['width']}")
+
+    @classmethod
+    def cost_formula(cls, d: int, *, width: int, k: int, sparse_backward: bool = False,
+                     dense_decoder: bool = False) -> Cost:
+        """M = width, k the mean number of active latents per token. Forward 2dM + 2kd; train
+        6dM + 6kd (dense backward), 2dM + 10kd (sparse): TopK's counts, because per token on
+        average the same work is done.
+
+        Forward: encoder (x - b_pre) @ W_enc^T, 2dM (the batch-wide top-k and the threshold are
+        selections, not counted); decoder, one embedding bag of the B*k kept W_dec rows, 2kd per
+        token (exactly B*k rows in training; at inference the rows above theta, k per token on
+        average when theta is calibrated). Backward: decoder, grad of the kept values 2kd + grad of
+        the kept W_dec rows 2kd; encoder, grad W_enc 2dM + grad of (x - b_pre) 2dM dense, or only
+        the B*k kept rows of each, 2kd + 2kd, with the sparse backward. The input gradient is
+        computed because b_pre is trained. Parameters 2Md + M + d (theta and its step count are
+        buffers, not trained)."""
+        if k > width:
+            raise ValueError(f"k={k} must be at most the width {width}")
+        m = width
+        params = 2 * m * d + m + d  # W_enc, W_dec [M, d]; b_enc [M]; b_pre [d]
+        encoder, decoder = 2 * d * m, 2 * k * d
+        forward = encoder + decoder
+        # decoder backward: grad of vals + grad of the kept W_dec rows
+        # encoder backward: grad W_enc + grad of x - b_pre, dense over M latents or only the kept ones
+        train = forward + 2 * decoder + 2 * (2 * k * d if sparse_backward else encoder)
+        return Cost(params=params, forward=float(forward), train=float(train))
+
+    @property
+    def n_latents(self) -> int:
+        return self.width
+
+    def config(self) -> dict[str, Any]:
+        return {"d": self.d, "width": self.width, "k": self.k, "theta_decay": self.theta_decay}
+
+    def unit_norm_decoders(self) -> list[nn.Parameter]:
+        return [self.W_dec]
+
+    @property
+    def sparse_backward(self) -> bool:
+        return runs_sparse(self.kernels, self.width, self.k)
+
+    # ------------------------------------------------------------------------------- the two rules
+
+    def _kept(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows [F], latents [F], values [F]) of the codes of x [B, d], ordered by row then latent:
+        the batch rule in training mode (F = B*k, values >= 0), the threshold rule otherwise (F the
+        number of activations above theta)."""
+        xc = x - self.b_pre
+        m = self.width
+        if self.training:
+            n_keep = len(x) * self.k
+            if self.kernels == "reference":
+                pre = torch.addmm(self.b_enc, xc, self.W_enc.T)
+                vals, flat = pre.view(-1).topk(n_keep, sorted=False)
+                flat, order = flat.sort()
+                vals = vals[order].relu()
+            else:
+                vals, flat = _BatchTopK.apply(xc, self.W_enc, self.b_enc, n_keep, self.sparse_backward)
+            return flat // m, flat % m, vals
+        pre = torch.addmm(self.b_enc, xc, self.W_enc.T)
+        pre = F.threshold(pre, max(self.theta.item(), 0.0), 0.0, inplace=True)  # a if a > theta else 0
+        rows, cols = pre.nonzero(as_tuple=True)
+        return rows, cols, pre[rows, cols].to(x.dtype)
+
+    @torch.no_grad()
+    def _update_theta(self, vals: torch.Tensor) -> None:
+        """One training step's smallest kept (positive) activation m into theta (module docstring);
+        a batch with none leaves theta as it is. No host synchronisation."""
+        smallest = torch.where(vals > 0, vals, torch.inf).amin().float()
+        seen = torch.isfinite(smallest)
+        smallest = torch.where(seen, smallest, self.theta)
+        if self.global_mean is not None:  # the same value on every rank
+            smallest = self.global_mean(smallest)
+            seen = torch.ones_like(seen)
+        n = self.theta_steps + seen.long()
+        c = self.theta_decay
+        if c == 1:
+            w = 1.0 / n.clamp_min(1).double()
+        else:  # (1 - c) / (1 - c^n), in float64 so that c just below 1 stays below 1
+            w = (1 - c) / (1 - torch.pow(torch.tensor(c, dtype=torch.float64, device=n.device), n.clamp_min(1)))
+        self.theta.add_(torch.where(seen, (smallest - self.theta) * w.float(), 0.0))
+        self.theta_steps.copy_(n)
+
+    @staticmethod
+    def _pad(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_rows: int) -> Codes:
+        """Row-ordered (rows, latents, values) [F] -> Codes idx, vals [n_rows, kmax], padded with (0, 0)."""
+        counts, starts = _offsets(rows, n_rows)
+        kmax = int(counts.max()) if n_rows else 0
+        slot = torch.arange(len(rows), device=rows.device) - starts[rows]
+        idx = torch.zeros(n_rows, kmax, dtype=torch.long, device=rows.device).index_put_((rows, slot), cols)
+        padded = vals.new_zeros(n_rows, kmax).index_put((rows, slot), vals)
+        return Codes(idx=idx, vals=padded)
+
+    def _decode_kept(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_rows: int) -> torch.Tensor:
+        """sum over each row's codes of value * W_dec[latent], + b_pre: one embedding bag, 2d per code."""
+        bag = F.embedding_bag(cols, self.W_dec, _offsets(rows, n_rows)[1], mode="sum",
+                              per_sample_weights=vals.to(self.W_dec.dtype))
+        return bag + self.b_pre
+
+    def encode(self, x: torch.Tensor) -> Codes:
+        """x [B, d] -> idx, vals [B, kmax]: the batch rule in training mode, the threshold in eval mode."""
+        rows, cols, vals = self._kept(x)
+        return self._pad(rows, cols, vals, len(x))
+
+    def decode(self, codes: Codes) -> torch.Tensor:
+        """-> x_hat [B, d], from the non-zero codes only (the padding costs nothing)."""
+        rows, slot = (codes.vals != 0).nonzero(as_tuple=True)
+        return self._decode_kept(rows, codes.idx[rows, slot], codes.vals[rows, slot], len(codes.vals))
+
+    def forward(self, x: torch.Tensor) -> Output:
+        rows, cols, vals = self._kept(x)
+        if self.training and torch.is_grad_enabled():
+            self._update_theta(vals.detach())
+        recon = self._decode_kept(rows, cols, vals, len(x))
+        mse = sq_error(x, recon)
+        return Output(recon=recon, codes=self._pad(rows, cols, vals, len(x)), losses={"loss": mse, "mse": mse})
