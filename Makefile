@@ -8,7 +8,7 @@ HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
 # nproc=R: harvest and train run as R processes under torchrun (one per GPU; README "Many processes")
 LAUNCH       := $(if $(nproc),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(nproc),$(PY))
 
-.PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report geometry dashboard autointerp demo paper-cpu reproduce bench bench-dist bench-validation bench-store clean-venv
+.PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report geometry dashboard autointerp demo paper-cpu reproduce bench bench-dist bench-validation bench-store variants clean-venv
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
@@ -28,6 +28,7 @@ help:
 	@echo "make bench-dist            expert-parallel vs one-process Switch tokens/s, all-to-all bytes vs minimum -> results/bench/dist.json"
 	@echo "make bench-validation      wall-clock with vs without validation during training, demo settings -> results/bench/validation.json"
 	@echo "make bench-store           reading a store with vs without its chunk checksums -> results/bench/store_read.json"
+	@echo "make variants              every SAE variant (BatchTopK, JumpReLU, AuxK, Switch top-2/shared/bias) at equal FLOPs -> results/variants"
 	@echo "make paper-cpu             Figures 1 and 3 at CPU scale, 1.95M offline tokens -> results/paper_cpu (~60 min, 2 CPUs)"
 	@echo "make reproduce             the paper's Figure 1 and 3 grids (GPT-2, OpenWebText, GPUs; see README)"
 
@@ -94,6 +95,9 @@ demo: setup
 	$(PY) -m pipeline.demo $(ARGS)
 
 # Both figures at CPU scale on 1.95M offline tokens (conf/demo/paper_cpu.yaml); resumes like the demo.
+variants: setup
+	$(PY) -m pipeline.variants $(ARGS)
+
 paper-cpu: setup
 	$(PY) -m pipeline.demo --config-name=paper_cpu $(ARGS)
 
