@@ -5,6 +5,8 @@ One run, one machine, the same inputs for every entry (d 768, batch 8192, k 32, 
   - dense `topk` M 24576; width-matched `switch` M 24576, N 4..64; FLOP-matched `switch` (every
     expert 24576 latents) N 2, 4, 8; `switch_reference` N 16: the reference code's algorithm (the
     full-width encoder for every token, then every other expert's latents masked out, plain autograd);
+  - the variants (`VARIANTS`): batchtopk and jumprelu M 24576, topk with AuxK, switch N 16 with AuxK,
+    two active experts, a shared expert (2048 of the 24576 latents) or the router bias;
   - each entry: median seconds of full training steps (forward, backward, projection, clip, Adam,
     renormalisation: `train.recipe.apply_update`, as the trainer runs them) after one warm-up step.
 
@@ -26,7 +28,7 @@ matmul peak. It pays only where the CPU has bf16 matrix units (AMX) or on GPU te
 check trains topk twice with the real trainer on the demo store (200 steps, fp32 and bf16) and
 compares the final losses.
 
-    python -m bench.train_step [--steps 3] [--quick] [--compile]   -> results/bench/train.json + a table
+    python -m bench.train_step [--steps 3] [--quick | --variants] [--compile]   -> results/bench/train.json + a table
 """
 
 from __future__ import annotations
@@ -106,11 +108,37 @@ class Entry:
     compiled: bool  # torch.compile (--compile)
 
 
+# The variants of issue [4 of 5] (README "Variants"): constructor arguments beside d. AuxK entries run
+# with one latent in ten marked dead (`DEAD_EVERY`), so that its extra work is timed; their bound counts
+# only the SAE's own formula (AuxK's work depends on how many latents are dead).
+VARIANTS = {
+    "batchtopk": dict(arch="batchtopk", width=WIDTH, k=K, theta_decay=0.99),
+    "jumprelu": dict(arch="jumprelu", width=WIDTH, l0_coeff=0.003, warmup_frac=0.05, bandwidth=0.01,
+                     threshold_init=0.03),
+    "topk_auxk": dict(arch="topk", width=WIDTH, k=K, aux_k=512, aux_coeff=1 / 32),
+    "switch_auxk": dict(arch="switch", n_experts=16, expert_width=WIDTH // 16, k=K, alpha=SWITCH_ALPHA, aux_k=512,
+                        aux_coeff=1 / 32),
+    "switch_top2": dict(arch="switch", n_experts=16, expert_width=WIDTH // 16, k=K, alpha=SWITCH_ALPHA,
+                        active_experts=2),
+    "switch_shared": dict(arch="switch", n_experts=16, expert_width=(WIDTH - 2048) // 16, k=K, alpha=SWITCH_ALPHA,
+                          shared_width=2048, shared_k=8),
+    "switch_bias": dict(arch="switch", n_experts=16, expert_width=WIDTH // 16, k=K, alpha=SWITCH_ALPHA,
+                        balance="bias", bias_rate=0.001),
+}
+DEAD_EVERY = 10
+
+
 def build_entry(arch: str, n: int | None, match: str | None) -> tuple[SAE, float, int]:
     """(module, training FLOPs per token as implemented, decoder parameters)."""
     if arch == "topk":
         sae = build("topk", d=D, width=WIDTH, k=K)
         return sae, sae_cost(sae).train, WIDTH * D
+    if arch in VARIANTS:
+        kwargs = dict(VARIANTS[arch])
+        sae = build(kwargs.pop("arch"), d=D, **kwargs)
+        if getattr(sae, "aux_k", 0):
+            sae.dead = torch.arange(sae.n_latents) % DEAD_EVERY == 0
+        return sae, sae_cost(sae).train, sae.n_latents * D
     e = WIDTH // n if match == "width" else WIDTH
     if arch == "switch":
         sae = SwitchSAE(d=D, n_experts=n, expert_width=e, k=K, alpha=SWITCH_ALPHA)
@@ -182,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per entry (after warm-up)")
     parser.add_argument("--quick", action="store_true", help="only topk, switch N=16 and the reference, fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile every entry's module")
+    parser.add_argument("--variants", action="store_true", help="only topk, switch N=16 and the variants, fp32")
     parser.add_argument("--no-loss-check", action="store_true", help="skip the bf16 loss check")
     parser.add_argument("--out", default=str(ROOT / "results" / "bench" / "train.json"))
     args = parser.parse_args(argv)
@@ -194,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     grid = [("topk", None, None, fp32)] + [("switch", n, "width", fp32) for n in (4, 8, 16, 32, 64)]
     grid += [("switch", n, "flops", fp32) for n in (2, 4, 8)] + [("switch_reference", 16, "width", fp32)]
     grid += [("topk", None, None, bf16), ("switch", 16, "width", bf16)]
+    grid += [(name, None, None, fp32) for name in VARIANTS]
+    if args.variants:
+        grid = [("topk", None, None, fp32), ("switch", 16, "width", fp32)] + [(v, None, None, fp32) for v in VARIANTS]
     if args.quick:
         grid = [g for g in grid if (g[0] == "topk" or g[1] == 16) and g[3] == fp32]
     topk_flops = algorithmic_cost(build("topk", d=D, width=WIDTH, k=K)).train
@@ -227,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"switch N=8 flop-matched / topk: {by[('switch', 8, 'flops', 'float32')] / topk:.2f}x")
     if ("topk", None, None, "bfloat16") in by:
         print(f"topk fp32 / bf16 step time: {topk / by[('topk', None, None, 'bfloat16')]:.2f}x")
-    if not (args.quick or args.no_loss_check):
+    if not (args.quick or args.variants or args.no_loss_check):
         check = bf16_loss_check()
         if check is None:
             print("bf16 loss check skipped: no demo store (make demo, or make harvest, builds it)")

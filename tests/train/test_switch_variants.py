@@ -179,3 +179,31 @@ def test_bad_variant_settings_fail_in_one_line(store, extra, message):
     with pytest.raises(TrainError, match=message) as e:
         make_cfg(store, "model=switch", "model.width=64", "model.n_experts=4", "model.k=4", *extra)
     assert "\n" not in str(e.value)
+
+
+def test_eval_geometry_and_the_report_run_on_a_variant(store, tmp_path):
+    """A Switch with two active experts, a shared expert and the router bias through eval, the
+    dashboards' encoding pass, geometry (routed experts) and the report."""
+    from hydra import compose, initialize_config_dir
+
+    from eval.firings import scan
+    from eval.geometry import GeometryConfig, geometry
+    from eval.report import build_report
+    from eval.run import evaluate
+    from tests.conftest import CONF
+    from tests.eval.test_run import config
+    from train.run_dir import RunDir
+
+    run = tmp_path / "runs" / "variant"
+    train(make_cfg(store, "model=switch", "model.width=64", "model.n_experts=4", "model.k=4", "model.active_experts=2",
+                   "model.shared_width=16", "model.shared_k=2", "model.balance=bias", "budget=steps:20"), run)
+    result, = evaluate(config(run, ce=False, batch_size=32))
+    assert result["arch"] == "switch" and result["n_latents"] == 80 and 0 < result["l0"] <= 4
+    opened = RunDir(run).open(torch.device("cpu"))
+    firings = scan(opened, torch.device("cpu"), max_tokens=10_000, batch_size=32, whole_chunks=False)
+    assert len(firings.counts) == 80 and firings.counts[64:].sum() > 0  # the shared expert fires
+    with initialize_config_dir(config_dir=str(CONF / "eval"), version_base="1.3"):
+        cfg = GeometryConfig.from_omegaconf(compose("geometry", overrides=[f"run={run}", "tsne=false", "device=cpu"]))
+    (geo,), _ = geometry(cfg)
+    assert geo["n_latents"] == 64 and 0 <= geo["cross_expert_dup_frac"] <= 1  # the routed experts
+    assert build_report(tmp_path / "runs", tmp_path / "report").exists()
