@@ -99,3 +99,19 @@ def test_auxk_on_an_architecture_without_it_fails_in_one_line(store):
     with pytest.raises(TrainError, match="expert_parallel runs the paper's Switch only, not model.aux_k=4"):
         make_cfg(store, "model=switch", "model.width=64", "model.n_experts=4", "model.k=4", "model.aux_k=4",
                  "expert_parallel=2")
+
+
+def test_a_resumed_auxk_run_ends_with_the_same_weights(store, tmp_path, monkeypatch):
+    """The dead-latent mask AuxK reads comes from the checkpointed tracker: resuming changes nothing."""
+    from tests.train.test_loop import assert_same_weights, train_killed_at
+    from train.loop import train
+
+    cfg = make_cfg(store, "model=topk", "model.width=256", "model.k=4", "model.aux_k=8", "dead_window=640",
+                   "budget=steps:60", "checkpoint_every=20", "eval_every=0")
+    train(cfg, tmp_path / "straight")
+    train_killed_at(cfg, tmp_path / "killed", 50, monkeypatch)
+    train(cfg, tmp_path / "killed")
+    assert_same_weights(tmp_path / "straight" / "sae", tmp_path / "killed" / "sae")
+    import json
+    logged = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert any(line["auxk"] > 0 for line in logged)  # latents died and AuxK worked on them

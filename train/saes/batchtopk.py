@@ -8,10 +8,9 @@
 Training keeps k active latents per token on average, not per token: a token the dictionary finds
 hard gets more latents, an easy one fewer (or none). The selection depends on the rest of the batch,
 so at inference, where tokens come one by one, it is replaced by a threshold: `self.training`
-decides which rule `encode` applies (`sae.eval()` for the inference rule; `train.run_dir.RunDir.open`
-does it, and so eval, geometry, dashboards and autointerp read the inference rule; the validation
-during training, train/validation.py, encodes the module as the loop holds it, in training mode, so
-its curves are of the batch rule).
+decides which rule `encode` applies (`sae.eval()` for the inference rule: `train.saes.load` returns
+the module in eval mode and the validation during training switches to it, so eval, geometry,
+dashboards, autointerp and the validation curves all read the inference rule).
 
 theta is estimated as the paper says, from the smallest activation the batch rule kept (the smallest
 positive one) in each training step's batch, m_n at step n, averaged over steps:
