@@ -189,3 +189,20 @@ def test_resumed_run_ends_with_the_same_weights_and_theta(store, tmp_path, monke
     # bit-identical on one thread; assert_same_weights compares the state dicts, theta and theta_steps included
     _resume_equals_straight(store, tmp_path, monkeypatch, ["model=batchtopk", "model.width=64", "model.k=4"])
     assert load(tmp_path / "killed" / "sae").theta_steps == 60
+
+
+def test_the_two_stage_selection_equals_one_top_k_over_the_whole_batch():
+    """batch_topk (per-row candidates first) selects exactly what a top-k over all B*M values does,
+    also when one row holds more than its candidates above the cut (the fallback)."""
+    from train.saes.batchtopk import batch_topk
+
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(64, 512, generator=g)
+    skewed = pre.clone()
+    skewed[3] += 10  # row 3 alone holds far more than 4k of the batch's largest values
+    for x in (pre, skewed):
+        vals, flat = batch_topk(x, 64 * 8, per_row=32)
+        ref_vals, ref_flat = x.view(-1).topk(64 * 8, sorted=False)
+        assert sorted(flat.tolist()) == sorted(ref_flat.tolist())
+        torch.testing.assert_close(vals.sort().values, ref_vals.sort().values)
+        assert torch.equal(x.view(-1)[flat], vals)

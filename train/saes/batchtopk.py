@@ -29,8 +29,8 @@ each rank's smallest kept activation, so every rank holds the same theta. Before
 theta is 0, and the inference rule is then a plain ReLU.
 
 Codes are TopK-style, idx and vals [B, kmax], kmax the largest number of latents any token of the
-batch has, rows padded with index 0 and value 0 (`Codes.active` is vals > 0). The selection is one
-top-k over the flattened [B*M] pre-activations (never a second [B, M] tensor: ReLU is applied to the
+batch has, rows padded with index 0 and value 0 (`Codes.active` is vals > 0). The selection is a
+top-k over the batch's [B*M] pre-activations (`batch_topk`; never a second [B, M] tensor: ReLU is applied to the
 B*k kept values; the inference rule thresholds the pre-activations in place). Training decodes the
 B*k kept values as one embedding bag (exactly 2kd FLOPs per token); `decode` packs the non-zero codes
 the same way.
@@ -45,9 +45,13 @@ below is the same two sparse ops (embedding bag, sparse matmul) around the batch
 to plain autograd by tests/train/test_batchtopk.py.
 
 Deviations, stated: with several data-parallel ranks each rank selects the top (B/R)*k of its own
-B/R tokens (not the top B*k of the global batch); the top-k runs over all B*M pre-activations at
-once (201M values at B 8192, M 24576), where TopK's runs over M per row; theta is by default a moving average rather than the paper's plain mean
-(`theta_decay=1` gives the plain mean).
+B/R tokens (not the top B*k of the global batch); theta is by default a moving average rather than
+the paper's plain mean (`theta_decay=1` gives the plain mean).
+
+Selection speed: `batch_topk` takes each row's top 4k first and the batch's B*k largest among those,
+exact unless a row holds more than 4k of them (then one top-k over all B*M values runs instead).
+Measured at B 8192, M 24576, k 32 (bench/train_step.py): a training step 2.1 s against 5.1 s with the
+single top-k over the 201M values, TopK's 1.9 s.
 """
 
 from __future__ import annotations
@@ -78,6 +82,28 @@ def _offsets(rows: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tenso
     return counts, counts.cumsum(0) - counts
 
 
+CANDIDATES_PER_K = 4  # `batch_topk` first keeps each row's top CANDIDATES_PER_K * k
+
+
+def batch_topk(pre: torch.Tensor, n_keep: int, per_row: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n_keep largest entries of pre [B, M] over the whole batch: (values [n_keep], flat indices
+    row * M + latent [n_keep]), unordered; exactly what pre.view(-1).topk(n_keep) selects (up to ties).
+
+    Each row's top `per_row` are taken first (a per-row top-k, the cheap one TopK runs), then the
+    n_keep largest of those B * per_row candidates. That is exact unless some row has more than
+    per_row entries above the resulting cut, i.e. its smallest candidate is above the cut: then the
+    selection is run again over all B * M values (one host synchronisation decides)."""
+    n, m = pre.shape
+    c = min(m, per_row)
+    if c == m or n * c <= n_keep:
+        return pre.view(-1).topk(n_keep, sorted=False)
+    cand_vals, cand_idx = pre.topk(c, dim=1, sorted=False)  # [B, c]
+    vals, pos = cand_vals.view(-1).topk(n_keep, sorted=False)
+    if bool((cand_vals.amin(dim=1) > vals.amin()).any()):  # a row may hold more above the cut than c
+        return pre.view(-1).topk(n_keep, sorted=False)
+    return vals, pos.div(c, rounding_mode="floor") * m + cand_idx.view(-1)[pos]
+
+
 class _BatchTopK(torch.autograd.Function):
     """xc [B, d], w [M, d], b [M] -> (vals [K] >= 0, flat [K] int64 = row * M + latent, ascending):
     the K largest of xc @ w^T + b over the whole batch, ReLU'd; backward sparse or dense (module doc)."""
@@ -87,7 +113,7 @@ class _BatchTopK(torch.autograd.Function):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         dt = _compute_dtype(xc)
         pre = torch.addmm(b.to(dt), xc.to(dt), w.to(dt).T)  # [B, M], the only one
-        vals, flat = pre.view(-1).topk(n_keep, sorted=False)
+        vals, flat = batch_topk(pre, n_keep, CANDIDATES_PER_K * -(-n_keep // len(xc)))
         del pre
         flat, order = flat.sort()
         vals = vals[order].relu().to(xc.dtype)
