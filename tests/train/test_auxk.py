@@ -42,10 +42,11 @@ def test_topk_auxk_equals_a_per_token_derivation():
     torch.testing.assert_close(out.losses["loss"], out.losses["mse"] + 0.5 * expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["topk", "switch"])
+@pytest.mark.parametrize("arch", ["topk", "switch", "batchtopk"])
 def test_only_dead_latents_get_the_auxk_gradient(arch):
     torch.manual_seed(0)
-    kw = dict(width=32, k=4) if arch == "topk" else dict(n_experts=2, expert_width=16, k=4, alpha=3.0)
+    kw = {"topk": dict(width=32, k=4), "switch": dict(n_experts=2, expert_width=16, k=4, alpha=3.0),
+          "batchtopk": dict(width=32, k=4, theta_decay=0.99)}[arch]
     sae = build(arch, d=8, aux_k=4, aux_coeff=1.0, **kw)
     x = _x()
     with torch.no_grad():  # the dead latents fire on these inputs, so the ReLU passes their gradient
@@ -93,7 +94,7 @@ def store(tmp_path_factory):
 
 def test_auxk_on_an_architecture_without_it_fails_in_one_line(store):
     with pytest.raises(TrainError, match=r"model.aux_k \(AuxK\) needs an architecture with TopK-style dead-latent "
-                                         r"revival \(topk, switch\), not relu") as e:
+                                         r"revival \(topk, switch, batchtopk\), not relu") as e:
         make_cfg(store, "model=relu", "+model.aux_k=4")
     assert "\n" not in str(e.value)
     with pytest.raises(TrainError, match="expert_parallel runs the paper's Switch only, not model.aux_k=4"):

@@ -65,6 +65,7 @@ from torch.nn import functional as F
 
 from runtime.config import integer, number
 from train.recipe import init_tied_
+from train.saes.auxk import auxk_loss, residual_norm
 from train.saes.base import SAE, Codes, Output, register, sq_error
 from train.saes.flops import Cost
 from train.saes.kernels import runs_sparse
@@ -153,17 +154,19 @@ class BatchTopKSAE(SAE):
     display_name = "BatchTopK"
     size_args = ("width", "k")
     sparse_codes = True
-    model_rules = {"width": integer(1), "k": integer(1), "theta_decay": number(0, 1)}
+    model_rules = {"width": integer(1), "k": integer(1), "theta_decay": number(0, 1), "aux_k": integer(0),
+                   "aux_coeff": number(0)}
     # set by train.dist.DataParallel with several ranks: the mean over ranks of a per-rank statistic
     global_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def __init__(self, d: int, width: int, k: int, theta_decay: float):
+    def __init__(self, d: int, width: int, k: int, theta_decay: float, aux_k: int = 0, aux_coeff: float = 0.0):
         super().__init__(d)
         if not 0 < k <= width:
             raise ValueError(f"k={k} must be between 1 and the width {width}")
         if not 0 <= theta_decay <= 1:
             raise ValueError(f"theta_decay={theta_decay} must be in [0, 1]")
         self.width, self.k, self.theta_decay = width, k, theta_decay
+        self.aux_k, self.aux_coeff = aux_k, aux_coeff  # AuxK (train/saes/auxk.py); 0 = off
         self.W_enc = nn.Parameter(torch.empty(width, d))
         self.b_enc = nn.Parameter(torch.zeros(width))
         self.W_dec = nn.Parameter(torch.empty(width, d))
@@ -208,7 +211,8 @@ class BatchTopKSAE(SAE):
         return self.width
 
     def config(self) -> dict[str, Any]:
-        return {"d": self.d, "width": self.width, "k": self.k, "theta_decay": self.theta_decay}
+        return {"d": self.d, "width": self.width, "k": self.k, "theta_decay": self.theta_decay,
+                "aux_k": self.aux_k, "aux_coeff": self.aux_coeff}
 
     def unit_norm_decoders(self) -> list[nn.Parameter]:
         return [self.W_dec]
@@ -291,4 +295,11 @@ class BatchTopKSAE(SAE):
             self._update_theta(vals.detach())
         recon = self._decode_kept(rows, cols, vals, len(x))
         mse = sq_error(x, recon)
-        return Output(recon=recon, codes=self._pad(rows, cols, vals, len(x)), losses={"loss": mse, "mse": mse})
+        losses = {"loss": mse, "mse": mse}
+        if self.aux_k:  # AuxK (train/saes/auxk.py): the dead latents reconstruct the residual
+            dead = self.dead_rows()
+            auxk = x.new_zeros(()) if dead is None else auxk_loss(
+                x - self.b_pre, x - recon, self.W_enc[dead], self.b_enc[dead], self.W_dec[dead],
+                self.aux_k) / residual_norm(x, recon)
+            losses = {"loss": mse + self.aux_coeff * auxk, "mse": mse, "auxk": auxk}
+        return Output(recon=recon, codes=self._pad(rows, cols, vals, len(x)), losses=losses)
