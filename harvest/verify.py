@@ -14,7 +14,6 @@ re-creates exactly the bad chunks (and lost array metadata) and verifies the sto
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from harvest import store
 from harvest.config import HarvestError
@@ -26,7 +25,7 @@ def parse(argv: list[str]) -> str:
     if len(argv) != 1 or not argv[0].startswith("store="):
         raise HarvestError("usage: python -m harvest.verify store=<path of an activation store>")
     path = argv[0].split("=", 1)[1]
-    if not store.is_store(path) and not (Path(path) / "acts").is_dir():
+    if not store.looks_like_store(path):
         raise HarvestError(f"{path} is not an activation store")
     return path
 

@@ -17,7 +17,12 @@ aux_coeff = 1/32 (conf/train/model/topk.yaml).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from train.saes.base import SAE
 
 
 def auxk_loss(xc: torch.Tensor, resid: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor | None,
@@ -39,3 +44,14 @@ def auxk_loss(xc: torch.Tensor, resid: torch.Tensor, w_enc: torch.Tensor, b_enc:
 def residual_norm(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     """sum ||x - x_hat||^2 over the batch, no gradient: the normaliser of L_auxk (at least a tiny epsilon)."""
     return (x - recon).detach().pow(2).sum().clamp_min(1e-12)
+
+
+def auxk_losses(sae: SAE, x: torch.Tensor, recon: torch.Tensor, mse: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The loss terms of a single-dictionary SAE (W_enc, b_enc, W_dec [M, d], b_pre): {loss, mse}, and
+    with AuxK on (`sae.aux_k` > 0) also auxk, added to loss with weight `sae.aux_coeff`."""
+    if not sae.aux_k:
+        return {"loss": mse, "mse": mse}
+    dead = sae.dead_rows()
+    auxk = x.new_zeros(()) if dead is None else auxk_loss(
+        x - sae.b_pre, x - recon, sae.W_enc[dead], sae.b_enc[dead], sae.W_dec[dead], sae.aux_k) / residual_norm(x, recon)
+    return {"loss": mse + sae.aux_coeff * auxk, "mse": mse, "auxk": auxk}

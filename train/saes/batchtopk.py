@@ -65,10 +65,11 @@ from torch.nn import functional as F
 
 from runtime.config import integer, number
 from train.recipe import init_tied_
-from train.saes.auxk import auxk_loss, residual_norm
+from train.saes.auxk import auxk_losses
 from train.saes.base import SAE, Codes, Output, register, sq_error
 from train.saes.flops import Cost
 from train.saes.kernels import runs_sparse
+from train.saes.topk import TopKSAE
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -195,16 +196,8 @@ class BatchTopKSAE(SAE):
         the B*k kept rows of each, 2kd + 2kd, with the sparse backward. The input gradient is
         computed because b_pre is trained. Parameters 2Md + M + d (theta and its step count are
         buffers, not trained)."""
-        if k > width:
-            raise ValueError(f"k={k} must be at most the width {width}")
-        m = width
-        params = 2 * m * d + m + d  # W_enc, W_dec [M, d]; b_enc [M]; b_pre [d]
-        encoder, decoder = 2 * d * m, 2 * k * d
-        forward = encoder + decoder
-        # decoder backward: grad of vals + grad of the kept W_dec rows
-        # encoder backward: grad W_enc + grad of x - b_pre, dense over M latents or only the kept ones
-        train = forward + 2 * decoder + 2 * (2 * k * d if sparse_backward else encoder)
-        return Cost(params=params, forward=float(forward), train=float(train))
+        return TopKSAE.cost_formula(d, width=width, k=k, sparse_backward=sparse_backward,
+                                    dense_decoder=dense_decoder)
 
     @property
     def n_latents(self) -> int:
@@ -295,11 +288,4 @@ class BatchTopKSAE(SAE):
             self._update_theta(vals.detach())
         recon = self._decode_kept(rows, cols, vals, len(x))
         mse = sq_error(x, recon)
-        losses = {"loss": mse, "mse": mse}
-        if self.aux_k:  # AuxK (train/saes/auxk.py): the dead latents reconstruct the residual
-            dead = self.dead_rows()
-            auxk = x.new_zeros(()) if dead is None else auxk_loss(
-                x - self.b_pre, x - recon, self.W_enc[dead], self.b_enc[dead], self.W_dec[dead],
-                self.aux_k) / residual_norm(x, recon)
-            losses = {"loss": mse + self.aux_coeff * auxk, "mse": mse, "auxk": auxk}
-        return Output(recon=recon, codes=self._pad(rows, cols, vals, len(x)), losses=losses)
+        return Output(recon=recon, codes=self._pad(rows, cols, vals, len(x)), losses=auxk_losses(self, x, recon, mse))

@@ -10,7 +10,7 @@ from torch import nn
 
 from runtime.config import integer, number
 from train.recipe import init_tied_
-from train.saes.auxk import auxk_loss, residual_norm
+from train.saes.auxk import auxk_losses
 from train.saes.base import SAE, Codes, Output, register, sq_error
 from train.saes.flops import Cost
 from train.saes.kernels import decode_rows, runs_sparse, topk_encode, topk_encode_reference
@@ -97,10 +97,4 @@ class TopKSAE(SAE):
         codes = self.encode(x)
         recon = self.decode(codes)
         mse = sq_error(x, recon)
-        losses = {"loss": mse, "mse": mse}
-        if self.aux_k:  # AuxK (train/saes/auxk.py): the dead latents reconstruct the residual
-            dead = self.dead_rows()
-            auxk = x.new_zeros(()) if dead is None else auxk_loss(
-                x - self.b_pre, x - recon, self.W_enc[dead], self.b_enc[dead], self.W_dec[dead], self.aux_k) / residual_norm(x, recon)
-            losses = {"loss": mse + self.aux_coeff * auxk, "mse": mse, "auxk": auxk}
-        return Output(recon=recon, codes=codes, losses=losses)
+        return Output(recon=recon, codes=codes, losses=auxk_losses(self, x, recon, mse))
