@@ -30,6 +30,8 @@ help:
 	@echo "make bench-store           reading a store with vs without its chunk checksums -> results/bench/store_read.json"
 	@echo "make variants              every SAE variant (BatchTopK, JumpReLU, AuxK, Switch top-2/shared/bias) at equal FLOPs -> results/variants"
 	@echo "make paper-cpu             Figures 1 and 3 at CPU scale, 1.95M offline tokens -> results/paper_cpu (~60 min, 2 CPUs)"
+	@echo "make export run=<dir> format=saelens [out=<dir>]   a run as a SAELens SAE folder (Switch: with our SAELens plugin)"
+	@echo "make import-saelens sae=<folder> store=<store> out=<run>   a SAELens SAE as a run that eval/geometry/dashboard take"
 	@echo "make reproduce             the paper's Figure 1 and 3 grids (GPT-2, OpenWebText, GPUs; see README)"
 
 setup: .venv/.installed data/models/smollm2-135m/model.safetensors data/corpus/offline.jsonl
@@ -128,3 +130,13 @@ bench-validation: .venv/.installed
 # What checking each chunk file against its recorded CRC-32 costs when reading (bench/store_read.py; demo store).
 bench-store: .venv/.installed
 	$(PY) -m bench.store_read $(ARGS)
+
+# SAELens interop (interop/, conf/interop/*.yaml): a run as a SAELens folder (`make export run=<run> format=saelens
+# [out=<dir>]`; Switch runs need the plugin interop/saelens_switch.py imported to load), and a SAELens SAE folder
+# as a run that eval, geometry and dashboards take (`make import-saelens sae=<folder> store=<store> out=<run>`)
+.PHONY: export import-saelens
+export: .venv/.installed
+	$(PY) -m interop.export $(if $(run),run=$(run)) $(if $(format),format=$(format)) $(if $(out),out=$(out)) $(ARGS)
+
+import-saelens: .venv/.installed
+	$(PY) -m interop.import_saelens $(if $(sae),sae=$(sae)) $(if $(store),store=$(store)) $(if $(out),out=$(out)) $(ARGS)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LEVEL = {"runtime": 0, "harvest": 1, "train": 2, "eval": 3, "pipeline": 4, "bench": 4}
+LEVEL = {"runtime": 0, "harvest": 1, "train": 2, "eval": 3, "interop": 3, "pipeline": 4, "bench": 4}
 
 
 def imported_packages(path: Path) -> set[str]:
