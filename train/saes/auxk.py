@@ -3,10 +3,13 @@
     e      = x - x_hat                                  [B, d]  the residual, a fixed target (no gradient)
     z_aux  = ReLU(TopK_{k_aux}(pre-activations of the dead latents only))
     e_hat  = W_dec[dead]^T z_aux                        (no bias)
-    L_auxk = sum ||e - e_hat||^2 / sum ||e||^2 (over the batch's tokens);  loss = MSE + aux_coeff * L_auxk
+    L_auxk = mean over tokens of ||e - e_hat||^2;         loss = MSE + aux_coeff * L_auxk
 
-normalised by the residual's own size, so that aux_coeff means the same at any activation scale
-(1 = the dead latents explain none of the residual, 0 = all of it).
+in the units of the paper's MSE (squared error summed over d, mean over tokens), as Gao et al. write
+it: L_auxk starts at the MSE itself (no dead latent explains anything yet) and aux_coeff weighs the two
+errors directly. (Dividing L_auxk by ||e||^2 instead would shrink its gradient by the size of the MSE,
+thousands on LM activations, and Adam, still scaled by the large gradients a latent had while it was
+alive, would then barely move the dead rows: measured on the demo store, no latent revived that way.)
 
 A latent is dead when it has not fired for the run's `dead_window` tokens (train/loop.py
 `DeadLatents`); the loop hands the SAE its mask before every training step (`SAE.dead`). With no dead
@@ -20,30 +23,55 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
+
+from train.saes.kernels import decode_rows, runs_sparse, topk_encode, topk_encode_reference
 
 if TYPE_CHECKING:
     from train.saes.base import SAE
 
 
-def auxk_loss(xc: torch.Tensor, resid: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor | None,
-              w_dec: torch.Tensor, k_aux: int) -> torch.Tensor:
-    """The squared error of B tokens' residuals reconstructed from D dead latents: xc [B, d] the encoder
-    input, resid [B, d] the residual x - x_hat, w_enc, w_dec [D, d] and b_enc [D] (or None) the dead
-    latents' rows -> sum ||e - e_hat||^2 [] (summed over the tokens: callers add the parts of several
-    experts, then divide by `residual_norm`)."""
-    if len(w_enc) == 0 or len(xc) == 0:
-        return xc.new_zeros(())
-    pre = xc @ w_enc.T  # [B, D]
-    if b_enc is not None:
-        pre = pre + b_enc
-    vals, idx = pre.topk(min(k_aux, len(w_enc)), dim=-1)  # [B, k_aux]
-    e_hat = torch.nn.functional.embedding_bag(idx, w_dec, per_sample_weights=vals.relu(), mode="sum")
-    return torch.nn.functional.mse_loss(e_hat, resid.detach(), reduction="sum")
+def dead_dictionary(dead: torch.Tensor, n_experts: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each expert's dead latents side by side, padded to one count: dead [D] sorted latent ids in
+    0..N*e-1 (N = n_experts experts of `width` = e latents; N = 1 for a single dictionary) ->
+    (rows [N, Dmax] latent ids, valid [N, Dmax] bool, False on the padding)."""
+    expert = dead.div(width, rounding_mode="floor")  # [D]
+    count = torch.bincount(expert, minlength=n_experts)  # [N]
+    slot = torch.arange(len(dead), device=dead.device) - (count.cumsum(0) - count)[expert]  # place within its expert
+    rows = dead.new_zeros(n_experts, int(count.max()))
+    valid = torch.zeros(rows.shape, dtype=torch.bool, device=dead.device)
+    rows[expert, slot] = dead
+    valid[expert, slot] = True
+    return rows, valid
 
 
-def residual_norm(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """sum ||x - x_hat||^2 over the batch, no gradient: the normaliser of L_auxk (at least a tiny epsilon)."""
-    return (x - recon).detach().pow(2).sum().clamp_min(1e-12)
+def auxk_error(xc: torch.Tensor, resid: torch.Tensor, w_enc: torch.Tensor, b_enc: torch.Tensor | None,
+               w_dec: torch.Tensor, dead: torch.Tensor, expert: torch.Tensor | None, k_aux: int,
+               kernels: str) -> torch.Tensor:
+    """sum over the B tokens of ||e - e_hat||^2, each token's residual e rebuilt from the dead latents of
+    its own expert (tokens of an expert without dead latents left out): xc [B, d] the encoder input x - b_pre, resid [B, d] the residual x - x_hat, w_enc,
+    w_dec [N, e, d] and b_enc [N, e] (or None) the whole dictionary, dead [D] sorted latent ids in
+    0..N*e-1, expert [B] each token's expert (None when N = 1).
+
+    The dead rows are gathered into a dictionary of N experts of Dmax latents (`dead_dictionary`;
+    padding rows are zero, so their pre-activation is 0 and their code ReLU(0) = 0) and run through the
+    TopK encoder kernel of train/saes/kernels.py: one (grouped) matmul of 2 d Dmax FLOPs per token,
+    no [B, M] tensor and no loop over experts, and the sparse backward where the kernels' rule picks
+    it. Gradient reaches the dead latents' rows only (and b_pre through xc)."""
+    n, e, d = w_enc.shape
+    rows, valid = dead_dictionary(dead, n, e)
+    w = w_enc.reshape(n * e, d)[rows] * valid[..., None]  # [N, Dmax, d]
+    b = None if b_enc is None else b_enc.reshape(n * e)[rows] * valid  # [N, Dmax]
+    k = min(k_aux, rows.shape[1])
+    if kernels == "reference":
+        vals, slot = topk_encode_reference(xc, w, b, expert, k)
+    else:
+        vals, slot = topk_encode(xc, w, b, expert, k, runs_sparse(kernels, rows.shape[1], k))
+    e_hat = decode_rows(rows.reshape(-1)[slot], vals, w_dec.reshape(n * e, d))  # [B, d]
+    if expert is None:
+        return F.mse_loss(e_hat, resid.detach(), reduction="sum")
+    has_dead = valid.any(dim=1)[expert]  # [B]: tokens of an expert with no dead latent add nothing
+    return (e_hat - resid.detach()).pow(2).sum(dim=1).mul(has_dead).sum()
 
 
 def auxk_losses(sae: SAE, x: torch.Tensor, recon: torch.Tensor, mse: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -52,6 +80,7 @@ def auxk_losses(sae: SAE, x: torch.Tensor, recon: torch.Tensor, mse: torch.Tenso
     if not sae.aux_k:
         return {"loss": mse, "mse": mse}
     dead = sae.dead_rows()
-    auxk = x.new_zeros(()) if dead is None else auxk_loss(
-        x - sae.b_pre, x - recon, sae.W_enc[dead], sae.b_enc[dead], sae.W_dec[dead], sae.aux_k) / residual_norm(x, recon)
+    auxk = x.new_zeros(()) if dead is None else auxk_error(
+        x - sae.b_pre, x - recon, sae.W_enc[None], sae.b_enc[None], sae.W_dec[None], dead, None, sae.aux_k,
+        sae.kernels) / len(x)
     return {"loss": mse + sae.aux_coeff * auxk, "mse": mse, "auxk": auxk}

@@ -40,7 +40,7 @@ from torch import nn
 
 from runtime.config import integer, number, one_of
 from train.recipe import geometric_median, init_tied_
-from train.saes.auxk import auxk_loss, residual_norm
+from train.saes.auxk import auxk_error
 from train.saes.base import SAE, Codes, Output, register, sq_error
 from train.saes.flops import Cost
 from train.saes.kernels import decode_grouped, decode_rows, runs_sparse, topk_encode, topk_encode_reference
@@ -315,20 +315,14 @@ class SwitchSAE(SAE):
 
     def auxk(self, x: torch.Tensor, recon: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
         """AuxK per expert (train/saes/auxk.py): each token's residual from the dead latents of its
-        (top-1) expert, expert by expert, so no [B, M] tensor is made; the shared expert's dead
+        (top-1) expert, all experts in one grouped kernel (no [B, M] tensor); the shared expert's dead
         latents are left out. 0 outside training or with no dead latent."""
         dead = self.dead_rows()
-        total = x.new_zeros(())
-        if dead is None:
-            return total
-        dead = dead[dead < self.n_routed]
-        xc, resid = x - self.b_pre, x - recon
-        for i in dead.div(self.expert_width, rounding_mode="floor").unique().tolist():
-            rows = dead[dead // self.expert_width == i] % self.expert_width
-            tokens = (expert == i).nonzero().squeeze(1)
-            total = total + auxk_loss(xc[tokens], resid[tokens], self.W_enc[i, rows], None, self.W_dec[i, rows],
-                                      self.aux_k)
-        return total / residual_norm(x, recon)
+        dead = None if dead is None else dead[dead < self.n_routed]
+        if dead is None or not len(dead):
+            return x.new_zeros(())
+        return auxk_error(x - self.b_pre, x - recon, self.W_enc, None, self.W_dec, dead, expert, self.aux_k,
+                          self.kernels) / len(x)
 
 
 def _split_problem(n: int, e: int, k: int, m: int, s: int, shared_k: int) -> str | None:
