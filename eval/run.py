@@ -3,10 +3,13 @@
 A run is a training run directory (`sae/`, `config.yaml`, `store.json`, `done.json`). Metrics use
 the store's held-out chunks (the same split the run trained without). Runs on the same store share
 one LM and one set of clean / zero-ablated passes: their SAEs are patched in turn on the same batch.
+A run trained with an experiment tracker (logger=wandb|tensorboard: its tracker.json) also gets
+eval.json's numbers in that tracked run, under eval/ (`track_result`).
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,7 @@ from harvest.lm import load_config, load_lm
 from runtime.config import FLAG, NULL, Rule, integer, one_of
 from runtime.device import pick_device
 from runtime.errors import ToolkitError, reraise_as
+from runtime.tracking import reopen
 from train.run_dir import RunDir, TrainedRun
 from train.saes.flops import algorithmic_cost, sae_cost
 
@@ -41,6 +45,7 @@ class EvalConfig(HeldOutOptions):
     ce_batch: int
     redo: bool
     dtype: str
+    track: bool = True  # the YAML's default, for configs built in code (tests)
 
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> EvalConfig:
@@ -57,6 +62,7 @@ RULES: dict[str, Rule] = {
     "ce_batch": integer(1),
     "redo": FLAG,
     "dtype": one_of("float32", "bfloat16"),
+    "track": FLAG,
 }
 
 
@@ -129,7 +135,25 @@ def evaluate(cfg: EvalConfig) -> list[dict[str, Any]]:
         _add_ce(runs, results, cfg, device)
     for r in runs:
         r.dir.write_result(RunDir.EVAL, results[r.dir.path])
+        if cfg.track:
+            track_result(r.dir, results[r.dir.path])
     return [results[r.dir.path] for r in runs]
+
+
+def track_result(run: RunDir, result: dict[str, Any]) -> None:
+    """eval.json's numbers into the tracked run the training recorded (RunDir.TRACKER), if any, under
+    eval/: the W&B run's summary (resumed by its id), or TensorBoard scalars at the last training step.
+    A tracker that cannot be opened (its package missing, W&B unreachable) costs one warning line on
+    stderr, not the eval: eval.json is written either way."""
+    state = run.read_tracker()
+    if state is None:
+        return
+    try:
+        with reopen(state, run.path) as tracker:
+            tracker.summarize(result, result.get("train_steps") or 0, "eval")
+    except Exception as e:  # ToolkitError from runtime.tracking, or whatever the tracker's package raises
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"eval: warning: {run}: eval.json not logged to its {state.get('kind')} run ({why})", file=sys.stderr)
 
 
 def _add_ce(runs: list[TrainedRun], results: dict[Path, dict[str, Any]], cfg: EvalConfig, device: torch.device

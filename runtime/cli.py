@@ -128,8 +128,22 @@ def compose(conf: str, name: str, argv: list[str], parsed: list[tuple[str, str, 
         plain = not (override.is_add() or override.is_force_add() or override.is_delete())
         group = (CONF / conf / key).is_dir()
         if known is not None and plain and not group and not key.startswith("hydra") and key not in known:
-            raise ToolkitError(unknown_key(key, sorted(known), docs))
+            raise ToolkitError(unknown_key(key, sorted(known), _group_docs(conf, name, key, parsed) or docs))
     raise ToolkitError(message)
+
+
+def _group_docs(conf: str, name: str, key: str, parsed: list[tuple[str, str, Any]]) -> str | None:
+    """For a key inside a config group (`logger.project`), the file of the option it was looked up in
+    (conf/train/logger/none.yaml: the option given on the command line, else the default), which is
+    where that group's keys are documented; None for other keys."""
+    group = key.split(".")[0]
+    if "." not in key or not (CONF / conf / group).is_dir():
+        return None
+    chosen = [o.value() for _, k, o in parsed if k == group and isinstance(o.value(), str)]
+    if not chosen:
+        defaults = OmegaConf.to_container(OmegaConf.load(CONF / conf / f"{name}.yaml")).get("defaults", [])
+        chosen = [d[group] for d in defaults if isinstance(d, dict) and isinstance(d.get(group), str)]
+    return f"conf/{conf}/{group}/{chosen[0]}.yaml" if chosen else None
 
 
 def _known_keys(conf: str, name: str, parsed: list[tuple[str, str, Any]]) -> set[str] | None:

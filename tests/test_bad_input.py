@@ -114,6 +114,16 @@ CASES = [
     ("train", ["device=tpu9"], "device must be auto, cpu, cuda, cuda:N or mps, got 'tpu9'"),
     ("train", ["budget=steps:0"], "budget 'steps:0' must be positive"),
     ("train", ["data.store={tmp}/nowhere"], "data.store {tmp}/nowhere is not an activation store"),
+    # train: conf/train/logger/*.yaml (runtime/tracking.py); a missing wandb is tests/train/test_tracking.py's
+    ("train", ["logger=mlflow"], "unknown logger 'mlflow'; choose one of none, tensorboard, wandb"),
+    ("train", ["logger.project=p"], "unknown key 'logger.project' (every key is documented in conf/train/logger/none.yaml)"),
+    ("train", ["logger=tensorboard", "logger.project=p"], "unknown key 'logger.project'"),
+    ("train", ["logger=wandb", "logger.mode=cloud"], "logger.mode must be one of online, offline, disabled or null, got 'cloud'"),
+    ("train", ["logger=wandb", "logger.project=''"], "logger.project must be a W&B project name, got ''"),
+    ("train", ["logger=wandb", "logger.tags=tiny"], "logger.tags must be a list of tags (non-empty strings of at most 64"),
+    ("train", ["logger=wandb", "logger.entity=3"], "logger.entity must be a non-empty name or null, got 3"),
+    ("train", ["logger=tensorboard", "logger.name=../up"], "logger.name must be a relative folder name (no leading /, no ..)"),
+    ("train", ["logger=tensorboard", "logger.kind=mlflow"], "logger.kind must be one of none, wandb, tensorboard"),
     ("train", ["data.eval_frac=0.05"], "too few to hold one out for evaluation at data.eval_frac=0.05"),
     ("train", ["data.eval_frac=0.5", "budget=tokens:100", "batch_size=4096"], "budget tokens:100 is less than one step"),
     # eval: conf/eval/eval.yaml
@@ -123,6 +133,7 @@ CASES = [
     ("eval", ["max_tokens=0"], "max_tokens must be an integer >= 1, got 0"),
     ("eval", ["dead_window=0"], "dead_window must be an integer >= 1 or null, got 0"),
     ("eval", ["redo=maybe"], "redo must be true or false, got 'maybe'"),
+    ("eval", ["track=1"], "track must be true or false, got 1"),
     ("eval", ["device=gpu"], "device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
     ("eval", ["ce_seq=4"], "unknown key 'ce_seq'; did you mean 'ce_seqs'?"),
     ("eval", [], "run {tmp}/run does not exist"),
@@ -157,6 +168,8 @@ CASES = [
     ("eval.autointerp", ["features=[-1]"], "features must be a non-empty list of latent ids >= 0"),
     ("eval.autointerp", ["min_active=0"], "min_active must be an integer >= 1 or null, got 0"),
     ("eval.autointerp", ["cache=2"], "cache must be true or false, got 2"),
+    ("eval.autointerp", ["serve=no_model"], "model folder no_model does not exist"),
+    ("eval.autointerp", ["serve=demo", "serve_timeout_s=0"], "serve_timeout_s must be a number > 0, got 0"),
     ("eval.autointerp", ["explainer.api_key_env=sk-live-1234abcd"],  # a pasted key is refused, and not repeated
      "explainer.api_key_env must be the name of an environment variable (letters, digits, _), not the key itself or "
      "null, got something else (not shown)"),

@@ -2,14 +2,15 @@
 
 Before Hydra creates the run folder, `check` refuses in one line (runtime/cli.py) everything the
 run would refuse before its first step: an unknown key or model, any bad value, an unavailable
-device, and a store that cannot be trained on (missing, incomplete, too small to hold chunks out,
-too small for the budget)."""
+device, a tracker whose package is missing (`logger=wandb` without wandb), and a store that cannot
+be trained on (missing, incomplete, too small to hold chunks out, too small for the budget)."""
 
 import os
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from runtime.cli import launch
@@ -21,8 +22,10 @@ from train.config import TrainConfig, TrainError
 def main(cfg: DictConfig) -> None:
     from train.loop import train
 
+    hydra = HydraConfig.get()
+    sweep = hydra.sweep.dir if hydra.mode == RunMode.MULTIRUN else None  # a sweep's runs share a tracker group
     with one_line_errors("train"):
-        sae_dir = train(TrainConfig.from_omegaconf(cfg), Path(HydraConfig.get().runtime.output_dir))
+        sae_dir = train(TrainConfig.from_omegaconf(cfg), Path(hydra.runtime.output_dir), group=sweep)
     print(f"sae: {sae_dir}")
 
 

@@ -1,7 +1,8 @@
 """The training configuration: typed view of `conf/train/train.yaml` + `conf/train/model/*.yaml`, checked early.
 
 Defaults live in the YAML only. `TrainConfig.sae_kwargs()` turns the user-facing model keys
-(`width`, `match`, ...) into the constructor arguments of the registered architecture.
+(`width`, `match`, ...) into the constructor arguments of the registered architecture;
+`TrainConfig.tracking` is the `logger` group (conf/train/logger/*.yaml) as runtime.tracking reads it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from runtime.config import (DEVICE, FLAG, NULL, Rule, as_whole, check_values, instantiate, integer, list_of, number,
                             one_of, require, text)
-from runtime.errors import ToolkitError
+from runtime.errors import ToolkitError, reraise_as
+from runtime.tracking import TrackerSettings, require_package
 from train.budget import Budget, BudgetError
 from train.saes import REGISTRY
 from train.saes.flops import cost
@@ -51,6 +53,7 @@ class DataConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     model: dict[str, Any]
+    logger: dict[str, Any]
     data: DataConfig
     budget: str
     batch_size: int
@@ -73,20 +76,28 @@ class TrainConfig:
 
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> TrainConfig:
-        """The typed config of a composed conf/train/train.yaml: every value checked (RULES, then the
-        architecture's `model_rules`), then the checks across keys (`validate`); TrainError in one line."""
+        """The typed config of a composed conf/train/train.yaml: every value checked (RULES, the logger's
+        runtime.tracking.RULES, then the architecture's `model_rules`), then the checks across keys and
+        the tracker's package (`validate`); TrainError in one line."""
         raw = OmegaConf.to_container(cfg, resolve=True)
         assert isinstance(raw, dict)
         as_whole(raw, *WHOLE_KEYS)
         model = raw.pop("model", None)
         if not isinstance(model, dict):
             raise TrainError(f"model must be one of {', '.join(REGISTRY)} (model=<name>), got {model!r}")
+        logger = raw.pop("logger", None)
+        TrackerSettings.from_config(logger, TrainError)
         check_values(raw, RULES, TrainError, DOCS)
         data = instantiate(DataConfig, raw.pop("data"), TrainError, "train")
-        out = instantiate(cls, {**raw, "model": model, "data": data, "adam_betas": tuple(raw["adam_betas"])},
-                          TrainError, "train")
+        out = instantiate(cls, {**raw, "model": model, "logger": logger, "data": data,
+                                "adam_betas": tuple(raw["adam_betas"])}, TrainError, "train")
         out.validate()
         return out
+
+    @property
+    def tracking(self) -> TrackerSettings:
+        """The experiment tracker's settings (the `logger` group, checked when the config is read)."""
+        return TrackerSettings.from_config(self.logger, TrainError)
 
     @property
     def run_budget(self) -> Budget:
@@ -123,8 +134,9 @@ class TrainConfig:
         return cost(sae.arch, d, sparse_backward=sae.sparse_codes, **sizes).train
 
     def validate(self) -> None:
-        """The model's keys (its architecture's `check_model`) and the checks across keys; every other
-        value has passed its rule."""
+        """The model's keys (its architecture's `check_model`), the checks across keys, and that the
+        tracker's package imports (before any work: `logger=wandb` without wandb is refused here);
+        every other value has passed its rule."""
         arch = self.model.get("arch")
         if not isinstance(arch, str) or arch not in REGISTRY:
             raise TrainError(f"unknown model {arch!r}; choose one of {', '.join(sorted(REGISTRY))}")
@@ -152,12 +164,14 @@ class TrainConfig:
         require([(self.eval_every == 0 or self.data.eval_frac > 0,
                   "validation needs held-out chunks: data.eval_frac=0 holds none out; set eval_every=0 or "
                   "data.eval_frac > 0")], TrainError)
+        with reraise_as(TrainError):
+            require_package(self.tracking.kind)
 
 
 DOCS = "conf/train/train.yaml"
 WHOLE_KEYS = ("dead_window", "eval_tokens")  # token counts that may be written like 1e7 on the command line
-# every key of conf/train/train.yaml but `model` (documented there; the model's keys are its
-# architecture's `model_rules`) and what its value must be
+# every key of conf/train/train.yaml but `model` and `logger` (documented there; the model's keys are its
+# architecture's `model_rules`, the logger's runtime.tracking.RULES) and what its value must be
 RULES: dict[str, Rule] = {
     "data.store": text("a path"),
     # held out: every round(1/eval_frac)-th chunk, at least every 2nd (harvest.store.held_out_period)

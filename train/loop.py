@@ -2,9 +2,10 @@
 
 `train(cfg, run_dir)` reads as the recipe: check the run folder, open the store, join the ranks,
 build the SAE, turn the budget into a `run_length` (train/budget.py), `resume` from a checkpoint,
-`record_launch`, then `Trainer.fit` step by step (`train_step`, `metrics`, `save_checkpoint`,
-`validate` on the held-out sample of train/validation.py) and `finish`. The folder's files are
-`train.run_dir.RunDir`'s.
+`record_launch`, open the experiment tracker (`open_tracker`, logger=none: one that does nothing),
+then `Trainer.fit` step by step (`train_step`, `metrics`, `save_checkpoint`, `validate` on the
+held-out sample of train/validation.py) and `finish`. The folder's files are `train.run_dir.RunDir`'s.
+Every metrics.jsonl and validation.jsonl line also goes to the tracker (train/..., val/...).
 Launching into a folder with a checkpoint continues from it (unless resume=false); a finished run is
 skipped, which makes re-launched sweeps resume where they stopped.
 
@@ -25,7 +26,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from runtime.device import autocast, pick_device
 from runtime.errors import reraise_as
 from runtime.files import disk_full, remove_litter
 from runtime.lock import WriterLock
+from runtime.tracking import Tracker, start
 from train.budget import BudgetError, Length
 from train.config import RUNTIME_KEYS, TrainConfig, TrainError
 from train.dist import DataParallel, Dist, init
@@ -137,7 +139,8 @@ def clock() -> float:
 class Trainer:
     """Everything one rank trains with, and where it is: `step` steps done in `seconds` of training
     (validation not counted), `dead` latents tracked. `validator` is rank 0's (None elsewhere or
-    without validation); `eval_every` steps between validations (0: none)."""
+    without validation); `eval_every` steps between validations (0: none); `tracker` gets every
+    logged line (rank 0's; elsewhere, and with logger=none, one that does nothing)."""
 
     cfg: TrainConfig
     run: RunDir
@@ -154,6 +157,7 @@ class Trainer:
     flops_per_token: float
     validator: Validator | None
     eval_every: int
+    tracker: Tracker = field(default_factory=Tracker)
 
     def __post_init__(self) -> None:
         self.params = list(self.sae.parameters())
@@ -209,6 +213,7 @@ class Trainer:
                   "seconds": self.seconds, **self.validator(full)}
         with self.run.open_log(RunDir.VALIDATION) as log:
             log.write(json.dumps(record) + "\n")
+        self.tracker.log(record, self.step, "val")
 
     def save_checkpoint(self) -> None:
         """The whole training state, gathered from every rank's shard, written by rank 0. Tensors and
@@ -260,6 +265,7 @@ class Trainer:
                     record = self.metrics(out, tokens_log / (now - t_log))
                     log.write(json.dumps(record) + "\n")
                     log.flush()
+                    self.tracker.log(record, self.step, "train")
                     bar.set_postfix(loss=f"{record['loss']:.4g}", tok_s=f"{record['tokens_per_s']:.0f}")
                     t_log, tokens_log = now, 0
                 if self.step % cfg.checkpoint_every == 0 or last:
@@ -310,15 +316,33 @@ def resume(cfg: TrainConfig, run: RunDir, sae: SAE, dead: DeadLatents, store: Ac
     return state["step"], state
 
 
-def record_launch(cfg: TrainConfig, run: RunDir, store: ActivationStore, step: int, dist: Dist) -> None:
-    """Rank 0, once every rank has read the folder: forget logged steps to be redone, write this
-    launch's config and store identity."""
+def record_launch(cfg: TrainConfig, run: RunDir, store: ActivationStore, step: int, dist: Dist) -> int | None:
+    """Rank 0, once every rank has read the folder: forget logged steps to be redone (from scratch:
+    every line, the step-0 validation included), write this launch's config and store identity.
+    Returns the last step the earlier launches logged (None: none, or not rank 0)."""
     dist.barrier()
-    if dist.is_main:
-        if step:
-            run.drop_logs_after(step)
-        run.write_config(cfg.to_dict())
-        run.write_store(store)
+    if not dist.is_main:
+        return None
+    logged = run.last_logged_step()
+    run.drop_logs_after(step if step else -1)
+    run.write_config(cfg.to_dict())
+    run.write_store(store)
+    return logged
+
+
+def open_tracker(cfg: TrainConfig, run: RunDir, step: int, logged: int | None, group: str | None, dist: Dist
+                 ) -> Tracker:
+    """Rank 0's experiment tracker (runtime/tracking.py), its config logged and its run recorded in
+    the folder (RunDir.TRACKER): a launch from a checkpoint continues the tracked run recorded there.
+    Other ranks, and logger=none, get a Tracker that does nothing."""
+    if not dist.is_main or cfg.tracking.kind == "none":
+        return Tracker()
+    config = {**json.loads(json.dumps(cfg.to_dict())), "run_dir": str(run.path.resolve()), "world_size": dist.world}
+    with reraise_as(TrainError):
+        tracker = start(cfg.tracking, run.path, config=config, step=step, previous=run.read_tracker(),
+                        logged=logged, group=group)
+    run.write_tracker(tracker.state())
+    return tracker
 
 
 def split_chunks(cfg: TrainConfig, store: ActivationStore, dist: Dist) -> tuple[list[int], list[int]]:
@@ -374,8 +398,9 @@ def validator(cfg: TrainConfig, store: ActivationStore, held: list[int], dist: D
     return Validator(rows, cfg.batch_size, dist.device, getattr(torch, cfg.dtype))
 
 
-def train(cfg: TrainConfig, run_dir: Path) -> Path:
+def train(cfg: TrainConfig, run_dir: Path, group: str | None = None) -> Path:
     """Train (or resume, or skip if finished) the run in `run_dir`; returns the saved SAE's folder.
+    `group`: the sweep folder when Hydra runs a sweep (the tracker's group, see conf/train/logger).
 
     One launch at a time trains a run folder: rank 0 holds its lock file (RunDir.LOCK) throughout and a
     second launch is refused in one line naming the holder. A full disk stops the run in one line; the
@@ -396,7 +421,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> Path:
         if dist.is_main:
             remove_litter(run.path, RunDir.CHECKPOINT)  # a killed launch's half-written checkpoint
         try:
-            return _train(cfg, run, store, dist)
+            return _train(cfg, run, store, dist, group)
         except OSError as e:
             if not disk_full(e):
                 raise
@@ -404,7 +429,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> Path:
                              "(temporaries removed); free space and relaunch the same command to resume") from None
 
 
-def _train(cfg: TrainConfig, run: RunDir, store: ActivationStore, dist: Dist) -> Path:
+def _train(cfg: TrainConfig, run: RunDir, store: ActivationStore, dist: Dist, group: str | None) -> Path:
     """The recipe, in the locked run folder."""
     if cfg.batch_size % dist.world:
         raise TrainError(f"batch_size {cfg.batch_size} is not divisible by the number of ranks {dist.world}")
@@ -417,7 +442,7 @@ def _train(cfg: TrainConfig, run: RunDir, store: ActivationStore, dist: Dist) ->
     length, every = run_length(cfg, flops_per_token)
     dead = DeadLatents(sae.n_latents, cfg.dead_window, dist.device)
     step, state = resume(cfg, run, sae, dead, store, dist)
-    record_launch(cfg, run, store, step, dist)
+    logged = record_launch(cfg, run, store, step, dist)
 
     cut = norm_cut(store, cfg.data.outlier_factor)
     batches = training_batches(cfg, store, train_ids, dist, step, cut)
@@ -426,8 +451,9 @@ def _train(cfg: TrainConfig, run: RunDir, store: ActivationStore, dist: Dist) ->
         sae.init_from_batch(first)  # b_pre (and b_router) from (rank 0's) first training batch
     sae = layout.prepare(sae)
     opt, base_lr = optimizer(cfg, sae, layout, state)
-    trainer = Trainer(cfg, run, dist, layout, sae, opt, base_lr, length, itertools.chain([first], batches), step,
-                      state.get("seconds", 0.0) if state else 0.0, dead, flops_per_token,
-                      validator(cfg, store, held, dist, every, cut), every)
-    trainer.fit()
-    return trainer.finish()
+    with open_tracker(cfg, run, step, logged, group, dist) as tracker:  # closed (failed) if training stops
+        trainer = Trainer(cfg, run, dist, layout, sae, opt, base_lr, length, itertools.chain([first], batches),
+                          step, state.get("seconds", 0.0) if state else 0.0, dead, flops_per_token,
+                          validator(cfg, store, held, dist, every, cut), every, tracker)
+        trainer.fit()
+        return trainer.finish()

@@ -9,6 +9,10 @@
     sae/              the trained SAE: sae.safetensors + sae.json (`train.saes.save` / `load`)
     done.json         written last: {step, tokens, world_size}; a finished run has it
     train.lock        present while a launch trains here: {host, pid, started, command} (runtime/lock.py)
+    tracker.json      the experiment tracker's run (logger=wandb|tensorboard; runtime/tracking.py): what a
+                      resumed launch and eval need to continue it (W&B run id, project, ...; TensorBoard
+                      log folder); absent if the run was never tracked
+    wandb/, tensorboard/   the trackers' local files (W&B's offline or cached run; default event folder)
     eval.json, geometry.json, autointerp.json, ...     results of later stages (`write_result`)
 
 Training writes through `RunDir`; eval, geometry, dashboard, autointerp and report read through it.
@@ -52,6 +56,7 @@ class RunDir:
     SAE = "sae"
     DONE = "done.json"
     LOCK = "train.lock"  # held by the launch that trains here (runtime/lock.py)
+    TRACKER = "tracker.json"  # runtime.tracking.Tracker.state() of the run's tracked run
     # results of later stages
     EVAL = "eval.json"
     GEOMETRY = "geometry.json"
@@ -165,6 +170,21 @@ class RunDir:
 
     def read_validation(self) -> list[dict[str, Any]]:
         return self.read_log(self.VALIDATION)
+
+    def last_logged_step(self) -> int | None:
+        """The largest step in either log (None: nothing logged)."""
+        steps = [r["step"] for name in (self.METRICS, self.VALIDATION) for r in self.read_log(name)]
+        return max(steps, default=None)
+
+    def read_tracker(self) -> dict[str, Any] | None:
+        """The tracked run recorded by the last tracked launch (TRACKER), or None."""
+        f = self.path / self.TRACKER
+        return json.loads(f.read_text()) if f.exists() else None
+
+    def write_tracker(self, state: dict[str, Any] | None) -> None:
+        """Record the launch's tracked run (nothing for None: logger=none keeps an earlier record)."""
+        if state is not None:
+            write_json(self.path / self.TRACKER, state)
 
     def drop_logs_after(self, step: int) -> None:
         """Forget logged steps after `step` in both logs (a resumed run redoes them)."""
