@@ -7,9 +7,8 @@
 
 in the units of the paper's MSE (squared error summed over d, mean over tokens), as Gao et al. write
 it: L_auxk starts at the MSE itself (no dead latent explains anything yet) and aux_coeff weighs the two
-errors directly. (Dividing L_auxk by ||e||^2 instead would shrink its gradient by the size of the MSE,
-thousands on LM activations, and Adam, still scaled by the large gradients a latent had while it was
-alive, would then barely move the dead rows: measured on the demo store, no latent revived that way.)
+errors directly (dividing L_auxk by ||e||^2 instead would shrink its gradient by the size of the MSE,
+thousands on LM activations, and with it aux_coeff's meaning).
 
 A latent is dead when it has not fired for the run's `dead_window` tokens (train/loop.py
 `DeadLatents`); the loop hands the SAE its mask before every training step (`SAE.dead`). With no dead
