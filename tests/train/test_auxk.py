@@ -61,6 +61,27 @@ def test_only_dead_latents_get_the_auxk_gradient(arch):
     assert (sae.W_dec.grad.view(32, -1)[live] == 0).all()
 
 
+@pytest.mark.parametrize("arch", ["topk", "switch"])
+def test_auxk_kernels_agree(arch):
+    """The sparse path (embedding bag of the chosen dead rows), the dense one (grouped matmul of the
+    codes) and plain autograd give the same AuxK loss and the same gradients."""
+    kw = {"topk": dict(width=64, k=4), "switch": dict(n_experts=4, expert_width=16, k=4, alpha=3.0)}[arch]
+    x = _x(b=96)
+    dead = _dead(64, [1, 2, 5, 17, 18, 19, 30, 33, 40, 41, 42, 60, 63])
+    results = {}
+    for kernels in ("reference", "sparse", "dense"):
+        torch.manual_seed(0)
+        sae = build(arch, d=8, aux_k=3, aux_coeff=1.0, **kw)
+        sae.kernels, sae.dead = kernels, dead
+        out = sae(x)
+        out.losses["auxk"].backward()
+        results[kernels] = (out.losses["auxk"].detach(), sae.W_enc.grad.clone(), sae.W_dec.grad.clone())
+    assert results["reference"][0] > 0
+    for kernels in ("sparse", "dense"):
+        for got, want in zip(results[kernels], results["reference"], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_auxk_is_zero_without_dead_latents_and_outside_training():
     sae = build("topk", d=8, width=32, k=4, aux_k=4, aux_coeff=1.0)
     x = _x()

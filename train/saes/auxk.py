@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from train.saes.kernels import decode_rows, runs_sparse, topk_encode, topk_encode_reference
+from train.saes.kernels import decode_grouped, decode_rows, runs_sparse, topk_encode, topk_encode_reference
 
 if TYPE_CHECKING:
     from train.saes.base import SAE
@@ -55,18 +55,27 @@ def auxk_error(xc: torch.Tensor, resid: torch.Tensor, w_enc: torch.Tensor, b_enc
     The dead rows are gathered into a dictionary of N experts of Dmax latents (`dead_dictionary`;
     padding rows are zero, so their pre-activation is 0 and their code ReLU(0) = 0) and run through the
     TopK encoder kernel of train/saes/kernels.py: one (grouped) matmul of 2 d Dmax FLOPs per token,
-    no [B, M] tensor and no loop over experts, and the sparse backward where the kernels' rule picks
-    it. Gradient reaches the dead latents' rows only (and b_pre through xc)."""
+    no [B, M] tensor and no loop over experts. Where the kernels' rule (`runs_sparse`, Dmax against
+    k_aux) picks the sparse backward, the k_aux chosen rows decode as an embedding bag; otherwise both
+    run dense, the decoder as a grouped matmul of the codes [B, Dmax] (k_aux = 512 rows gathered per
+    token read more memory than that matmul moves). Gradient reaches the dead latents' rows only (and
+    b_pre through xc)."""
     n, e, d = w_enc.shape
     rows, valid = dead_dictionary(dead, n, e)
     w = w_enc.reshape(n * e, d)[rows] * valid[..., None]  # [N, Dmax, d]
     b = None if b_enc is None else b_enc.reshape(n * e)[rows] * valid  # [N, Dmax]
     k = min(k_aux, rows.shape[1])
+    sparse = runs_sparse(kernels, rows.shape[1], k) if kernels != "reference" else True
     if kernels == "reference":
         vals, slot = topk_encode_reference(xc, w, b, expert, k)
     else:
-        vals, slot = topk_encode(xc, w, b, expert, k, runs_sparse(kernels, rows.shape[1], k))
-    e_hat = decode_rows(rows.reshape(-1)[slot], vals, w_dec.reshape(n * e, d))  # [B, d]
+        vals, slot = topk_encode(xc, w, b, expert, k, sparse)
+    if sparse:  # k_aux of many dead rows: an embedding bag of the chosen rows
+        e_hat = decode_rows(rows.reshape(-1)[slot], vals, w_dec.reshape(n * e, d))  # [B, d]
+    else:  # k_aux close to the dead count: their dense codes times their rows, at matmul speed
+        dead_dec = w_dec.reshape(n * e, d)[rows] * valid[..., None]  # [N, Dmax, d]
+        own = expert if expert is not None else slot.new_zeros(len(slot))
+        e_hat = decode_grouped(slot, vals, dead_dec, own)
     if expert is None:
         return F.mse_loss(e_hat, resid.detach(), reduction="sum")
     has_dead = valid.any(dim=1)[expert]  # [B]: tokens of an expert with no dead latent add nothing
