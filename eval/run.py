@@ -45,7 +45,7 @@ class EvalConfig(HeldOutOptions):
     ce_batch: int
     redo: bool
     dtype: str
-    track: bool = True  # the YAML's default, for configs built in code (tests)
+    track: bool
 
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> EvalConfig:

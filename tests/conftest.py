@@ -103,6 +103,20 @@ def compose(overrides: list[str]):
         return HarvestConfig.from_omegaconf(hydra_compose("harvest", overrides=overrides))
 
 
+def eval_config(run: Path | str, **values):
+    """The eval config exactly as `python -m eval run=<run> key=value ...` would see it (every other key
+    at its conf/eval/eval.yaml default), on the CPU without progress bars unless `values` say otherwise."""
+    from eval.run import EvalConfig
+    from runtime.config import compose_app
+
+    def hydra_value(v) -> str:
+        return "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)
+
+    values = {"device": "cpu", "progress": False, **values}
+    overrides = [f"run={run}", *(f"{k}={hydra_value(v)}" for k, v in values.items())]
+    return EvalConfig.from_omegaconf(compose_app("eval", overrides))
+
+
 def run_cli(args: list[str], env: dict | None = None, **kwargs):
     """`python -m harvest args...` in a subprocess; returns CompletedProcess (text)."""
     import subprocess

@@ -10,7 +10,7 @@ from hydra import compose as compose_cfg, initialize_config_dir
 from eval.report import build_report
 from eval.run import EvalConfig, EvalError, evaluate
 from harvest.run import harvest
-from tests.conftest import CONF, ROOT, compose, harvest_overrides
+from tests.conftest import CONF, ROOT, compose, eval_config, harvest_overrides
 from tests.train.test_loop import make_cfg, synthetic_store
 from train.loop import train
 from train.saes.flops import cost
@@ -30,9 +30,7 @@ def sweep(tiny_gpt2, corpus_jsonl, tmp_path_factory):
 
 
 def config(run, **kw) -> EvalConfig:
-    base = dict(run=str(run), store=None, max_tokens=10_000, batch_size=64, dead_window=None, outlier_factor="run",
-                ce=True, ce_seqs=6, ce_batch=4, redo=False, device="cpu", dtype="float32", progress=False)
-    return EvalConfig(**{**base, **kw})
+    return eval_config(run, **{"max_tokens": 10_000, "batch_size": 64, "ce_seqs": 6, "ce_batch": 4, **kw})
 
 
 def test_eval_of_a_sweep_writes_every_run_and_the_report(sweep):

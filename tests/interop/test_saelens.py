@@ -30,11 +30,11 @@ from sae_lens.saes import (GatedSAE, GatedSAEConfig, JumpReLUSAE, JumpReLUSAECon
 from sae_lens.saes.sae import SAEMetadata
 
 import interop.saelens_switch  # noqa: F401  (registers "switch" with SAELens)
-from eval.run import EvalConfig, evaluate
+from eval.run import evaluate
 from harvest.store import ActivationStore, Layout, StoreWriter
 from interop.export import ExportConfig, export
 from interop.import_saelens import ImportConfig, import_saelens
-from tests.conftest import ROOT
+from tests.conftest import ROOT, eval_config
 from tests.test_bad_input import files, run_in_process
 from tests.train.test_loop import synthetic_store
 from train.loader import eval_rows
@@ -229,9 +229,7 @@ def test_eval_of_an_imported_saelens_sae_equals_its_own_forward(case, kind, cfg,
     lens.save_model(tmp_path / "lens")
     out = tmp_path / "run"
     import_saelens(import_cfg(tmp_path / "lens", store, out))
-    result, = evaluate(EvalConfig(run=str(out), store=None, max_tokens=10_000, batch_size=16, dead_window=None,
-                                  outlier_factor="run", ce=False, ce_seqs=1, ce_batch=1, redo=False, device="cpu",
-                                  dtype="float32", progress=False))
+    result, = evaluate(eval_config(out, max_tokens=10_000, batch_size=16, ce=False))
     saved = json.loads((out / "eval.json").read_text())
     assert saved["mse"] == result["mse"] and saved["eval_tokens"] == len(rows) == 32
     with torch.no_grad():

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from eval.run import EvalConfig, evaluate
+from eval.run import evaluate
+from tests.conftest import eval_config
 from tests.train.test_loop import (
     _resume_equals_straight,
     fve,
@@ -200,9 +201,7 @@ def test_resumed_run_ends_with_the_same_weights(store, tmp_path, monkeypatch):
 def test_a_tiny_run_evaluates(store, tmp_path):
     run = tmp_path / "run"
     train(make_cfg(store, *LEARN, "budget=steps:20"), run)
-    cfg = EvalConfig(run=str(run), store=None, max_tokens=10_000, batch_size=64, dead_window=None,
-                     outlier_factor="run", ce=False, ce_seqs=6, ce_batch=4, redo=False, device="cpu",
-                     dtype="float32", progress=False)
+    cfg = eval_config(run, max_tokens=10_000, batch_size=64, ce=False)
     [result] = evaluate(cfg)
     assert result["arch"] == "jumprelu" and result["n_latents"] == 64 and result["train_tokens"] == 20 * 128
     assert 0 < result["l0"] < 64 and math.isfinite(result["mse"]) and result["fve"] <= 1

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from eval.run import EvalConfig, evaluate
 from runtime.tracking import RULES, Tracker, TrackerSettings, TrackingError, default_name, scalars, start
-from tests.conftest import CONF, ROOT
+from tests.conftest import CONF, ROOT, eval_config
 from tests.train.test_loop import assert_same_weights, make_cfg, synthetic_store, train_killed_at
 from train.config import RUNTIME_KEYS, TrainError
 from train.dist import Dist
@@ -51,10 +51,8 @@ def store(tmp_path_factory):
     return synthetic_store(tmp_path_factory.mktemp("track") / "s", n_chunks=10)
 
 
-def eval_config(run: Path, **kw) -> EvalConfig:
-    base = dict(run=str(run), store=None, max_tokens=10_000, batch_size=64, dead_window=None, outlier_factor="run",
-                ce=False, ce_seqs=6, ce_batch=4, redo=True, device="cpu", dtype="float32", progress=False)
-    return EvalConfig(**{**base, **kw})
+def quick_eval(run: Path, **kw) -> EvalConfig:
+    return eval_config(run, **{"max_tokens": 10_000, "batch_size": 64, "ce": False, "redo": True, **kw})
 
 
 # ------------------------------------------------------------------------ reading W&B's offline files
@@ -145,7 +143,7 @@ def wandb_run(store, tmp_path_factory):
     try:
         run = tmp_path_factory.mktemp("wandb") / "run"
         train(make_cfg(store, *TINY, "logger=wandb", "logger.tags=[tiny]"), run)
-        [result] = evaluate(eval_config(run))
+        [result] = evaluate(quick_eval(run))
     finally:
         mp.undo()
     return run, result
@@ -224,7 +222,7 @@ def test_tensorboard_gets_scalars_per_step_and_a_resume_replaces_the_redone_ones
     cfg = make_cfg(store, *TINY, "logger=tensorboard")
     train_killed_at(cfg, tmp_path / "run", 35, monkeypatch)
     train(cfg, tmp_path / "run")
-    [result] = evaluate(eval_config(tmp_path / "run"))
+    [result] = evaluate(quick_eval(tmp_path / "run"))
     logdir = tmp_path / "run" / "tensorboard"
     assert json.loads((tmp_path / "run" / RunDir.TRACKER).read_text()) == {"kind": "tensorboard",
                                                                             "dir": str(logdir.resolve())}
@@ -278,11 +276,11 @@ def test_logger_none_writes_nothing_and_only_rank_0_tracks(store, tmp_path):
 def test_eval_warns_in_one_line_when_the_tracker_package_is_gone(wandb_run, monkeypatch, capsys):
     run, _ = wandb_run
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now fails
-    [result] = evaluate(eval_config(run))
+    [result] = evaluate(quick_eval(run))
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"eval: warning: {run}: eval.json not logged to its wandb run")
     assert "pip install wandb" in err and json.loads((run / RunDir.EVAL).read_text())["mse"] == result["mse"]
-    evaluate(eval_config(run, track=False))
+    evaluate(quick_eval(run, track=False))
     assert capsys.readouterr().err == ""
 
 
