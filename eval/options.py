@@ -8,10 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from runtime.config import (DEVICE, FLAG, NULL, Rule, as_whole, check_values, instantiate, integer, number, one_of,
-                            require_given, text)
+from runtime.config import DEVICE, FLAG, NULL, Rule, integer, number, one_of, text, typed_config
 from runtime.errors import ToolkitError
 
 T = TypeVar("T", bound="HeldOutOptions")
@@ -53,8 +52,5 @@ class HeldOutOptions:
         """The typed config of an app from its composed Hydra config (conf/eval/<app>.yaml): `run_message`
         if run= is not given, else every value checked against HELD_OUT_RULES and the app's own
         `rules`; the keys in `whole` (and max_tokens) may be whole floats like 1e6."""
-        require_given(cfg, "run", error, run_message)
-        raw = OmegaConf.to_container(cfg, resolve=True)
-        as_whole(raw, *WHOLE_KEYS, *whole)
-        check_values(raw, {**HELD_OUT_RULES, **rules}, error, f"conf/eval/{app}.yaml")
-        return instantiate(cls, raw, error, app)
+        return typed_config(cls, cfg, error, app, f"conf/eval/{app}.yaml", {**HELD_OUT_RULES, **rules},
+                            required={"run": run_message}, whole=(*WHOLE_KEYS, *whole))

@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from eval import compute
 from eval.plots import figure, save_png
 from runtime.cli import launch
-from runtime.config import NULL, Rule, check_values, instantiate, require_given, text
+from runtime.config import NULL, Rule, text, typed_config
 from runtime.errors import ToolkitError, one_line_errors
 from train.run_dir import RunDir
 from train.saes import REGISTRY, SAE
@@ -377,10 +377,8 @@ class ReportConfig:
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> ReportConfig:
         """The typed config of a composed conf/eval/report.yaml, every value checked; ReportError in one line."""
-        require_given(cfg, "sweep", ReportError, "sweep=<dir> is required: the folder holding the evaluated runs")
-        raw = OmegaConf.to_container(cfg, resolve=True)
-        check_values(raw, RULES, ReportError, "conf/eval/report.yaml")
-        return instantiate(cls, raw, ReportError, "report")
+        return typed_config(cls, cfg, ReportError, "report", "conf/eval/report.yaml", RULES,
+                            required={"sweep": "sweep=<dir> is required: the folder holding the evaluated runs"})
 
 
 # every key of conf/eval/report.yaml (documented there) and what its value must be

@@ -29,10 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from runtime.cli import launch
-from runtime.config import FLAG, NULL, check_values, instantiate, one_of, require_given, text
+from runtime.config import FLAG, NULL, one_of, text, typed_config
 from runtime.errors import ToolkitError, one_line_errors, reraise_as
 
 FORMATS = ("saelens",)
@@ -67,10 +67,8 @@ class ExportConfig:
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> ExportConfig:
         """The typed config of a composed conf/interop/export.yaml, every value checked; ExportError in one line."""
-        require_given(cfg, "run", ExportError, "run=<run dir> is required: a training run directory holding sae/")
-        raw = OmegaConf.to_container(cfg, resolve=True)
-        check_values(raw, RULES, ExportError, "conf/interop/export.yaml")
-        return instantiate(cls, raw, ExportError, "export")
+        return typed_config(cls, cfg, ExportError, "export", "conf/interop/export.yaml", RULES,
+                            required={"run": "run=<run dir> is required: a training run directory holding sae/"})
 
 
 @dataclass

@@ -34,7 +34,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from runtime.cli import launch
-from runtime.config import CONF, FLAG, NULL, check_values, instantiate, number, require_given, text
+from runtime.config import CONF, FLAG, NULL, number, text, typed_config
 from runtime.errors import ToolkitError, one_line_errors, reraise_as
 
 RULES = {
@@ -78,12 +78,10 @@ class ImportConfig:
     @classmethod
     def from_omegaconf(cls, cfg: DictConfig) -> ImportConfig:
         """The typed config of a composed conf/interop/import_saelens.yaml, every value checked; one line."""
-        for key, what in (("sae", "a SAELens SAE folder"), ("store", "our activation store"),
-                          ("out", "a run directory")):
-            require_given(cfg, key, SAELensImportError, f"{key}=<{what}> is required")
-        raw = OmegaConf.to_container(cfg, resolve=True)
-        check_values(raw, RULES, SAELensImportError, "conf/interop/import_saelens.yaml")
-        return instantiate(cls, raw, SAELensImportError, "import_saelens")
+        required = {key: f"{key}=<{what}> is required" for key, what in
+                    (("sae", "a SAELens SAE folder"), ("store", "our activation store"), ("out", "a run directory"))}
+        return typed_config(cls, cfg, SAELensImportError, "import_saelens", "conf/interop/import_saelens.yaml", RULES,
+                            required=required)
 
 
 @dataclass

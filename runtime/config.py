@@ -202,3 +202,16 @@ def as_whole(raw: dict[str, Any], *keys: str) -> None:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and isinstance(node.get(last), float) and node[last].is_integer():
             node[last] = int(node[last])
+
+
+def typed_config(cls: type[T], cfg: DictConfig, error: type[ToolkitError], app: str, docs: str,
+                 rules: Mapping[str, Rule], required: Mapping[str, str] | None = None, whole: Iterable[str] = ()) -> T:
+    """The typed config `cls` of an app's composed Hydra config, the steps in order: every key of
+    `required` given (else `error` with its message), the `whole` keys made ints where they are whole
+    floats, every value checked against `rules` (`docs`: the YAML that documents them), then cls(**raw)."""
+    for key, message in (required or {}).items():
+        require_given(cfg, key, error, message)
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    as_whole(raw, *whole)
+    check_values(raw, rules, error, docs)
+    return instantiate(cls, raw, error, app)
