@@ -87,11 +87,11 @@ def scan(run: TrainedRun, device: torch.device, *, max_tokens: int, batch_size: 
     rows_l, latents_l, acts_l, seen_l = [], [], [], []
     n = read = 0
     bar = tqdm(total=min(max_tokens, len(run.held) * C), unit="tok", desc="encode", disable=not progress)
-    for i in run.held:
+    for i, raw in zip(run.held, store.read_chunks(run.held)):
         if (read if whole_chunks else n) >= max_tokens:
             break
-        x = store.read_chunk(i)
-        ids = i * C + np.flatnonzero(~outliers(x, run.cut))
+        x = store.as_float(raw)
+        ids = i * C + np.flatnonzero(~outliers(raw, run.cut))
         ids = ids if whole_chunks else ids[: max_tokens - n]
         x = x[ids - i * C]
         for s in range(0, len(x), batch_size):

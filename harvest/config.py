@@ -24,7 +24,8 @@ PACKINGS = ("document", "concat")  # how documents become sequences: see harvest
 
 # Keys that change how a harvest runs but not which rows it stores: a store may be resumed or
 # extended with other values. Everything else in the config is the store's identity.
-RUNTIME_KEYS = frozenset({"tokens", "store", "overwrite", "repair", "batch_size", "device", "progress"})
+RUNTIME_KEYS = frozenset({"tokens", "store", "overwrite", "repair", "batch_size", "device", "progress",
+                          "writer_threads"})
 
 
 class HarvestError(ToolkitError):
@@ -73,6 +74,7 @@ class HarvestConfig:
     dtype: str
     seed: int
     progress: bool
+    writer_threads: int | str  # "auto": every core
 
     @property
     def rows_per_seq(self) -> int:
@@ -149,6 +151,7 @@ RULES: dict[str, Rule] = {
     "dtype": one_of(*DTYPES),
     "seed": integer(0),
     "progress": FLAG,
+    "writer_threads": one_of("auto") | integer(1),
 }
 # the levels each codec takes: blosc's clevel 0..9; zstd's -131072 (fastest) ..22 (0 = its default, 3)
 CODEC_LEVELS = {

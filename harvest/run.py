@@ -5,7 +5,10 @@
 
 Chunk i always holds sequences [i * chunk_seqs, (i + 1) * chunk_seqs) of the packed token
 stream, so an interrupted harvest re-run with the same config writes the same rows in the same
-order. Writing chunk i (a background thread) overlaps the forward passes of chunk i + 1.
+order. Chunks are compressed and written by `writer_threads` threads at once (zarr compresses with
+the GIL released), overlapping the forward passes of the next chunks, and committed strictly in
+chunk order: a chunk's files may exist before the chunks ahead of it are committed, never its
+commit, so a kill at any moment resumes as before.
 
 Several processes (`torchrun --nproc_per_node=R -m harvest ...`, runtime/ranks.py) write one
 parted store (see harvest/store.py): document j goes to rank j % R, which packs its own token
@@ -25,7 +28,7 @@ import dataclasses
 import itertools
 import tempfile
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,7 @@ from tqdm import tqdm
 
 from harvest import lm, store, text
 from harvest.config import HarvestConfig, HarvestError
+from runtime.cpu import cpu_cores
 from runtime.device import pick_device, pick_dtype
 from runtime.files import disk_full
 from runtime.lock import WriterLock
@@ -51,6 +55,8 @@ class Plan:
     layout: store.Layout
     meta: dict
     progress: store.Progress | None  # of an existing store with the same config to resume, extend or finish
+    writer_threads: int  # chunks compressed and written at once
+
 
     @property
     def device(self) -> torch.device:
@@ -82,7 +88,8 @@ def preflight(cfg: HarvestConfig) -> Plan:
     )
     meta = {"model": cfg.model, "layer": cfg.layer, "site": cfg.site, "config": cfg.to_dict(),
             "tokenizer": cfg.model, "n_layers": depth}  # lm.load_lm reads the tokenizer from the model's name
-    return Plan(cfg, ranks, layout, meta, progress=_check_store(cfg, ranks.world))
+    threads = cpu_cores() if cfg.writer_threads == "auto" else int(cfg.writer_threads)
+    return Plan(cfg, ranks, layout, meta, progress=_check_store(cfg, ranks.world), writer_threads=threads)
 
 
 def _check_store(cfg: HarvestConfig, world: int) -> store.Progress | None:
@@ -186,20 +193,9 @@ def _harvest(plan: Plan) -> Result:
     bar = tqdm(total=len(writer.chunk_ids) * L.chunk_rows, initial=writer.chunks_done * L.chunk_rows, unit="tok",
                unit_scale=True, desc=f"harvest {Path(cfg.store).name}{share}",
                disable=not (cfg.progress and ranks.is_main), smoothing=0.1)
-    pending: Future | None = None
     t0 = time.perf_counter()
-    with bar, ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as pool:
-        for i in todo:
-            seqs = packer.take(L.chunk_seqs)
-            if len(seqs) < L.chunk_seqs:
-                break  # this rank's text ran out: every rank says so once all have stopped
-            acts = _forward_chunk(reader, seqs, cfg.batch_size, plan.device, L)
-            if pending is not None:
-                pending.result()  # at most one chunk in flight; commits stay in order
-            pending = pool.submit(writer.write_chunk, i, acts, seqs, _state_dict(packer.state))
-            bar.update(L.chunk_rows)
-        if pending is not None:
-            pending.result()
+    with bar:
+        writer.write_chunks(_forward_chunks(plan, reader, packer, todo, bar), plan.writer_threads)
     seconds = time.perf_counter() - t0
     barrier(ranks)  # every rank has committed its last chunk
     progress = store.read_progress(cfg.store)
@@ -283,6 +279,19 @@ def _ran_out(cfg: HarvestConfig, L: store.Layout, progress: store.Progress) -> s
     if progress.finished(progress.prefix):  # always so with one process
         return head + f"pass tokens={fit} to mark this store complete"
     return head + f"harvest tokens={fit} (what every rank's share of the text holds) into another store="
+
+
+def _forward_chunks(plan: Plan, reader: lm.SiteReader, packer: text.Packer, todo: list[int], bar: tqdm
+                    ) -> Iterator[tuple[int, np.ndarray, np.ndarray, dict]]:
+    """(chunk id, its stored rows, its sequences, the packer's state after it) for the chunks `todo`, in
+    order, until this rank's text runs out (every rank says so once all have stopped)."""
+    L = plan.layout
+    for i in todo:
+        seqs = packer.take(L.chunk_seqs)
+        if len(seqs) < L.chunk_seqs:
+            return
+        yield i, _forward_chunk(reader, seqs, plan.cfg.batch_size, plan.device, L), seqs, _state_dict(packer.state)
+        bar.update(L.chunk_rows)
 
 
 def _state_dict(state: text.PackState) -> dict:

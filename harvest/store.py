@@ -43,12 +43,18 @@ The result reads exactly like a single-process store.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import mmap
+import os
 import shutil
 import struct
 import tempfile
 import time
 import zlib
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -60,6 +66,7 @@ import zarr
 import zarr.codecs
 from tqdm import tqdm
 
+from runtime.cpu import cpu_cores
 from runtime.errors import ToolkitError
 from runtime.files import remove_litter, write_json, write_text
 
@@ -281,6 +288,15 @@ def read_progress(path: str | Path) -> Progress:
     return Progress(world, tuple(_state(path, attrs, r).get("chunks_done", 0) for r in range(world)))
 
 
+@dataclass(frozen=True)
+class WrittenChunk:
+    """A chunk whose files and checksum record are written, not yet committed (`StoreWriter.write_files`)."""
+
+    i: int  # global chunk id
+    stats: RunningStats  # of its rows
+    seconds: float  # spent writing it
+
+
 class StoreWriter:
     """Creates a store or reopens one to resume/extend it, and commits one rank's chunks in order.
 
@@ -357,20 +373,59 @@ class StoreWriter:
 
         acts [chunk_rows, d] float16 or uint16 (bfloat16 bits); contexts [chunk_seqs, ctx] int.
         """
+        self.commit(self.write_files(i, acts, contexts), pack_state)
+
+    def write_chunks(self, chunks: Iterable[tuple[int, np.ndarray, np.ndarray, dict[str, Any]]], threads: int = 1) -> None:
+        """Write and commit (global chunk id, acts, contexts, pack state after it) in the order given,
+        compressing and writing up to `threads` chunks at once (`write_files`, overlapping whatever
+        produces the next ones) and committing each once it and every chunk before it are written."""
+        with ThreadPoolExecutor(threads, thread_name_prefix="store-writer") as pool:
+            writing: deque[tuple[Future, dict[str, Any]]] = deque()
+            try:
+                for i, acts, contexts, pack_state in chunks:
+                    if len(writing) == threads:
+                        written, state = writing.popleft()
+                        self.commit(written.result(), state)
+                    writing.append((pool.submit(self.write_files, i, acts, contexts), pack_state))
+                while writing:
+                    written, state = writing.popleft()
+                    self.commit(written.result(), state)
+            finally:
+                for written, _ in writing:  # a failure: what is still being written is never committed
+                    written.cancel()
+
+    def write_files(self, i: int, acts: np.ndarray, contexts: np.ndarray) -> WrittenChunk:
+        """Write chunk i's three files (compressed by zarr) and its checksum record, and compute its
+        statistics, without committing it: readers do not see it until `commit`. Chunks of this rank
+        not yet committed may be written by several threads at once (each writes only its own files);
+        a kill leaves at most files past the committed progress, which a resumed harvest writes again
+        with the same bytes."""
         t0 = time.perf_counter()
         L = self.layout
-        expected = self.chunk_ids[self.chunks_done]
-        assert i == expected, f"chunk {i} written out of order (next is {expected})"
+        assert i in self.chunk_ids[self.chunks_done :], f"chunk {i} is not one of this rank's chunks left to write"
         assert acts.shape == (L.chunk_rows, L.d_model) and contexts.shape == (L.chunk_seqs, L.context_size)
+        self._write_arrays(i, acts, contexts)
+        self._record_checksums(i)
+        stats = RunningStats.of(as_float(acts, L.acts_dtype))
+        return WrittenChunk(i, stats, time.perf_counter() - t0)
+
+    def commit(self, chunk: WrittenChunk, pack_state: dict[str, Any]) -> None:
+        """Commit a written chunk (this rank's next one): its statistics merged, the progress advanced in
+        one atomic write, with the packer's state after it."""
+        expected = self.chunk_ids[self.chunks_done]
+        assert chunk.i == expected, f"chunk {chunk.i} committed out of order (next is {expected})"
+        t0 = time.perf_counter()
+        self.stats.merge(chunk.stats)
+        self.chunks_done += 1
+        self._commit(pack_state)
+        self.write_seconds += chunk.seconds + time.perf_counter() - t0
+
+    def _write_arrays(self, i: int, acts: np.ndarray, contexts: np.ndarray) -> None:
+        L = self.layout
         rows = slice(i * L.chunk_rows, (i + 1) * L.chunk_rows)
         self._acts[rows] = acts
         self._tokens[rows] = contexts[:, L.first_pos :].reshape(-1).astype(np.int32)
         self._contexts[i * L.chunk_seqs : (i + 1) * L.chunk_seqs] = contexts.astype(np.int32)
-        self._record_checksums(i)
-        self.stats.update(as_float(acts, L.acts_dtype))
-        self.chunks_done += 1
-        self._commit(pack_state)
-        self.write_seconds += time.perf_counter() - t0
 
     def _record_checksums(self, i: int) -> None:
         """Record the size and CRC-32 of chunk i's three files (read back from the page cache)."""
@@ -385,16 +440,12 @@ class StoreWriter:
         """Write chunk i again (repair) without touching progress or statistics. Returns the arrays
         whose new files differ from the checksum record kept before (none when the harvest is
         deterministic on this device); the record is then replaced by the new files'."""
-        L = self.layout
         record = self.path / CHECKSUMS / f"{i}.json"
         try:
             before = json.loads(record.read_text())
         except (OSError, ValueError):
             before = {}
-        rows = slice(i * L.chunk_rows, (i + 1) * L.chunk_rows)
-        self._acts[rows] = acts
-        self._tokens[rows] = contexts[:, L.first_pos :].reshape(-1).astype(np.int32)
-        self._contexts[i * L.chunk_seqs : (i + 1) * L.chunk_seqs] = contexts.astype(np.int32)
+        self._write_arrays(i, acts, contexts)
         self._record_checksums(i)
         after = json.loads(record.read_text()) if record.exists() else {}
         return [n for n in ARRAYS if before.get(n) is not None and before.get(n) != after.get(n)]
@@ -536,15 +587,19 @@ def as_float(acts: np.ndarray, acts_dtype: str) -> np.ndarray:
     return acts.astype(np.float32)
 
 
-def _decode(compressor: Any, data: bytes) -> bytes:
-    """Undo one of the bytes-to-bytes codecs that `codec` makes (blosc or zstd) on a chunk's bytes."""
+def _decode(compressor: Any, data: Any, out: np.ndarray | None = None) -> Any:
+    """Undo one of the bytes-to-bytes codecs that `codec` makes (blosc or zstd) on a chunk's bytes,
+    into `out` when given (a contiguous array of exactly the decoded size). Releases the GIL."""
     if isinstance(compressor, zarr.codecs.BloscCodec):
         # blosc trusts the compressed size in its header: check it against the bytes there are first
         if len(data) < 16 or struct.unpack_from("<I", data, 12)[0] != len(data):  # header bytes 12..15: cbytes
             raise ValueError("the blosc header does not match the file's size")
-        return numcodecs.Blosc().decode(data)
+        if out is not None and struct.unpack_from("<I", data, 4)[0] != out.nbytes:  # bytes 4..7: nbytes
+            raise ValueError(f"the blosc header announces {struct.unpack_from('<I', data, 4)[0]:,} bytes, "
+                             f"not {out.nbytes:,}")
+        return numcodecs.Blosc().decode(data, out)
     if isinstance(compressor, zarr.codecs.ZstdCodec):
-        return numcodecs.Zstd().decode(data)
+        return numcodecs.Zstd().decode(data, out)
     raise ValueError(f"unsupported codec {type(compressor).__name__}")
 
 
@@ -653,39 +708,116 @@ class ActivationStore:
 
     # ------------------------------------------------------------------ reading rows
 
-    def read_chunk_raw(self, i: int) -> np.ndarray:
-        """Chunk i as stored, [chunk_rows, d] float16 or uint16 (bfloat16 bits), read-only.
+    def read_chunk_raw(self, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Chunk i as stored, [chunk_rows, d] float16 or uint16 (bfloat16 bits).
 
-        The chunk file is read whole, checked against its checksum record and decoded; a missing or
-        damaged one raises DamagedStore naming it.
+        A compressed chunk file is read whole, checked against its checksum record and decoded (into
+        `out`, a C-contiguous [chunk_rows, d] array of the store's dtype, when given). An uncompressed
+        one (`codec=none`, `mapped`) is memory-mapped after its size is checked, then checked against
+        its record: the array returned is the page cache itself (copied into `out` when given; a
+        private mapping, so writing to it never reaches the file). A missing or damaged file raises DamagedStore naming it, on both paths.
         """
         if not 0 <= i < self.n_chunks:
             raise IndexError(f"chunk {i} out of range (0..{self.n_chunks - 1})")
-        return self._read("acts", i)
+        if self.mapped:
+            rows = self._map("acts", i)
+            if out is None:
+                return rows
+            out[...] = rows
+            return out
+        return self._read("acts", i, out)
 
-    def _read(self, name: str, i: int) -> np.ndarray:
-        """Chunk i of array `name` ([chunk shape], the array's dtype), checked, then decoded."""
+    @property
+    def mapped(self) -> bool:
+        """Whether acts chunks are stored uncompressed, so that `read_chunk_raw` memory-maps them."""
+        return not self.acts.compressors
+
+    def read_chunks(self, ids: list[int], threads: int | None = None) -> Iterator[np.ndarray]:
+        """Chunks `ids` as `read_chunk_raw` gives them, in order, read, checked and decoded by `threads`
+        threads (default: every core) a few chunks ahead of the caller. Memory: threads + 1 chunks."""
+        threads = threads or cpu_cores()
+        if threads == 1:
+            yield from map(self.read_chunk_raw, ids)
+            return
+        with ThreadPoolExecutor(threads, thread_name_prefix="store-read") as pool:
+            ahead: deque[Future] = deque()
+            todo = iter(ids)
+            try:
+                for i in itertools.islice(todo, threads + 1):
+                    ahead.append(pool.submit(self.read_chunk_raw, i))
+                while ahead:
+                    rows = ahead.popleft().result()
+                    for i in itertools.islice(todo, 1):
+                        ahead.append(pool.submit(self.read_chunk_raw, i))
+                    yield rows
+            finally:
+                for f in ahead:
+                    f.cancel()
+
+    def _chunk_file(self, name: str, i: int) -> tuple[Path, str]:
+        """(the file of chunk i of array `name`, how errors name it: `acts chunk 3 (acts/c/3/0)`)."""
         array = {"acts": self.acts, "tokens": self.tokens, "contexts": self.contexts}[name]
         key = array.metadata.encode_chunk_key(_chunk_coords(name, i))
-        where = f"{name} chunk {i} ({name}/{key})"
+        return self.path / name / key, f"{name} chunk {i} ({name}/{key})"
+
+    def _read(self, name: str, i: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Chunk i of array `name` ([chunk shape], the array's dtype), checked, then decoded (into `out`
+        when given: directly for blosc, whose header states the decoded size, else by a copy)."""
+        array = {"acts": self.acts, "tokens": self.tokens, "contexts": self.contexts}[name]
+        f, where = self._chunk_file(name, i)
         try:
-            data = (self.path / name / key).read_bytes()
+            data = f.read_bytes()
         except FileNotFoundError:
             raise self._damaged(f"{where} is missing") from None
         if self.checked:
             self._check(i, name, where, data)
-        shape = array.chunks
+        shape, dtype = array.chunks, np.dtype(array.dtype).newbyteorder("<")
+        size = int(np.prod(shape))
+        codecs = list(reversed(array.compressors))  # the last one applied when writing is undone first
+        if out is None and len(codecs) == 1 and isinstance(codecs[0], zarr.codecs.BloscCodec):
+            out = np.empty(shape, dtype=dtype)
+        direct = out is not None and len(codecs) == 1 and isinstance(codecs[0], zarr.codecs.BloscCodec)
         try:
-            for compressor in reversed(array.compressors):
-                data = _decode(compressor, data)
-            out = np.frombuffer(data, dtype=np.dtype(array.dtype).newbyteorder("<"))
+            for compressor in codecs:
+                data = _decode(compressor, data, out if direct else None)
+            values = out.reshape(-1) if direct else np.frombuffer(data, dtype=dtype)
         except Exception as e:  # a decompressor's error on damaged bytes (version-1 stores)
             raise self._damaged(f"{where} cannot be decoded ({e})") from None
-        if out.size != int(np.prod(shape)):
-            raise self._damaged(f"{where} decodes to {out.size} values, not {int(np.prod(shape))}")
-        return out.reshape(shape)
+        if values.size != size:
+            raise self._damaged(f"{where} decodes to {values.size} values, not {size}")
+        if direct:
+            return out
+        if out is None:  # a writable array of its own (bytes objects give read-only views)
+            out = np.empty(shape, dtype=dtype)
+        out[...] = values.reshape(shape)
+        return out
 
-    def _check(self, i: int, name: str, where: str, data: bytes) -> None:
+    def _map(self, name: str, i: int) -> np.ndarray:
+        """Chunk i of an uncompressed array, memory-mapped (a private mapping: the file's pages are shared
+        with the page cache, and a write to the array would stay in this process), its size checked
+        before mapping (a short file would turn into a bus error on access) and its bytes against the
+        checksum record."""
+        array = {"acts": self.acts, "tokens": self.tokens, "contexts": self.contexts}[name]
+        f, where = self._chunk_file(name, i)
+        dtype = np.dtype(array.dtype).newbyteorder("<")
+        want = int(np.prod(array.chunks)) * dtype.itemsize
+        try:
+            fd = os.open(f, os.O_RDONLY)
+        except FileNotFoundError:
+            raise self._damaged(f"{where} is missing") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size != want:
+                raise self._damaged(f"{where} has {size:,} bytes where {want:,} were written (truncated or "
+                                    "overwritten)")
+            mapped = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)  # private: writes never reach the file
+        finally:
+            os.close(fd)
+        if self.checked:
+            self._check(i, name, where, mapped)
+        return np.frombuffer(mapped, dtype=dtype).reshape(array.chunks)
+
+    def _check(self, i: int, name: str, where: str, data: bytes | mmap.mmap) -> None:
         """Compare a chunk file's bytes with the size and CRC-32 recorded when it was committed."""
         try:
             want = json.loads((self.path / CHECKSUMS / f"{i}.json").read_text())[name]

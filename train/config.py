@@ -46,8 +46,15 @@ class DataConfig:
     store: str
     eval_frac: float
     window_chunks: int
+    threads: int | str  # "auto": every core
+    read_ahead: int
     allow_incomplete: bool
     outlier_factor: float | None
+
+    @property
+    def loader_threads(self) -> int | None:
+        """Workers of the loader (train.loader.Batches); None: every core."""
+        return None if self.threads == "auto" else int(self.threads)
 
 
 @dataclass(frozen=True)
@@ -178,6 +185,8 @@ RULES: dict[str, Rule] = {
     "data.eval_frac": number(0, 0.5).saying("a number in [0, 0.5] (every round(1/eval_frac)-th chunk is held "
                                             "out, at most every 2nd)"),
     "data.window_chunks": integer(1),
+    "data.threads": one_of("auto") | integer(1),
+    "data.read_ahead": integer(0),
     "data.allow_incomplete": FLAG,
     "data.outlier_factor": number(1, lo_open=True) | NULL,
     "budget": text("kind:amount, e.g. steps:100_000 or flops:1e13"),  # read by train.budget.Budget.parse

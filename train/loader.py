@@ -1,109 +1,293 @@
-"""Shuffled training batches from a harvest store, read lazily, whole chunk by whole chunk.
+"""Shuffled training batches from a harvest store, read whole chunk by whole chunk, on every core.
 
-The rows a run sees are a pure function of (store, seed, batch size, window size) and the step:
-epoch e visits the training chunks in a seeded order, W chunks at a time (a "window"); the rows of
-each window are permuted with a seed of their own, and the windows are concatenated into one
-stream that is cut into batches. Batch s is rows [s * B, (s + 1) * B) of that stream, so a resumed
-run restarts at any step without replaying anything: its whole data position is the step.
-
-Memory: at most two windows (the one being served and the one a background thread reads ahead),
-kept in the store's 16-bit dtype; independent of the store's size.
+The stream. The rows a run sees are a pure function of (store, seed, batch size, window size) and
+the step: epoch e visits the training chunks in a seeded order, W chunks at a time (a "window");
+the rows of each window are permuted with a seed of their own, and the windows are concatenated into
+one stream that is cut into batches. Batch s is rows [s * B, (s + 1) * B) of that stream, so a
+resumed run restarts at any step without replaying anything: its whole data position is the step.
+How the rows are read (threads, read-ahead, memory maps) never changes which rows a batch holds.
 
 Outlier rows: some LMs write a few activations with hundreds of times the typical norm (massive
-activations: SmolLM2 at mid-sequence separators and early "." / "\n" tokens, ~0.1% of rows, ~90% of
+activations: SmolLM2 at mid-sequence separators and early "." / "\\n" tokens, ~0.1% of rows, ~90% of
 the variance). With `cut` set, rows whose norm exceeds it are left out: each is replaced by another
 (seeded, random) row of the same window, so batches keep their size and the stream stays a pure
 function of the step. `norm_cut` gives the cut; eval uses the same one and reports what it dropped.
 
-Held-out chunks (for evaluation, never trained on) are the store's to say (`ActivationStore.split`).
+How a batch is made. A window is never copied or permuted as a whole: its order is an index map
+[rows] into its chunks, and a batch is one gather of B rows through it.
+  - compressed stores: `threads` workers read, check and decode the window's chunks side by side
+    (each straight into its slice of one window buffer; decoding releases the GIL), computing each
+    row's norm for the cut as they go, `read_ahead` windows ahead of the one being served;
+  - uncompressed stores (`codec=none`): a chunk file is the array, memory-mapped
+    (`ActivationStore.read_chunk_raw`), so a batch gathers straight from the page cache, with no
+    decode and no window buffer;
+  - the gathers of the next batches run on the same workers while the trainer steps. A batch stays in
+    the store's 16-bit dtype until it reaches the device: on CUDA it is gathered into pinned memory,
+    copied on a side stream one batch ahead and converted to float32 there; on the CPU a worker
+    converts it.
+
+Memory: at most (2 + read_ahead) decoded windows (none for a memory-mapped store) and a few batches,
+independent of the store's size.
+
+Held-out chunks (for evaluation, never trained on) are the store's to say (`ActivationStore.split`);
+`eval_rows` reads them in order through the store's parallel reader.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from harvest.store import ActivationStore
+from runtime.cpu import cpu_cores
+
+NORM_BLOCK = 1024  # rows widened to float32 at a time for their norms (stays in cache)
+
+
+def stored_tensor(rows: np.ndarray) -> torch.Tensor:
+    """Rows as stored (float16, or uint16 bfloat16 bits) or float32, as a torch tensor of the same bytes
+    (float16, bfloat16 or float32; no copy)."""
+    if rows.dtype == np.uint16:
+        return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(rows)
+
+
+def row_norms(rows: np.ndarray) -> np.ndarray:
+    """rows [n, d] (float32, or as stored) -> float32 [n] Euclidean norms, computed in float32 by torch,
+    NORM_BLOCK rows at a time (each block widened to float32 while it is in cache). A row's norm does
+    not depend on the rows beside it, so every reader of a row gets the same bits."""
+    x = stored_tensor(rows)
+    return torch.cat([torch.linalg.vector_norm(x[s : s + NORM_BLOCK].float(), dim=1)
+                      for s in range(0, len(x), NORM_BLOCK)] or [torch.zeros(0)]).numpy()
 
 
 def norm_cut(store: ActivationStore, factor: float | None) -> float | None:
     """factor x the median row norm of chunk 0 (always a training chunk), or None (keep every row)."""
     if factor is None:
         return None
-    return float(factor * np.median(np.linalg.norm(store.read_chunk(0), axis=1)))
+    return float(factor * np.median(row_norms(store.read_chunk_raw(0))))
 
 
 def outliers(rows: np.ndarray, cut: float | None) -> np.ndarray:
-    """rows [n, d] float32 -> bool [n]: which rows have a norm above the cut."""
+    """rows [n, d] (float32 or as stored) -> bool [n]: which rows have a norm above the cut."""
     if cut is None:
         return np.zeros(len(rows), dtype=bool)
-    return np.linalg.norm(rows, axis=1) > cut
+    return row_norms(rows) > cut
+
+
+@dataclass
+class Window:
+    """One window's rows as read: its chunks ([C, d] each, slices of `buffer` when decoded, memory maps
+    otherwise) and `order`, the window's row order in the stream (indices into the chunks' rows laid
+    end to end)."""
+
+    chunks: list[np.ndarray]
+    order: np.ndarray  # [rows] int64
+    buffer: np.ndarray | None  # [rows, d]: the decoded chunks side by side; None when memory-mapped
+
+    def gather(self, lo: int, hi: int, out: np.ndarray) -> None:
+        """out [hi - lo, d] <- the window's stream rows [lo, hi)."""
+        index = self.order[lo:hi]
+        if self.buffer is not None:
+            np.take(self.buffer, index, axis=0, out=out, mode="clip")  # indices are valid: no checking pass
+            return
+        chunk, offset = np.divmod(index, len(self.chunks[0]))
+        for c in np.unique(chunk):
+            at = np.flatnonzero(chunk == c)
+            out[at] = self.chunks[c][offset[at]]
+
+
+class _Reading:
+    """A window being read: one future per chunk, each giving (rows [C, d], outlier mask [C] or None)."""
+
+    def __init__(self, futures: list[Future], buffer: np.ndarray | None):
+        self.futures, self.buffer = futures, buffer
+        self.window: Window | None = None
+
+    def ready(self) -> bool:
+        return self.window is not None or all(f.done() for f in self.futures)
 
 
 class Batches:
-    """Iterates over training batches [batch_size, d] float32 from `start_step` on, forever."""
+    """Iterates over training batches [batch_size, d] float32 (on `device`) from `start_step` on, forever.
+
+    threads: workers that read, decode and gather (None: every core); read_ahead: windows read ahead
+    of the one being served (>= 0)."""
 
     def __init__(self, store: ActivationStore, chunk_ids: list[int], batch_size: int, seed: int,
                  window_chunks: int, start_step: int = 0, device: str | torch.device = "cpu",
-                 cut: float | None = None):
+                 cut: float | None = None, threads: int | None = None, read_ahead: int = 1):
         if not chunk_ids:
             raise ValueError("no training chunks")
         self.store, self.chunk_ids, self.batch_size, self.seed = store, list(chunk_ids), batch_size, seed
         self.window_chunks = min(window_chunks, len(chunk_ids))
         self.start_step, self.device, self.cut = start_step, torch.device(device), cut
+        self.threads, self.read_ahead = threads or cpu_cores(), read_ahead
         self.epoch_rows = len(chunk_ids) * store.chunk_rows
         self.windows_per_epoch = -(-len(chunk_ids) // self.window_chunks)
+        self.in_flight = max(2, self.threads)  # batches being gathered ahead of the trainer
 
-    def _window_chunks(self, epoch: int, w: int) -> list[int]:
+    # ------------------------------------------------------------------ the stream: pure functions
+
+    def _window_chunks(self, g: int) -> list[int]:
+        """Chunk ids of window g (counted over epochs: g = epoch x windows per epoch + w)."""
+        epoch, w = divmod(g, self.windows_per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(self.chunk_ids)
         return order[w * self.window_chunks : (w + 1) * self.window_chunks].tolist()
 
-    def _read_window(self, epoch: int, w: int) -> np.ndarray:
-        """Rows of window w of epoch e, permuted, outliers replaced: [rows, d] in the store's dtype."""
-        rows = np.concatenate([self.store.read_chunk_raw(i) for i in self._window_chunks(epoch, w)])
+    def _window_rows(self, g: int) -> int:
+        w = g % self.windows_per_epoch
+        return (min(len(self.chunk_ids), (w + 1) * self.window_chunks) - w * self.window_chunks) * self.store.chunk_rows
+
+    def _order(self, g: int, bad: np.ndarray | None) -> np.ndarray:
+        """Window g's stream order [rows]: a seeded permutation, then each outlier (bad [rows], in chunk
+        order) replaced by a seeded random non-outlier row of the window."""
+        epoch, w = divmod(g, self.windows_per_epoch)
         rng = np.random.default_rng([self.seed, epoch, w, 1])
-        rows = rows[rng.permutation(len(rows))]
-        bad = outliers(self.store.as_float(rows), self.cut) if self.cut is not None else None
-        if bad is not None and bad.any():
-            rows[bad] = rows[rng.choice(np.flatnonzero(~bad), size=int(bad.sum()))]
-        return rows
+        order = rng.permutation(self._window_rows(g))
+        if bad is not None:
+            bad = bad[order]
+            if bad.any():
+                order[bad] = order[rng.choice(np.flatnonzero(~bad), size=int(bad.sum()))]
+        return order
 
-    def _windows(self, epoch: int, w: int) -> Iterator[np.ndarray]:
-        """Windows from (epoch, w) on, each read by a background thread while the previous is served."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="loader") as pool:
-            ahead: Future = pool.submit(self._read_window, epoch, w)
-            while True:
-                current = ahead.result()
-                w += 1
-                if w == self.windows_per_epoch:
-                    epoch, w = epoch + 1, 0
-                ahead = pool.submit(self._read_window, epoch, w)
-                yield current
-
-    def _locate(self, row: int) -> tuple[int, int, int]:
-        """Stream row -> (epoch, window, offset inside the window)."""
-        epoch, in_epoch = divmod(row, self.epoch_rows)
+    def _pieces(self, step: int) -> list[tuple[int, int, int]]:
+        """Batch `step` as [(window g, first row, end row)] within each window it takes rows from."""
+        row, left, pieces = step * self.batch_size, self.batch_size, []
         full = self.window_chunks * self.store.chunk_rows
-        return epoch, in_epoch // full, in_epoch % full
+        while left:
+            epoch, in_epoch = divmod(row, self.epoch_rows)
+            g, lo = epoch * self.windows_per_epoch + in_epoch // full, in_epoch % full
+            hi = min(self._window_rows(g), lo + left)
+            pieces.append((g, lo, hi))
+            row, left = row + hi - lo, left - (hi - lo)
+        return pieces
+
+    # ------------------------------------------------------------------ reading and gathering
+
+    def _read_chunk(self, i: int, out: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        rows = self.store.read_chunk_raw(i, out)
+        return rows, (outliers(rows, self.cut) if self.cut is not None else None)
+
+    def _start_window(self, g: int, pool: ThreadPoolExecutor, free: list[np.ndarray]) -> _Reading:
+        ids, C = self._window_chunks(g), self.store.chunk_rows
+        buffer = None
+        if not self.store.mapped:
+            full = (self.window_chunks * C, self.store.d_model)
+            buffer = free.pop() if free else np.empty(full, dtype=np.dtype(self.store.acts.dtype))
+        futures = [pool.submit(self._read_chunk, i, None if buffer is None else buffer[k * C : (k + 1) * C])
+                   for k, i in enumerate(ids)]
+        return _Reading(futures, buffer)
+
+    def _window(self, g: int, reading: _Reading) -> Window:
+        """Window g once its chunks are read (waits for them)."""
+        if reading.window is None:
+            parts = [f.result() for f in reading.futures]
+            bad = None if self.cut is None else np.concatenate([b for _, b in parts])
+            rows = None if reading.buffer is None else reading.buffer[: self._window_rows(g)]
+            reading.window = Window([r for r, _ in parts], self._order(g, bad), rows)
+        return reading.window
+
+    def _gather(self, pieces: list[tuple[Window, int, int]], out: np.ndarray) -> np.ndarray | torch.Tensor:
+        """One batch: its rows gathered into `out` [B, d] (16-bit); on the CPU, returned as float32."""
+        at = 0
+        for window, lo, hi in pieces:
+            window.gather(lo, hi, out[at : at + hi - lo])
+            at += hi - lo
+        if self.device.type == "cuda":
+            return out
+        return stored_tensor(out).to(self.device, torch.float32)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        epoch, w, offset = self._locate(self.start_step * self.batch_size)
-        pending: list[np.ndarray] = []
-        have = 0
-        for window in self._windows(epoch, w):
-            window = window[offset:]
-            offset = 0
-            while len(window):
-                take = min(self.batch_size - have, len(window))
-                pending.append(window[:take])
-                window, have = window[take:], have + take
-                if have == self.batch_size:
-                    batch = self.store.as_float(np.concatenate(pending))
-                    yield torch.from_numpy(batch).to(self.device, non_blocking=True)
-                    pending, have = [], 0
+        readers = ThreadPoolExecutor(self.threads, thread_name_prefix="loader-read")
+        gatherers = ThreadPoolExecutor(self.threads, thread_name_prefix="loader-gather")
+        try:
+            yield from self._serve(readers, gatherers)
+        finally:
+            readers.shutdown(wait=True, cancel_futures=True)
+            gatherers.shutdown(wait=True, cancel_futures=True)
+
+    def _serve(self, readers: ThreadPoolExecutor, gatherers: ThreadPoolExecutor) -> Iterator[torch.Tensor]:
+        """The schedule: windows read `read_ahead` ahead; up to `in_flight` batches gathered ahead, a
+        batch submitted once its windows are read (blocking only when nothing else is in flight)."""
+        device = _Device(self.device, (self.batch_size, self.store.d_model), self.store.acts.dtype,
+                         self.store.acts_dtype, ring=self.in_flight + 2)
+        windows: dict[int, _Reading] = {}
+        free: list[np.ndarray] = []  # window buffers to reuse
+        pending: deque[tuple[int, Future, object]] = deque()  # (first window, gathering, staging token)
+        sent: deque = deque()  # batches on their way to the device
+        step = self.start_step
+        while True:
+            while len(pending) < self.in_flight:
+                pieces = self._pieces(step)
+                for g in range(pieces[0][0], pieces[-1][0] + self.read_ahead + 1):
+                    if g not in windows:
+                        windows[g] = self._start_window(g, readers, free)
+                if pending and not all(windows[g].ready() for g, _, _ in pieces):
+                    break
+                parts = [(self._window(g, windows[g]), lo, hi) for g, lo, hi in pieces]
+                out, token = device.staging()
+                pending.append((pieces[0][0], gatherers.submit(self._gather, parts, out), token))
+                step += 1
+            first, gathering, token = pending.popleft()
+            for g in [g for g in windows if g < first]:  # no batch left to gather reads these
+                done = windows.pop(g)
+                if done.buffer is not None:
+                    free.append(done.buffer)
+            sent.append(device.send(gathering.result(), token))
+            if len(sent) > device.lead:
+                yield device.receive(sent.popleft())
+
+
+class _Device:
+    """Where batches go. On the CPU a worker has already converted them (`lead` 0: nothing is sent
+    ahead). On CUDA each is gathered into pinned 16-bit memory, copied on a side stream one batch ahead
+    of the trainer (`lead` 1), and converted on the device (float16, or bfloat16 bits, -> float32)."""
+
+    def __init__(self, device: torch.device, shape: tuple[int, int], stored: np.dtype, acts_dtype: str, ring: int):
+        self.device, self.shape, self.stored = device, shape, np.dtype(stored)
+        self.cuda = device.type == "cuda"
+        self.lead = 1 if self.cuda else 0
+        self.view = torch.bfloat16 if acts_dtype == "bfloat16" else torch.float16
+        self.free: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque()
+        if self.cuda:
+            self.stream = torch.cuda.Stream(device)
+            self.free.extend((torch.empty(shape, dtype=torch.int16, pin_memory=True), None) for _ in range(ring))
+
+    def staging(self) -> tuple[np.ndarray, torch.Tensor | None]:
+        """(the array a batch is gathered into, its pinned tensor on CUDA: reused once its copy is done)."""
+        if not self.cuda:
+            return np.empty(self.shape, dtype=self.stored), None
+        pinned, copied = self.free.popleft()
+        if copied is not None:
+            copied.synchronize()
+        return pinned.numpy().view(self.stored), pinned
+
+    def send(self, batch: np.ndarray | torch.Tensor, pinned: torch.Tensor | None) -> object:
+        """Start moving a gathered batch to the device; returns what `receive` takes."""
+        if not self.cuda:
+            return batch
+        with torch.cuda.stream(self.stream):
+            on_device = pinned.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.stream)
+        self.free.append((pinned, copied))
+        return on_device, copied
+
+    def receive(self, sent: object) -> torch.Tensor:
+        """The batch as float32 on the device, ordered after its copy on the trainer's stream."""
+        if not self.cuda:
+            return sent
+        on_device, copied = sent
+        main = torch.cuda.current_stream(self.device)
+        main.wait_event(copied)
+        on_device.record_stream(main)
+        return on_device.view(self.view).float()
 
 
 def eval_rows(store: ActivationStore, chunk_ids: list[int], max_rows: int | None = None,
@@ -113,16 +297,14 @@ def eval_rows(store: ActivationStore, chunk_ids: list[int], max_rows: int | None
     counts = {} if counts is None else counts
     counts.update(read=0, dropped=0)
     seen = 0
-    for i in chunk_ids:
-        rows = store.read_chunk(i)
-        counts["read"] += len(rows)
-        if cut is not None:
-            keep = ~outliers(rows, cut)
-            counts["dropped"] += int((~keep).sum())
-            rows = rows[keep]
+    for raw in store.read_chunks(chunk_ids):
+        counts["read"] += len(raw)
+        keep = ~outliers(raw, cut)
+        counts["dropped"] += int((~keep).sum())
+        rows = stored_tensor(raw[keep] if cut is not None else raw).float()
         if max_rows is not None:
             rows = rows[: max_rows - seen]
         seen += len(rows)
-        yield torch.from_numpy(rows)
+        yield rows
         if max_rows is not None and seen >= max_rows:
             return

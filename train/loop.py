@@ -377,7 +377,8 @@ def training_batches(cfg: TrainConfig, store: ActivationStore, train_ids: list[i
                      cut: float | None) -> Iterator[torch.Tensor]:
     """This rank's batches from `step` on (train/loader.py), rows above the norm cut left out."""
     shard = data_shard(train_ids, cfg.batch_size, cfg.seed, dist.rank, dist.world)
-    return iter(Batches(store, *shard, cfg.data.window_chunks, step, dist.device, cut))
+    return iter(Batches(store, *shard, cfg.data.window_chunks, step, dist.device, cut,
+                        threads=cfg.data.loader_threads, read_ahead=cfg.data.read_ahead))
 
 
 def optimizer(cfg: TrainConfig, sae: SAE, layout: DataParallel, state: dict | None) -> tuple[torch.optim.Optimizer, float]:

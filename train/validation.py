@@ -38,7 +38,7 @@ def validation_rows(store: ActivationStore, held: list[int], n_rows: int, cut: f
     chunks = [held[i * len(held) // k] for i in range(k)]
     per_chunk = min(store.chunk_rows, -(-n_rows // k))
     offsets = np.linspace(0, store.chunk_rows - 1, per_chunk).round().astype(np.int64)
-    rows = np.concatenate([store.read_chunk(c)[offsets] for c in chunks])[:n_rows]
+    rows = np.concatenate([store.as_float(raw[offsets]) for raw in store.read_chunks(chunks)])[:n_rows]
     return rows[~outliers(rows, cut)]
 
 

@@ -23,6 +23,12 @@ class Store:
     def read_chunk(self, i):
         return self.rows[6 * i : 6 * i + 6]
 
+    def read_chunks(self, ids):
+        return map(self.read_chunk, ids)
+
+    def as_float(self, raw):
+        return raw.astype(np.float32)
+
     def locate(self, row):
         return row // 3, 1 + row % 3
 

@@ -36,13 +36,14 @@ def _progress(store) -> int:
 
 def test_kill_9_at_any_moment_then_resume_gives_the_uninterrupted_store(tiny_gpt2, corpus_jsonl, tmp_path):
     """Kill the harvest up to three times mid-run (chunks are written every few ms, so kills land inside
-    writes too); each re-run resumes; the result equals an uninterrupted harvest byte for byte.
+    writes too); each re-run resumes; the result equals an uninterrupted harvest byte for byte. The
+    killed runs write 3 chunks at once (commits in order), the uninterrupted one a chunk at a time.
 
     Every process computes on one thread: with two, MKL's float32 results occasionally differ in the
     last bit between processes on a busy machine (seen as 1-ulp float16 differences in a few values),
     which is not what this test is about."""
     one_thread = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    args = harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "killed", tokens=3000)  # 100 chunks
+    args = harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "killed", tokens=3000, writer_threads=3)  # 100 chunks
     kills = 0
     for kill_after in (3, 25, 50):
         proc = subprocess.Popen([sys.executable, "-m", "harvest", *args], cwd=ROOT, env={**os.environ, **one_thread},
@@ -61,7 +62,8 @@ def test_kill_9_at_any_moment_then_resume_gives_the_uninterrupted_store(tiny_gpt
     assert kills >= 1
     out = run_cli(args, env=one_thread)
     assert out.returncode == 0, out.stderr
-    out = run_cli(harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "clean", tokens=3000), env=one_thread)
+    out = run_cli(harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "clean", tokens=3000, writer_threads=1),
+                  env=one_thread)
     assert out.returncode == 0, out.stderr
     killed, clean = ActivationStore(tmp_path / "killed"), ActivationStore(tmp_path / "clean")
     assert killed.complete and killed.n_rows == clean.n_rows == 3000

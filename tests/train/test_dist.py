@@ -157,8 +157,8 @@ def one_process_on_the_union(cfg, run_dir, monkeypatch, world=WORLD, kill_at=0):
     initialised from rank 0's first batch: what data and expert parallelism should compute."""
 
     class Union:
-        def __init__(self, store, chunk_ids, batch_size, seed, *rest):
-            self.parts = [Batches(store, *loop.data_shard(chunk_ids, batch_size, seed, r, world), *rest)
+        def __init__(self, store, chunk_ids, batch_size, seed, *rest, **options):
+            self.parts = [Batches(store, *loop.data_shard(chunk_ids, batch_size, seed, r, world), *rest, **options)
                           for r in range(world)]
 
         def __iter__(self):
