@@ -8,7 +8,7 @@ HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
 # nproc=R: harvest and train run as R processes under torchrun (one per GPU; README "Many processes")
 LAUNCH       := $(if $(nproc),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(nproc),$(PY))
 
-.PHONY: help setup test harvest bench-harvest train sweep bench-loader eval report geometry dashboard autointerp autointerp-demo demo paper-cpu reproduce bench bench-dist bench-validation bench-store variants clean-venv
+.PHONY: help setup test harvest bench-harvest train sweep bench-loader bench-data gpu-check eval report geometry dashboard autointerp autointerp-demo demo paper-cpu reproduce bench bench-dist bench-validation bench-store variants clean-venv
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
@@ -29,6 +29,8 @@ help:
 	@echo "make bench-dist            expert-parallel vs one-process Switch tokens/s, all-to-all bytes vs minimum -> results/bench/dist.json"
 	@echo "make bench-validation      wall-clock with vs without validation during training, demo settings -> results/bench/validation.json"
 	@echo "make bench-store           reading a store with vs without its chunk checksums -> results/bench/store_read.json"
+	@echo "make bench-data            loader, harvest writer, LM and training step rows/s side by side (and an H100 on paper) -> results/bench/data.json"
+	@echo "make gpu-check             on a CUDA machine: the cuda tests, step times fp32/bf16, GPU wait for data, a GPU harvest (<= 10 min)"
 	@echo "make variants              every SAE variant (BatchTopK, JumpReLU, AuxK, Switch top-2/shared/bias) at equal FLOPs -> results/variants"
 	@echo "make paper-cpu             Figures 1 and 3 at CPU scale, 1.95M offline tokens -> results/paper_cpu (~60 min, 2 CPUs)"
 	@echo "make export run=<dir> format=saelens [out=<dir>]   a run as a SAELens SAE folder (Switch: with our SAELens plugin)"
@@ -75,6 +77,14 @@ sweep: .venv/.installed
 
 bench-loader: .venv/.installed
 	$(PY) -m bench.loader $(ARGS)
+
+# The data path against what training consumes (README "The data path"); needs the demo store (make harvest preset=demo)
+bench-data: setup
+	$(PY) -m bench.data $(ARGS)
+
+# The first thing to run on a GPU machine (README "On a GPU"): tests marked cuda, step times, loader wait, GPU harvest
+gpu-check: setup
+	$(PY) -m bench.gpu_check $(ARGS)
 
 # Stage 3. `make eval run=runs/topk/default` or a whole sweep: `make eval run=multirun/2026-11-22`
 eval: .venv/.installed

@@ -157,23 +157,30 @@ def bound(sae: SAE, flops_per_token: float, dec_params: int, peak: float, bw: fl
     return compute + memory_only
 
 
-def time_steps(sae: SAE, steps: int, dtype: torch.dtype, compile: bool = False) -> float:
-    """Median seconds of full training steps after warm-up (one step, two with `compile`)."""
+def time_steps(sae: SAE, steps: int, dtype: torch.dtype, compile: bool = False,
+               device: str | torch.device = "cpu") -> float:
+    """Median seconds of full training steps after warm-up (one step, two with `compile`), on `device`
+    (CUDA steps are timed to completion: synchronised before and after)."""
+    device = torch.device(device)
     torch.manual_seed(0)
-    x = torch.randn(BATCH, D) * 10
+    x = (torch.randn(BATCH, D) * 10).to(device)
+    sae = sae.to(device)
     sae.init_from_batch(x[:1024])
     params = list(sae.parameters())
     opt = make_optimizer(params, 1e-4, (0.9, 0.999))
     model = torch.compile(sae) if compile else sae
     warmup = 2 if compile else 1
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for i in range(steps + warmup):
+        sync()
         t = time.perf_counter()
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             loss = model(x).losses["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         apply_update(sae, opt, params, 1.0)
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - t)
     return statistics.median(times)

@@ -124,3 +124,15 @@ def run_cli(args: list[str], env: dict | None = None, **kwargs):
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "harvest", *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are skipped, with the reason, where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (make gpu-check runs these on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
