@@ -15,8 +15,8 @@ median of each entry's rows/s:
   - the rows/s a training step consumes: TopK M 24576 and width-matched Switch N 16 at the paper
     shape (d 768, k 32), measured here, and on an H100 on paper (400 TFLOP/s of bf16 matmul,
     3.35 TB/s of HBM, the roofline of bench/train_step.py: FLOPs plus the per-step update traffic),
-    with the loader cores that rate takes at the per-core rate measured here (scaled by 576/768 to
-    d 768: the loader's cost is per byte).
+    with the loader cores that rate takes at the per-core rate measured here (the every-core rate
+    divided by the cores; scaled by 576/768 to d 768: the loader's cost is per byte).
 
     python -m bench.data [--chunks 40] [--rounds 3] [--batches 24] [--quick]   -> results/bench/data.json
 """
@@ -166,8 +166,8 @@ def measure_loaders(src: ActivationStore, tmp: Path, n_chunks: int, rounds: int,
         out["previous loader, compressed"]
     out["ratio_mapped_vs_gather"] = out[f"loader, memory-mapped, {every} thread(s)"] / \
         out["plain gather from a memory-mapped array, to float32"]
-    out["per_core_rows_s"] = {"compressed": out["loader, compressed, 1 thread(s)"],
-                              "memory-mapped": out["loader, memory-mapped, 1 thread(s)"]}
+    out["per_core_rows_s"] = {"compressed": out[f"loader, compressed, {every} thread(s)"] / every,
+                              "memory-mapped": out[f"loader, memory-mapped, {every} thread(s)"] / every}
     return out
 
 
@@ -201,6 +201,9 @@ def measure_writer(src: ActivationStore, tmp: Path, n_chunks: int, rounds: int) 
     chunks = [(np.array(src.read_chunk_raw(i)), src.sequences_of([i], src.chunk_seqs)) for i in range(n_chunks)]
     grid = [(c, t) for c in ("blosc_zstd", "none") for t in sorted({1, cpu_cores()})]
     runs: dict[str, list[float]] = {f"{c}, {t} thread(s)": [] for c, t in grid}
+    for c, t in grid:  # warm-up: the first writes of a process are slower (allocator, imports)
+        writer_rate(src, chunks[:4], tmp / f"warm-{c}-{t}", c, t)
+        shutil.rmtree(tmp / f"warm-{c}-{t}")
     for r in range(rounds):
         for c, t in grid if r % 2 == 0 else grid[::-1]:
             dest = tmp / f"w-{c}-{t}-{r}"

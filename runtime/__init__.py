@@ -9,7 +9,8 @@ uninterrupted one writes. Tokenizers' own thread pool is switched off: the stage
 OpenMP threads sleep when idle instead of spinning: the loader's and the harvest writer's worker
 threads call torch beside the trainer or the LM, each with a team of its own, and on a machine with
 few cores spinning teams starve the others (the compressed loader ran at half speed on 2 cores;
-a training step's time did not change, measured with `make bench` both ways).
+a training step's time did not change, measured with `make bench` both ways). Freed batches and
+chunks stay in the process's heap for the next ones (`cpu.keep_freed_memory`).
 """
 
 import os
@@ -18,3 +19,7 @@ os.environ.setdefault("MKL_CBWR", "AUTO")
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from runtime.cpu import keep_freed_memory  # noqa: E402  (after the settings above, before torch loads)
+
+keep_freed_memory()

@@ -35,9 +35,14 @@ Held-out chunks (for evaluation, never trained on) are the store's to say (`Acti
 
 from __future__ import annotations
 
+import atexit
+import heapq
+import itertools
+import threading
+import weakref
 from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,13 +179,13 @@ class Batches:
         rows = self.store.read_chunk_raw(i, out)
         return rows, (outliers(rows, self.cut) if self.cut is not None else None)
 
-    def _start_window(self, g: int, pool: ThreadPoolExecutor, free: list[np.ndarray]) -> _Reading:
+    def _start_window(self, g: int, workers: _Workers, free: list[np.ndarray]) -> _Reading:
         ids, C = self._window_chunks(g), self.store.chunk_rows
         buffer = None
         if not self.store.mapped:
             full = (self.window_chunks * C, self.store.d_model)
             buffer = free.pop() if free else np.empty(full, dtype=np.dtype(self.store.acts.dtype))
-        futures = [pool.submit(self._read_chunk, i, None if buffer is None else buffer[k * C : (k + 1) * C])
+        futures = [workers.submit(READ, self._read_chunk, i, None if buffer is None else buffer[k * C : (k + 1) * C])
                    for k, i in enumerate(ids)]
         return _Reading(futures, buffer)
 
@@ -193,28 +198,32 @@ class Batches:
             reading.window = Window([r for r, _ in parts], self._order(g, bad), rows)
         return reading.window
 
-    def _gather(self, pieces: list[tuple[Window, int, int]], out: np.ndarray) -> np.ndarray | torch.Tensor:
-        """One batch: its rows gathered into `out` [B, d] (16-bit); on the CPU, returned as float32."""
+    def _gather(self, pieces: list[tuple[Window, int, int]], out: np.ndarray | None) -> np.ndarray | torch.Tensor:
+        """One batch: its rows gathered into `out` [B, d] (16-bit, pinned: CUDA), or on the CPU into this
+        worker's scratch array and returned as a new float32 tensor."""
+        if out is None:
+            out = getattr(_scratch, "rows", None)
+            if out is None or out.shape != (self.batch_size, self.store.d_model):
+                out = _scratch.rows = np.empty((self.batch_size, self.store.d_model), np.dtype(self.store.acts.dtype))
         at = 0
         for window, lo, hi in pieces:
             window.gather(lo, hi, out[at : at + hi - lo])
             at += hi - lo
         if self.device.type == "cuda":
             return out
-        return stored_tensor(out).to(self.device, torch.float32)
+        return stored_tensor(out).to(self.device, torch.float32, copy=True)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        readers = ThreadPoolExecutor(self.threads, thread_name_prefix="loader-read")
-        gatherers = ThreadPoolExecutor(self.threads, thread_name_prefix="loader-gather")
+        workers = _Workers(self.threads)
         try:
-            yield from self._serve(readers, gatherers)
+            yield from self._serve(workers)
         finally:
-            readers.shutdown(wait=True, cancel_futures=True)
-            gatherers.shutdown(wait=True, cancel_futures=True)
+            workers.shutdown()
 
-    def _serve(self, readers: ThreadPoolExecutor, gatherers: ThreadPoolExecutor) -> Iterator[torch.Tensor]:
+    def _serve(self, workers: _Workers) -> Iterator[torch.Tensor]:
         """The schedule: windows read `read_ahead` ahead; up to `in_flight` batches gathered ahead, a
-        batch submitted once its windows are read (blocking only when nothing else is in flight)."""
+        batch submitted once its windows are read (blocking only when nothing else is in flight). The
+        workers take gathers before reads, so reading ahead never delays the next batch."""
         device = _Device(self.device, (self.batch_size, self.store.d_model), self.store.acts.dtype,
                          self.store.acts_dtype, ring=self.in_flight + 2)
         windows: dict[int, _Reading] = {}
@@ -227,12 +236,12 @@ class Batches:
                 pieces = self._pieces(step)
                 for g in range(pieces[0][0], pieces[-1][0] + self.read_ahead + 1):
                     if g not in windows:
-                        windows[g] = self._start_window(g, readers, free)
+                        windows[g] = self._start_window(g, workers, free)
                 if pending and not all(windows[g].ready() for g, _, _ in pieces):
                     break
                 parts = [(self._window(g, windows[g]), lo, hi) for g, lo, hi in pieces]
                 out, token = device.staging()
-                pending.append((pieces[0][0], gatherers.submit(self._gather, parts, out), token))
+                pending.append((pieces[0][0], workers.submit(GATHER, self._gather, parts, out), token))
                 step += 1
             first, gathering, token = pending.popleft()
             for g in [g for g in windows if g < first]:  # no batch left to gather reads these
@@ -242,6 +251,69 @@ class Batches:
             sent.append(device.send(gathering.result(), token))
             if len(sent) > device.lead:
                 yield device.receive(sent.popleft())
+
+
+_scratch = threading.local()  # each worker's 16-bit batch array, reused (the CPU path)
+GATHER, READ = 0, 1  # task priorities of the loader's workers: lower first
+
+
+class _Workers:
+    """`n` threads that run tasks by priority, then in the order submitted; each task's Future.
+
+    Every live pool is shut down at interpreter exit (before modules are torn down), so a loader that
+    is never closed does not leave threads inside torch while the process ends."""
+
+    live: weakref.WeakSet[_Workers] = weakref.WeakSet()
+
+    def __init__(self, n: int):
+        self.heap: list = []
+        self.ready = threading.Condition()
+        self.count = itertools.count()
+        self.push, self.pop = heapq.heappush, heapq.heappop  # kept: usable while the interpreter exits
+        self.threads = [threading.Thread(target=self._work, name=f"loader-{i}", daemon=True) for i in range(n)]
+        for t in self.threads:
+            t.start()
+        _Workers.live.add(self)
+
+    def submit(self, priority: float, fn: Callable | None, *args: object) -> Future:
+        future: Future = Future()
+        with self.ready:
+            self.push(self.heap, (priority, next(self.count), future, fn, args))
+            self.ready.notify()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self.ready:
+                while not self.heap:
+                    self.ready.wait()
+                _, _, future, fn, args = self.pop(self.heap)
+            if fn is None:
+                return
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # handed to whoever waits for the result
+                future.set_exception(e)
+
+    def shutdown(self) -> None:
+        """Cancel what has not started, let running tasks finish, stop the threads (idempotent)."""
+        with self.ready:
+            waiting, self.heap[:] = self.heap[:], []
+        for _, _, future, _, _ in waiting:
+            future.cancel()
+        for _ in self.threads:
+            self.submit(float("inf"), None)
+        for t in self.threads:
+            t.join()
+        self.threads = []
+
+
+@atexit.register
+def _stop_every_pool() -> None:
+    for workers in list(_Workers.live):
+        workers.shutdown()
 
 
 class _Device:
@@ -259,10 +331,11 @@ class _Device:
             self.stream = torch.cuda.Stream(device)
             self.free.extend((torch.empty(shape, dtype=torch.int16, pin_memory=True), None) for _ in range(ring))
 
-    def staging(self) -> tuple[np.ndarray, torch.Tensor | None]:
-        """(the array a batch is gathered into, its pinned tensor on CUDA: reused once its copy is done)."""
+    def staging(self) -> tuple[np.ndarray | None, torch.Tensor | None]:
+        """(the array a batch is gathered into, its pinned tensor) on CUDA (reused once its copy is
+        done); (None, None) on the CPU."""
         if not self.cuda:
-            return np.empty(self.shape, dtype=self.stored), None
+            return None, None  # the worker gathers into its own scratch array
         pinned, copied = self.free.popleft()
         if copied is not None:
             copied.synchronize()

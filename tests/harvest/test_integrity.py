@@ -189,15 +189,13 @@ def test_the_command_line_says_it_in_one_line(copy, tmp_path, app):
 # ------------------------------------------------------------------ a full disk
 
 
-def _disk_fills_at(n: int):
-    """A store.write_json that, at its n-th call, writes part of its temporary file and then finds the
-    disk full (as write(2) does), through the real atomic writer."""
-    calls = [0]
+def _disk_fills_writing(target: str):
+    """A store.write_json that, writing the file whose path ends with `target`, writes part of its
+    temporary file and then finds the disk full (as write(2) does), through the real atomic writer."""
     real = store.write_json
 
-    def write_json(path, obj, indent=None):
-        calls[0] += 1
-        if calls[0] != n:
+    def write_json(path, obj, indent=2):
+        if not str(path).endswith(target):
             return real(path, obj, indent=indent)
 
         def half(f):
@@ -212,7 +210,7 @@ def _disk_fills_at(n: int):
 def test_a_full_disk_stops_in_one_line_and_the_same_command_resumes(pristine, tmp_path, monkeypatch):
     src, args = pristine
     args = [a if not a.startswith("store=") else f"store={tmp_path / 's'}" for a in args]
-    monkeypatch.setattr(store, "write_json", _disk_fills_at(4))  # chunk 3's checksum record
+    monkeypatch.setattr(store, "write_json", _disk_fills_writing("checksums/3.json"))  # chunk 3's checksum record
     with pytest.raises(HarvestError) as e:
         harvest(compose(args))
     message = str(e.value)

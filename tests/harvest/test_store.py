@@ -1,6 +1,7 @@
 """harvest.store: running statistics, bfloat16 rows, and a harvested store's contents."""
 
 import numpy as np
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -69,3 +70,39 @@ def test_store_api_answers_every_fact_later_stages_need(tiny_gpt2, corpus_jsonl,
         np.testing.assert_array_equal(s.sequence(seq), contexts[seq])
         assert s.tokens[row] == contexts[seq, pos]
     np.testing.assert_array_equal(s.sequences_of([1, 3], 3), contexts[[2, 3, 6]])
+
+
+@pytest.mark.parametrize("codec_name", ["blosc_zstd", "zstd", "none"])
+@pytest.mark.parametrize("acts_dtype", ["float16", "bfloat16"])
+def test_the_writer_encodes_every_chunk_file_as_zarr_does(tmp_path, codec_name, acts_dtype):
+    """StoreWriter encodes and writes chunk files itself (in parallel threads, CRC from the bytes it
+    writes): every file is byte for byte what zarr's own writer makes for the same values, and zarr
+    reads the store back."""
+    import zarr
+
+    from harvest.store import ARRAYS, StoreWriter, _create_arrays, codec
+
+    rng = np.random.default_rng(0)
+    layout = Layout(d_model=12, context_size=9, first_pos=1, chunk_seqs=3, n_chunks=4, acts_dtype=acts_dtype)
+    floats = [(rng.normal(size=(24, 12)) * 5).astype(np.float32) for _ in range(4)]
+    acts = [x.astype(np.float16) if acts_dtype == "float16" else
+            torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16) for x in floats]
+    seqs = [rng.integers(0, 500, size=(3, 9)) for _ in range(4)]
+    writer = StoreWriter.create(tmp_path / "ours", layout, codec(codec_name, 1), {"model": "m", "layer": 0,
+                                                                                  "site": "s", "config": {}})
+    writer.write_chunks(((i, acts[i], seqs[i], {}) for i in range(4)), threads=3)
+    theirs = zarr.open_group(str(tmp_path / "theirs"), mode="w-")
+    _create_arrays(theirs, layout, codec(codec_name, 1))
+    for i in range(4):
+        theirs["acts"][24 * i : 24 * (i + 1)] = acts[i]
+        theirs["tokens"][24 * i : 24 * (i + 1)] = seqs[i][:, 1:].reshape(-1)
+        theirs["contexts"][3 * i : 3 * (i + 1)] = seqs[i]
+    for name in ARRAYS:
+        files = sorted(p.relative_to(tmp_path / "theirs") for p in (tmp_path / "theirs" / name).rglob("*")
+                       if p.is_file() and p.name != "zarr.json")
+        assert len(files) == 4
+        for f in files:
+            assert (tmp_path / "ours" / f).read_bytes() == (tmp_path / "theirs" / f).read_bytes(), f
+    store = ActivationStore(tmp_path / "ours")
+    np.testing.assert_array_equal(store.acts[:], np.concatenate(acts))
+    assert store.complete and store.n_rows == 96
