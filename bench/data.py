@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from bench import write_results
-from harvest.store import ActivationStore, StoreWriter, codec
+from harvest.store import ActivationStore, StoreWriter, codec, write_chunks
 from runtime.cpu import cpu_cores
 from train.loader import Batches, norm_cut
 
@@ -185,13 +185,13 @@ def measure_memory(src: ActivationStore, n_batches: int) -> dict:
 
 def writer_rate(src: ActivationStore, chunks: list[tuple[np.ndarray, np.ndarray]], dest: Path, codec_name: str,
                 threads: int) -> float:
-    """Rows/s of the harvest's writer alone (`StoreWriter.write_chunks`: compressed and written `threads`
+    """Rows/s of the harvest's writer alone (`harvest.store.write_chunks`: encoded and written `threads`
     chunks at once, committed in order) on precomputed chunks, into a new store at `dest`."""
     layout = dataclasses.replace(src.layout, n_chunks=len(chunks))
     meta = {"model": src.model, "layer": src.layer, "site": src.site, "config": src.harvest_config}
     writer = StoreWriter.create(dest, layout, codec(codec_name, 1), meta)
     t0 = time.perf_counter()
-    writer.write_chunks(((k, acts, seqs, {}) for k, (acts, seqs) in enumerate(chunks)), threads)
+    write_chunks(((writer, k, acts, seqs, {}) for k, (acts, seqs) in enumerate(chunks)), threads)
     return len(chunks) * src.chunk_rows / (time.perf_counter() - t0)
 
 

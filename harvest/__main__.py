@@ -22,8 +22,10 @@ def main(cfg: DictConfig) -> None:
     if result.rank:
         return  # under torchrun, rank 0 reports for all
     if result.rows:
-        print(f"wrote {result.rows:,} tokens in {result.seconds:.1f} s ({result.rows / result.seconds:,.0f} tok/s)")
-    print(f"store: {result.store}")
+        each = " into each store" if len(result.stores) > 1 else ""
+        print(f"wrote {result.rows:,} tokens{each} in {result.seconds:.1f} s ({result.rows / result.seconds:,.0f} tok/s)")
+    for path in result.stores:
+        print(f"store: {path}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from runtime.config import DEVICE, FLAG, NULL, Rule, as_whole, check_values, flatten, instantiate, integer, one_of, text
+from runtime.config import (DEVICE, FLAG, NULL, Rule, as_whole, check_values, flatten, instantiate, integer, list_of,
+                            one_of, text)
 from runtime.errors import ToolkitError
 
 SITES = ("resid_post", "attn_out", "mlp_out")
@@ -53,11 +54,16 @@ class DatasetConfig:
     shuffle_buffer: int
 
 
+def store_path(template: str, layer: int, site: str) -> str:
+    """The store of one (layer, site): `{layer}` and `{site}` in the `store` template filled in."""
+    return template.replace("{layer}", str(layer)).replace("{site}", site)
+
+
 @dataclass(frozen=True)
 class HarvestConfig:
     model: str
-    layer: int
-    site: str
+    layer: int | list[int]  # a list (or `site` a list): one store per (layer, site), from one forward pass
+    site: str | list[str]
     context_size: int
     keep_pos0: bool
     tokens: int
@@ -90,6 +96,18 @@ class HarvestConfig:
         """Chunks needed to hold the budget: `tokens` rounded up to whole chunks."""
         return -(-self.tokens // self.chunk_rows)
 
+    @property
+    def sites(self) -> list[tuple[int, str]]:
+        """The (layer, site) pairs harvested: every layer with every site, in the order given."""
+        layers = self.layer if isinstance(self.layer, list) else [self.layer]
+        sites = self.site if isinstance(self.site, list) else [self.site]
+        return [(layer, site) for layer in layers for site in sites]
+
+    def for_site(self, layer: int, site: str) -> HarvestConfig:
+        """The config of one (layer, site), its store path filled in: exactly what a harvest of that site
+        alone is given, so its store is the same whether it is harvested alone or beside others."""
+        return dataclasses.replace(self, layer=layer, site=site, store=store_path(self.store, layer, site))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -112,10 +130,21 @@ class HarvestConfig:
         ds = instantiate(DatasetConfig, raw.pop("dataset"), HarvestError, "harvest")
         out = instantiate(cls, {**raw, "dataset": ds}, HarvestError, "harvest")
         out.validate()
-        return out
+        return out.for_site(*out.sites[0]) if len(out.sites) == 1 else out
 
     def validate(self) -> None:
         """The checks across keys that need nothing but the config (each value passed its rule)."""
+        for key in ("layer", "site"):
+            values = getattr(self, key)
+            if isinstance(values, list) and len(set(values)) < len(values):
+                twice = next(v for v in values if values.count(v) > 1)
+                raise HarvestError(f"{key} lists {twice} more than once: each (layer, site) is one store")
+        layers, sites = {layer for layer, _ in self.sites}, {site for _, site in self.sites}
+        vary = [name for name, values in (("layer", layers), ("site", sites)) if len(values) > 1]
+        if any("{" + name + "}" not in self.store for name in vary):
+            raise HarvestError(f"store={self.store} names one store for {len(self.sites)} sites: put "
+                               + " and ".join("{" + name + "}" for name in vary) + " in it, quoted for Hydra "
+                               "(\"store='data/activations/gpt2_{site}{layer}'\"; the default has both)")
         if self.tokens < self.chunk_rows:
             raise HarvestError(f"tokens={self.tokens} is below one chunk ({self.chunk_rows} rows = chunk_seqs "
                                f"{self.chunk_seqs} x {self.rows_per_seq} positions); raise tokens or lower chunk_seqs")
@@ -127,8 +156,8 @@ NAME = text("a hub id or a path")
 # every key of conf/harvest/harvest.yaml (documented there) and what its value must be
 RULES: dict[str, Rule] = {
     "model": NAME,
-    "layer": integer(0),
-    "site": one_of(*SITES),
+    "layer": (integer(0) | list_of(integer(0), "")).saying("an integer >= 0 or a list of them"),
+    "site": (one_of(*SITES) | list_of(one_of(*SITES), "")).saying(f"one of {', '.join(SITES)}, or a list of them"),
     "context_size": integer(2),
     "keep_pos0": FLAG,
     "tokens": integer(1),

@@ -6,7 +6,7 @@ Mistral, Qwen, OPT, ...). Eval (CE loss recovered) uses the same site lookup to 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -113,38 +113,54 @@ class _Stop(Exception):
     """Raised inside the hook to end the forward pass once the site has been read."""
 
 
-class SiteReader:
-    """Calls the model up to (layer, site) and returns that activation, [batch, seq, d] float32.
+class SitesReader:
+    """Calls the model up to the last of several (layer, site) pairs and returns each activation,
+    [batch, seq, d] float32, in the order the sites were given.
 
-    The forward pass is cut short right after the hooked module: no block above it, no final
-    norm and no unembedding is ever computed.
+    The forward pass is cut short as soon as every hooked module has run: no block above the deepest
+    site, no final norm and no unembedding is ever computed.
     """
 
-    def __init__(self, model: nn.Module, layer: int, site: str, dtype: torch.dtype = torch.float32):
-        self.model = model
-        self.dtype = dtype
-        self._out: torch.Tensor | None = None
-        self._module = site_module(model, layer, site)
+    def __init__(self, model: nn.Module, sites: list[tuple[int, str]], dtype: torch.dtype = torch.float32):
+        self.model, self.sites, self.dtype = model, list(sites), dtype
+        self._modules = [site_module(model, layer, site) for layer, site in self.sites]
+        self._out: list[torch.Tensor | None] = [None] * len(self.sites)
 
-    def _hook(self, module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
-        self._out = _first(output)
-        raise _Stop
+    def _hook(self, k: int) -> Callable:
+        def keep(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
+            self._out[k] = _first(output)
+            if all(out is not None for out in self._out):
+                raise _Stop
+
+        return keep
 
     @torch.inference_mode()
-    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [batch, seq] (on the model's device) -> activations [batch, seq, d] float32."""
-        handle = self._module.register_forward_hook(self._hook)
+    def __call__(self, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """input_ids [batch, seq] (on the model's device) -> [activations [batch, seq, d] float32] per site."""
+        handles = [m.register_forward_hook(self._hook(k)) for k, m in enumerate(self._modules)]
         try:
             with autocast(input_ids.device, self.dtype):
                 self.model(input_ids=input_ids, use_cache=False)
         except _Stop:
             pass
         finally:
-            handle.remove()
-        if self._out is None:
-            raise RuntimeError("the hooked module did not run")
-        out, self._out = self._out, None
-        return out.float()
+            for h in handles:
+                h.remove()
+        if any(out is None for out in self._out):
+            missing = [self.sites[k] for k, out in enumerate(self._out) if out is None]
+            raise RuntimeError(f"the hooked module(s) of {missing} did not run")
+        out, self._out = self._out, [None] * len(self.sites)
+        return [o.float() for o in out]
+
+
+class SiteReader(SitesReader):
+    """`SitesReader` of one (layer, site): returns its activation [batch, seq, d] float32."""
+
+    def __init__(self, model: nn.Module, layer: int, site: str, dtype: torch.dtype = torch.float32):
+        super().__init__(model, [(layer, site)], dtype)
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().__call__(input_ids)[0]
 
 
 def iter_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:

@@ -29,7 +29,7 @@ import itertools
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +68,9 @@ class Plan:
         return self.progress is not None and self.progress.finished(self.layout.n_chunks)
 
 
-def preflight(cfg: HarvestConfig) -> Plan:
-    """All checks that can fail, cheapest first. Reads only the model's config, never its weights.
+def preflight(cfg: HarvestConfig) -> list[Plan]:
+    """All checks that can fail, cheapest first, for every (layer, site) harvested: one Plan per store.
+    Reads only the model's config, never its weights.
 
     Under torchrun every rank runs it on the same files, so a refusal is raised on every rank."""
     ranks = join(pick_device(cfg.device))
@@ -77,8 +78,9 @@ def preflight(cfg: HarvestConfig) -> Plan:
     text.check_dataset(cfg.dataset)
     config = lm.load_config(cfg.model)
     depth = lm.n_layers(config)
-    if cfg.layer >= depth:
-        raise HarvestError(f"layer {cfg.layer} is out of range: {cfg.model} has blocks 0..{depth - 1}")
+    for layer, _ in cfg.sites:
+        if layer >= depth:
+            raise HarvestError(f"layer {layer} is out of range: {cfg.model} has blocks 0..{depth - 1}")
     max_pos = getattr(config, "max_position_embeddings", None)
     if max_pos is not None and cfg.context_size > max_pos:
         raise HarvestError(f"context_size {cfg.context_size} exceeds {cfg.model}'s {max_pos} positions")
@@ -86,10 +88,14 @@ def preflight(cfg: HarvestConfig) -> Plan:
         d_model=int(config.hidden_size), context_size=cfg.context_size, first_pos=0 if cfg.keep_pos0 else 1,
         chunk_seqs=cfg.chunk_seqs, n_chunks=cfg.n_chunks, acts_dtype=cfg.store_dtype,
     )
-    meta = {"model": cfg.model, "layer": cfg.layer, "site": cfg.site, "config": cfg.to_dict(),
-            "tokenizer": cfg.model, "n_layers": depth}  # lm.load_lm reads the tokenizer from the model's name
     threads = cpu_cores() if cfg.writer_threads == "auto" else int(cfg.writer_threads)
-    return Plan(cfg, ranks, layout, meta, progress=_check_store(cfg, ranks.world), writer_threads=threads)
+    plans = []
+    for layer, site in cfg.sites:
+        one = cfg.for_site(layer, site)
+        meta = {"model": one.model, "layer": layer, "site": site, "config": one.to_dict(),
+                "tokenizer": one.model, "n_layers": depth}  # lm.load_lm reads the tokenizer from the model's name
+        plans.append(Plan(one, ranks, layout, meta, progress=_check_store(one, ranks.world), writer_threads=threads))
+    return plans
 
 
 def _check_store(cfg: HarvestConfig, world: int) -> store.Progress | None:
@@ -140,72 +146,103 @@ def _check_store(cfg: HarvestConfig, world: int) -> store.Progress | None:
 
 @dataclass
 class Result:
-    store: Path
-    rows: int  # rows written by this call (by all ranks)
+    stores: list[Path]  # one per (layer, site), in the config's order
+    rows: int  # rows written by this call (by all ranks), per store
     seconds: float  # wall time of the chunk loop (model loading excluded)
     write_seconds: float  # of which spent writing this rank's chunks (overlapped with the forward passes)
     rank: int = 0  # the process that returns it (0: the one that prints)
 
+    @property
+    def store(self) -> Path:
+        """The store of a single-site harvest."""
+        return self.stores[0]
+
 
 def harvest(cfg: HarvestConfig) -> Result:
-    """Run (or resume, or repair) a harvest into cfg.store; under torchrun, this rank's part of it."""
-    plan = preflight(cfg)
-    lock = WriterLock(store.lock_path(plan.cfg.store), f"store {plan.cfg.store}", HarvestError)
-    lock.check()  # on every rank, so that all refuse together; rank 0 takes it once all have looked
-    barrier(plan.ranks)
-    with lock if plan.ranks.is_main else nullcontext():
+    """Run (or resume, or repair) a harvest into its store, or its stores (one per (layer, site), all
+    from one pass of the LM); under torchrun, this rank's part of it."""
+    plans = preflight(cfg)
+    ranks = plans[0].ranks
+    locks = [WriterLock(store.lock_path(p.cfg.store), f"store {p.cfg.store}", HarvestError) for p in plans]
+    for lock in locks:
+        lock.check()  # on every rank, so that all refuse together; rank 0 takes them once all have looked
+    barrier(ranks)
+    with ExitStack() as held:
+        if ranks.is_main:
+            for lock in locks:
+                held.enter_context(lock)
         try:
-            return _harvest(plan)
+            return _harvest(plans)
         except OSError as e:
             if not disk_full(e):
                 raise
-            done = store.committed_chunks(plan.cfg.store)
-            raise HarvestError(f"disk full writing {e.filename or plan.cfg.store}: the store is intact with "
-                               f"{len(done)} committed chunks ({len(done) * plan.layout.chunk_rows:,} tokens; "
-                               "temporaries removed); free space and rerun the same command to resume") from None
+            raise HarvestError(_disk_full(e, plans)) from None
 
 
-def _harvest(plan: Plan) -> Result:
-    cfg, L, ranks = plan.cfg, plan.layout, plan.ranks
-    before = sum(plan.progress.done) if plan.progress else 0
-    barrier(ranks)  # every rank has read the store before rank 0 changes it
-    if cfg.repair:
-        if ranks.is_main:
-            repair(plan)
-        barrier(ranks)
-    if plan.finished:
-        if ranks.is_main:
-            store.finish(cfg.store, L, plan.meta)
-            print(f"store {cfg.store} is complete ({L.n_rows:,} tokens); nothing to do")
-        barrier(ranks)
-        return Result(Path(cfg.store), 0, 0.0, 0.0, ranks.rank)
-    writer = _open_writer(plan)
-    model, tokenizer = lm.load_lm(cfg.model, plan.device, keep_layers=cfg.layer + 1)
-    reader = lm.SiteReader(model, cfg.layer, cfg.site, getattr(torch, cfg.dtype))
+def _disk_full(e: OSError, plans: list[Plan]) -> str:
+    """The one line for a full disk: what is intact and how to resume."""
+    done = {p.cfg.store: store.committed_chunks(p.cfg.store) if store.is_store(p.cfg.store) else [] for p in plans}
+    rows = plans[0].layout.chunk_rows
+    if len(plans) == 1:
+        n = len(done[plans[0].cfg.store])
+        intact = f"the store is intact with {n} committed chunks ({n * rows:,} tokens; temporaries removed)"
+    else:
+        intact = "the stores are intact (" + ", ".join(f"{path}: {len(ids)} committed chunks" for path, ids in
+                                                       done.items()) + "; temporaries removed)"
+    return f"disk full writing {e.filename or plans[0].cfg.store}: {intact}; free space and rerun the same command to resume"
+
+
+def _harvest(plans: list[Plan]) -> Result:
+    first, ranks, L = plans[0], plans[0].ranks, plans[0].layout
+    before = [sum(p.progress.done) if p.progress else 0 for p in plans]
+    barrier(ranks)  # every rank has read the stores before rank 0 changes them
+    if first.cfg.repair:
+        for plan in plans:
+            if ranks.is_main:
+                repair(plan)
+            barrier(ranks)
+    for plan in plans:
+        if plan.finished:
+            if ranks.is_main:
+                store.finish(plan.cfg.store, L, plan.meta)
+                print(f"store {plan.cfg.store} is complete ({L.n_rows:,} tokens); nothing to do")
+            barrier(ranks)
+    todo = [p for p in plans if not p.finished]
+    if not todo:
+        return Result([Path(p.cfg.store) for p in plans], 0, 0.0, 0.0, ranks.rank)
+    writers = [_open_writer(p) for p in todo]
+    cfg = todo[0].cfg
+    model, tokenizer = lm.load_lm(cfg.model, first.device, keep_layers=max(p.cfg.layer for p in todo) + 1)
+    reader = lm.SitesReader(model, [(p.cfg.layer, p.cfg.site) for p in todo], getattr(torch, cfg.dtype))
+    behind = min(writers, key=lambda w: w.chunks_done)  # the text resumes where the store furthest behind stopped
     documents = itertools.islice(text.iter_documents(cfg.dataset, cfg.seed), ranks.rank, None, ranks.world)
     packer = text.Packer(
         documents, tokenizer, cfg.context_size, text.separator_id(tokenizer, cfg.dataset.separator),
-        text.PackState(**writer.pack_state), packing=cfg.dataset.packing,
+        text.PackState(**behind.pack_state), packing=cfg.dataset.packing,
     )
-
-    todo = writer.chunk_ids[writer.chunks_done :]
     share = f" (rank 0 of {ranks.world})" if ranks.world > 1 else ""
-    bar = tqdm(total=len(writer.chunk_ids) * L.chunk_rows, initial=writer.chunks_done * L.chunk_rows, unit="tok",
-               unit_scale=True, desc=f"harvest {Path(cfg.store).name}{share}",
-               disable=not (cfg.progress and ranks.is_main), smoothing=0.1)
+    name = Path(cfg.store).name if len(todo) == 1 else f"{len(todo)} stores"
+    bar = tqdm(total=len(behind.chunk_ids) * L.chunk_rows, initial=behind.chunks_done * L.chunk_rows, unit="tok",
+               unit_scale=True, desc=f"harvest {name}{share}", disable=not (cfg.progress and ranks.is_main),
+               smoothing=0.1)
     t0 = time.perf_counter()
     with bar:
-        writer.write_chunks(_forward_chunks(plan, reader, packer, todo, bar), plan.writer_threads)
+        store.write_chunks(_forward_chunks(todo[0], reader, packer, writers, behind.chunks_done, bar),
+                           first.writer_threads)
     seconds = time.perf_counter() - t0
+    write_seconds = sum(w.write_seconds for w in writers)
     barrier(ranks)  # every rank has committed its last chunk
-    progress = store.read_progress(cfg.store)
-    if not progress.finished(L.n_chunks):
-        raise HarvestError(_ran_out(cfg, L, progress))
+    rows = []
+    for plan in plans:
+        progress = store.read_progress(plan.cfg.store)
+        if not progress.finished(L.n_chunks):
+            raise HarvestError(_ran_out(plan.cfg, L, progress))
+        rows.append((sum(progress.done) - before[plans.index(plan)]) * L.chunk_rows)
     if ranks.is_main:
-        store.finish(cfg.store, L, plan.meta)
-    barrier(ranks)  # the store is complete on every rank's return
-    rows = (sum(progress.done) - before) * L.chunk_rows
-    return Result(Path(cfg.store), rows, seconds, writer.write_seconds, ranks.rank)
+        for plan in todo:
+            store.finish(plan.cfg.store, L, plan.meta)
+    barrier(ranks)  # the stores are complete on every rank's return
+    return Result([Path(p.cfg.store) for p in plans], max(rows), seconds, write_seconds, ranks.rank)
 
 
 def repair(plan: Plan) -> list[int]:
@@ -224,7 +261,7 @@ def repair(plan: Plan) -> list[int]:
         return []
     bad = sorted(verdict.bad)
     model, tokenizer = lm.load_lm(cfg.model, plan.device, keep_layers=cfg.layer + 1)
-    reader = lm.SiteReader(model, cfg.layer, cfg.site, getattr(torch, cfg.dtype))
+    reader = lm.SitesReader(model, [(cfg.layer, cfg.site)], getattr(torch, cfg.dtype))
     writer = store.StoreWriter.attach(cfg.store, L, 0)
     progress = store.read_progress(cfg.store)
     target = store.read_attrs(cfg.store)["n_chunks_target"]
@@ -243,7 +280,7 @@ def repair(plan: Plan) -> list[int]:
             for i in ids[: ids.index(max(wanted)) + 1]:
                 seqs = packer.take(L.chunk_seqs)  # chunk i's sequences, whether or not it is bad
                 if i in wanted:
-                    acts = _forward_chunk(reader, seqs, cfg.batch_size, plan.device, L)
+                    acts = _forward_chunk(reader, seqs, cfg.batch_size, plan.device, L)[0]
                     changed += [f"{name} chunk {i}" for name in writer.rewrite_chunk(i, acts, seqs)]
                     bar.update()
     after = store.verify(cfg.store, progress=False)
@@ -281,16 +318,22 @@ def _ran_out(cfg: HarvestConfig, L: store.Layout, progress: store.Progress) -> s
     return head + f"harvest tokens={fit} (what every rank's share of the text holds) into another store="
 
 
-def _forward_chunks(plan: Plan, reader: lm.SiteReader, packer: text.Packer, todo: list[int], bar: tqdm
-                    ) -> Iterator[tuple[int, np.ndarray, np.ndarray, dict]]:
-    """(chunk id, its stored rows, its sequences, the packer's state after it) for the chunks `todo`, in
-    order, until this rank's text runs out (every rank says so once all have stopped)."""
+def _forward_chunks(plan: Plan, reader: lm.SitesReader, packer: text.Packer, writers: list[store.StoreWriter],
+                    start: int, bar: tqdm) -> Iterator[tuple[store.StoreWriter, int, np.ndarray, np.ndarray, dict]]:
+    """(store writer, chunk id, its stored rows at that writer's site, its sequences, the packer's state
+    after it), chunk after chunk of this rank from its `start`-th on, for every store that has not
+    committed the chunk yet (stores resumed from different places skip what they hold), until this
+    rank's text runs out (every rank says so once all have stopped)."""
     L = plan.layout
-    for i in todo:
+    ids = writers[0].chunk_ids
+    for k in range(start, len(ids)):
         seqs = packer.take(L.chunk_seqs)
         if len(seqs) < L.chunk_seqs:
             return
-        yield i, _forward_chunk(reader, seqs, plan.cfg.batch_size, plan.device, L), seqs, _state_dict(packer.state)
+        state = _state_dict(packer.state)
+        for writer, acts in zip(writers, _forward_chunk(reader, seqs, plan.cfg.batch_size, plan.device, L)):
+            if writer.chunks_done <= k:
+                yield writer, ids[k], acts, seqs, state
         bar.update(L.chunk_rows)
 
 
@@ -298,15 +341,20 @@ def _state_dict(state: text.PackState) -> dict:
     return {"docs_consumed": state.docs_consumed, "carry": list(state.carry)}
 
 
-def _forward_chunk(reader: lm.SiteReader, seqs: np.ndarray, batch_size: int, device: torch.device,
-                   L: store.Layout) -> np.ndarray:
-    """seqs [chunk_seqs, ctx] -> stored rows [chunk_rows, d] (float16, or bfloat16 bits as uint16)."""
+def _forward_chunk(reader: lm.SitesReader, seqs: np.ndarray, batch_size: int, device: torch.device,
+                   L: store.Layout) -> list[np.ndarray]:
+    """seqs [chunk_seqs, ctx] -> per site of the reader, stored rows [chunk_rows, d] (float16, or
+    bfloat16 bits as uint16)."""
     ids = torch.from_numpy(seqs).to(device)
-    out = []
+    per_site: list[list[torch.Tensor]] = [[] for _ in reader.sites]
     for batch in lm.iter_batches(ids, batch_size):
-        acts = reader(batch)[:, L.first_pos :]  # [b, rows_per_seq, d]
-        out.append(acts.reshape(-1, L.d_model))
-    acts = torch.cat(out)
+        for out, acts in zip(per_site, reader(batch)):
+            out.append(acts[:, L.first_pos :].reshape(-1, L.d_model))  # [b * rows_per_seq, d]
+    return [_stored(torch.cat(out), L) for out in per_site]
+
+
+def _stored(acts: torch.Tensor, L: store.Layout) -> np.ndarray:
+    """float32 rows -> the store's 16-bit rows on the CPU (float16, or bfloat16 bits as uint16)."""
     if L.acts_dtype == "bfloat16":
         return acts.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
     acts = acts.to(torch.float16)

@@ -398,25 +398,6 @@ class StoreWriter:
         """
         self.commit(self.write_files(i, acts, contexts), pack_state)
 
-    def write_chunks(self, chunks: Iterable[tuple[int, np.ndarray, np.ndarray, dict[str, Any]]], threads: int = 1) -> None:
-        """Write and commit (global chunk id, acts, contexts, pack state after it) in the order given,
-        compressing and writing up to `threads` chunks at once (`write_files`, overlapping whatever
-        produces the next ones) and committing each once it and every chunk before it are written."""
-        with ThreadPoolExecutor(threads, thread_name_prefix="store-writer") as pool:
-            writing: deque[tuple[Future, dict[str, Any]]] = deque()
-            try:
-                for i, acts, contexts, pack_state in chunks:
-                    if len(writing) == threads:
-                        written, state = writing.popleft()
-                        self.commit(written.result(), state)
-                    writing.append((pool.submit(self.write_files, i, acts, contexts), pack_state))
-                while writing:
-                    written, state = writing.popleft()
-                    self.commit(written.result(), state)
-            finally:
-                for written, _ in writing:  # a failure: what is still being written is never committed
-                    written.cancel()
-
     def write_files(self, i: int, acts: np.ndarray, contexts: np.ndarray) -> WrittenChunk:
         """Write chunk i's three files (encoded as zarr would) and its checksum record, and compute its
         statistics, without committing it: readers do not see it until `commit`. Chunks of this rank
@@ -499,6 +480,31 @@ def update_attributes(path: str | Path, update: dict[str, Any]) -> None:
     metadata = json.loads(f.read_text())
     metadata["attributes"] = {**metadata.get("attributes", {}), **update}
     write_json(f, metadata)
+
+
+def write_chunks(chunks: Iterable[tuple[StoreWriter, int, np.ndarray, np.ndarray, dict[str, Any]]],
+                 threads: int = 1) -> None:
+    """Write and commit (writer, global chunk id, acts, contexts, pack state after it), each writer's
+    chunks in its order: up to `threads` chunks are encoded and written at once (`write_files`,
+    overlapping whatever produces the next ones), and each is committed once it and every chunk before
+    it are written. Several stores may be written side by side (one writer each)."""
+    with ThreadPoolExecutor(threads, thread_name_prefix="store-writer") as pool:
+        writing: deque[tuple[StoreWriter, Future, dict[str, Any]]] = deque()
+        try:
+            for writer, i, acts, contexts, pack_state in chunks:
+                if len(writing) == threads:
+                    _commit_oldest(writing)
+                writing.append((writer, pool.submit(writer.write_files, i, acts, contexts), pack_state))
+            while writing:
+                _commit_oldest(writing)
+        finally:
+            for _, written, _ in writing:  # a failure: what is still being written is never committed
+                written.cancel()
+
+
+def _commit_oldest(writing: deque[tuple[StoreWriter, Future, dict[str, Any]]]) -> None:
+    writer, written, pack_state = writing.popleft()
+    writer.commit(written.result(), pack_state)
 
 
 def _create_arrays(group: zarr.Group, layout: Layout, compressors: list) -> None:

@@ -124,6 +124,10 @@ def parted(tiny_gpt2, corpus_jsonl, tmp_path_factory):
         (_job, compose(args("single")), tmp / "refused"),
         (_job, compose(args("two")), tmp / "again"),
         (_job, compose(harvest_overrides(tiny_gpt2, small, tmp / "short", tokens=3000)), tmp / "short"),
+        (_job, compose(harvest_overrides(tiny_gpt2, corpus_jsonl, tmp / "x", tokens=TOKENS, layer="[1,2]")
+                       + [f"store='{tmp}/sites-{{layer}}'"]), tmp / "sites"),  # both layers from one pass
+        (_job, compose(harvest_overrides(tiny_gpt2, corpus_jsonl, tmp / "layer1", tokens=TOKENS, layer=1)),
+         tmp / "layer1"),
     ]
     spawn_local(_run_jobs, WORLD, jobs)
     return {"tmp": tmp, "torchrun": torchrun, "single_digest": single_digest, "two_digest": two_digest,
@@ -240,3 +244,13 @@ def test_activation_store_and_batches_read_it_as_one_dataset(parted):
     assert sorted(map(bytes, seen)) == sorted(map(bytes, rows))  # one epoch: every row once
     ctx, pos = s.context(31)  # row 1 of chunk 1 (rank 1's first chunk): sequence 2, position 2
     assert (ctx.tolist(), pos) == (s.contexts[2].tolist(), 2)
+
+
+def test_several_sites_on_two_ranks_equal_their_single_site_parted_stores(parted):
+    from tests.harvest.test_sites import _digest as data_digest  # every file but the root attributes
+
+    tmp = parted["tmp"]
+    assert all("rows" in o for o in _outcomes(tmp / "sites")), _outcomes(tmp / "sites")
+    assert data_digest(tmp / "sites-2") == data_digest(tmp / "two")
+    assert data_digest(tmp / "sites-1") == data_digest(tmp / "layer1")
+    assert ActivationStore(tmp / "sites-1").complete and ActivationStore(tmp / "sites-2").complete

@@ -58,3 +58,18 @@ def test_load_lm_drops_the_blocks_above(tiny_llama):
     assert len(lm.blocks(model)) == 2
     assert tokenizer.eos_token == "<|endoftext|>"
 
+
+
+def test_one_pass_reads_several_sites_as_single_readers_do(model_dir):
+    """SitesReader returns each (layer, site) as its own SiteReader does, in the order given, and
+    stops once the last of them has run (the blocks above the deepest never run)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = _ids(model.config.vocab_size)
+    sites = [(2, "mlp_out"), (0, "resid_post"), (2, "attn_out"), (1, "resid_post")]
+    ran = []
+    handle = lm.blocks(model)[3].register_forward_hook(lambda *a: ran.append(3))
+    got = lm.SitesReader(model, sites)(ids)
+    assert not ran  # block 3 is above the deepest site (block 2's MLP)
+    handle.remove()
+    for (layer, site), acts in zip(sites, got, strict=True):
+        torch.testing.assert_close(acts, lm.SiteReader(model, layer, site)(ids), rtol=0, atol=0)

@@ -22,8 +22,9 @@ def _digest(folder: Path) -> str:
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    ({"site": "mlp_in"}, "site must be one of resid_post, attn_out, mlp_out, got 'mlp_in'"),
+    ({"site": "mlp_in"}, "site must be one of resid_post, attn_out, mlp_out, or a list of them, got 'mlp_in'"),
     ({"layer": 4}, r"layer 4 is out of range: .* has blocks 0\.\.3"),
+    ({"layer": "[1,9]", "store": "'{store}_{layer}'"}, r"layer 9 is out of range: .* has blocks 0\.\.3"),
     ({"tokens": 29}, "tokens=29 is below one chunk"),
     ({"context_size": 65}, "exceeds .*64 positions"),
     ({"dataset.name": "/nonexistent/docs.jsonl"}, "does not exist"),
@@ -37,10 +38,11 @@ def _digest(folder: Path) -> str:
     ({"dataset.text_field": "body"}, "dataset.text_field 'body' is not a field of the records of .*; their fields: id, text"),
 ])
 def test_bad_input_is_refused_before_any_work(tiny_gpt2, corpus_jsonl, tmp_path, extra, message):
+    extra = {k: v.replace("{store}", str(tmp_path / "s")) if isinstance(v, str) else v for k, v in extra.items()}
     overrides = harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "s", **extra)
     with pytest.raises(HarvestError, match=message):
         preflight(compose(overrides))
-    assert not (tmp_path / "s").exists()
+    assert not list(tmp_path.iterdir())
 
 
 def test_unknown_models_are_refused(tmp_path, corpus_jsonl):

@@ -80,7 +80,7 @@ def test_the_writer_encodes_every_chunk_file_as_zarr_does(tmp_path, codec_name, 
     reads the store back."""
     import zarr
 
-    from harvest.store import ARRAYS, StoreWriter, _create_arrays, codec
+    from harvest.store import ARRAYS, StoreWriter, _create_arrays, codec, write_chunks
 
     rng = np.random.default_rng(0)
     layout = Layout(d_model=12, context_size=9, first_pos=1, chunk_seqs=3, n_chunks=4, acts_dtype=acts_dtype)
@@ -90,7 +90,7 @@ def test_the_writer_encodes_every_chunk_file_as_zarr_does(tmp_path, codec_name, 
     seqs = [rng.integers(0, 500, size=(3, 9)) for _ in range(4)]
     writer = StoreWriter.create(tmp_path / "ours", layout, codec(codec_name, 1), {"model": "m", "layer": 0,
                                                                                   "site": "s", "config": {}})
-    writer.write_chunks(((i, acts[i], seqs[i], {}) for i in range(4)), threads=3)
+    write_chunks(((writer, i, acts[i], seqs[i], {}) for i in range(4)), threads=3)
     theirs = zarr.open_group(str(tmp_path / "theirs"), mode="w-")
     _create_arrays(theirs, layout, codec(codec_name, 1))
     for i in range(4):

@@ -1,0 +1,100 @@
+"""Several sites in one pass of the LM (`layer=[...]`, `site=[...]`): one store per (layer, site), each
+byte for byte what harvesting that site alone writes, also after kill -9 and resume, and when the stores
+were left at different places."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harvest.config import RUNTIME_KEYS
+from harvest.run import harvest
+from harvest.store import ActivationStore
+from tests.conftest import ROOT, compose, harvest_overrides, run_cli
+
+SITES = [(1, "resid_post"), (1, "mlp_out"), (3, "attn_out"), (3, "resid_post")]
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # bit-identical float32 across processes
+
+
+def _digest(folder: Path) -> str:
+    """Of every file of a store but its root attributes (which record its path and runtime keys)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / "zarr.json"):
+        h.update(str(f.relative_to(folder)).encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def _same_store(a: Path, b: Path) -> None:
+    assert _digest(a) == _digest(b), f"{a} and {b} differ"
+    x, y = ActivationStore(a), ActivationStore(b)
+    for key in ("n_tokens", "complete", "mean", "var", "progress", "layer", "site", "n_layers"):
+        assert x.attrs[key] == y.attrs[key], key
+    assert {k: v for k, v in x.attrs["config"].items() if k not in RUNTIME_KEYS} == \
+           {k: v for k, v in y.attrs["config"].items() if k not in RUNTIME_KEYS}
+
+
+def _several(tiny_gpt2, corpus_jsonl, path: Path, **extra) -> list[str]:
+    return harvest_overrides(tiny_gpt2, corpus_jsonl, "x", layer="[1,3]", site="[resid_post,mlp_out,attn_out]",
+                             **extra) + [f"store='{path}/{{site}}{{layer}}'"]
+
+
+def _alone(tiny_gpt2, corpus_jsonl, path: Path, layer: int, site: str, **extra) -> list[str]:
+    return harvest_overrides(tiny_gpt2, corpus_jsonl, path / f"{site}{layer}", layer=layer, site=site, **extra)
+
+
+def test_several_sites_in_one_pass_equal_single_site_harvests(tiny_gpt2, corpus_jsonl, tmp_path):
+    result = harvest(compose(_several(tiny_gpt2, corpus_jsonl, tmp_path / "one-pass", tokens=450)))
+    assert [p.name for p in result.stores] == ["resid_post1", "mlp_out1", "attn_out1", "resid_post3", "mlp_out3",
+                                               "attn_out3"]
+    for layer, site in SITES:
+        harvest(compose(_alone(tiny_gpt2, corpus_jsonl, tmp_path / "alone", layer, site, tokens=450)))
+        _same_store(tmp_path / "one-pass" / f"{site}{layer}", tmp_path / "alone" / f"{site}{layer}")
+
+
+def test_stores_left_at_different_places_are_each_completed(tiny_gpt2, corpus_jsonl, tmp_path):
+    """One store already complete at a smaller budget, one half written, the others new: one command
+    extends, resumes and starts them from the same pass, each equal to a single-site harvest."""
+    one_pass = tmp_path / "one-pass"
+    harvest(compose(_alone(tiny_gpt2, corpus_jsonl, one_pass, 1, "resid_post", tokens=150)))
+    harvest(compose(_alone(tiny_gpt2, corpus_jsonl, one_pass, 3, "mlp_out", tokens=300)))
+    result = harvest(compose(_several(tiny_gpt2, corpus_jsonl, one_pass, tokens=450)))
+    assert result.rows == 450
+    for layer, site in SITES:
+        harvest(compose(_alone(tiny_gpt2, corpus_jsonl, tmp_path / "alone", layer, site, tokens=450)))
+        _same_store(one_pass / f"{site}{layer}", tmp_path / "alone" / f"{site}{layer}")
+
+
+def _committed(store: Path) -> int:
+    try:
+        return json.loads((store / "zarr.json").read_text())["attributes"]["progress"]["chunks_done"]
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+def test_kill_9_then_resume_gives_the_single_site_stores(tiny_gpt2, corpus_jsonl, tmp_path):
+    """Killed twice while writing six stores from one pass (3 chunks written at once), then run again:
+    every store equals its uninterrupted single-site harvest byte for byte."""
+    args = _several(tiny_gpt2, corpus_jsonl, tmp_path / "killed", tokens=2400, writer_threads=3)  # 80 chunks each
+    watched = tmp_path / "killed" / "attn_out3"
+    for kill_after in (5, 30):
+        proc = subprocess.Popen([sys.executable, "-m", "harvest", *args], cwd=ROOT, env={**os.environ, **ONE_THREAD},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 120
+        while _committed(watched) < kill_after and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert _committed(watched) >= kill_after
+    assert not ActivationStore(watched).complete
+    out = run_cli(args, env=ONE_THREAD)
+    assert out.returncode == 0, out.stderr
+    for layer, site in SITES:
+        alone = _alone(tiny_gpt2, corpus_jsonl, tmp_path / "alone", layer, site, tokens=2400, writer_threads=1)
+        assert run_cli(alone, env=ONE_THREAD).returncode == 0
+        _same_store(tmp_path / "killed" / f"{site}{layer}", tmp_path / "alone" / f"{site}{layer}")
