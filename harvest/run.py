@@ -28,7 +28,8 @@ import dataclasses
 import itertools
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,7 +281,7 @@ def repair(plan: Plan) -> list[int]:
             for i in ids[: ids.index(max(wanted)) + 1]:
                 seqs = packer.take(L.chunk_seqs)  # chunk i's sequences, whether or not it is bad
                 if i in wanted:
-                    acts = _forward_chunk(reader, seqs, cfg.batch_size, plan.device, L)[0]
+                    acts = _forward_chunk(reader, seqs, cfg.batch_size, plan.device, L)[0]()
                     changed += [f"{name} chunk {i}" for name in writer.rewrite_chunk(i, acts, seqs)]
                     bar.update()
     after = store.verify(cfg.store, progress=False)
@@ -323,18 +324,41 @@ def _forward_chunks(plan: Plan, reader: lm.SitesReader, packer: text.Packer, wri
     """(store writer, chunk id, its stored rows at that writer's site, its sequences, the packer's state
     after it), chunk after chunk of this rank from its `start`-th on, for every store that has not
     committed the chunk yet (stores resumed from different places skip what they hold), until this
-    rank's text runs out (every rank says so once all have stopped)."""
+    rank's text runs out (every rank says so once all have stopped).
+
+    Off the LM's critical path: the next chunk's text is packed and tokenised by a thread while the
+    LM runs, and (on CUDA) a chunk's rows travel to pinned host memory while the next chunk's forward
+    runs, so the device never waits for the host."""
     L = plan.layout
     ids = writers[0].chunk_ids
-    for k in range(start, len(ids)):
-        seqs = packer.take(L.chunk_seqs)
-        if len(seqs) < L.chunk_seqs:
-            return
-        state = _state_dict(packer.state)
-        for writer, acts in zip(writers, _forward_chunk(reader, seqs, plan.cfg.batch_size, plan.device, L)):
-            if writer.chunks_done <= k:
-                yield writer, ids[k], acts, seqs, state
-        bar.update(L.chunk_rows)
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as tokenizer:
+        text_ahead = tokenizer.submit(_take, packer, L.chunk_seqs)
+        previous: list | None = None  # the chunk whose rows are on their way to the host
+        for k in range(start, len(ids)):
+            seqs, state = text_ahead.result()
+            if len(seqs) < L.chunk_seqs:
+                break
+            text_ahead = tokenizer.submit(_take, packer, L.chunk_seqs)
+            rows = _forward_chunk(reader, seqs, plan.cfg.batch_size, plan.device, L)  # copies started
+            if previous is not None:
+                yield from _arrived(*previous, writers, bar)
+            previous = [k, ids[k], rows, seqs, state]
+        if previous is not None:
+            yield from _arrived(*previous, writers, bar)
+
+
+def _take(packer: text.Packer, n: int) -> tuple[np.ndarray, dict]:
+    """The next n sequences and the packer's state after them."""
+    return packer.take(n), _state_dict(packer.state)
+
+
+def _arrived(k: int, i: int, rows: list[Callable[[], np.ndarray]], seqs: np.ndarray, state: dict,
+             writers: list[store.StoreWriter], bar: tqdm) -> Iterator[tuple[store.StoreWriter, int, np.ndarray, np.ndarray, dict]]:
+    """Chunk i (this rank's k-th) for each store that still needs it, once its rows are on the host."""
+    for writer, host in zip(writers, rows):
+        if writer.chunks_done <= k:
+            yield writer, i, host(), seqs, state
+    bar.update(len(seqs) * (seqs.shape[1] - writers[0].layout.first_pos))
 
 
 def _state_dict(state: text.PackState) -> dict:
@@ -342,22 +366,38 @@ def _state_dict(state: text.PackState) -> dict:
 
 
 def _forward_chunk(reader: lm.SitesReader, seqs: np.ndarray, batch_size: int, device: torch.device,
-                   L: store.Layout) -> list[np.ndarray]:
-    """seqs [chunk_seqs, ctx] -> per site of the reader, stored rows [chunk_rows, d] (float16, or
-    bfloat16 bits as uint16)."""
+                   L: store.Layout) -> list[Callable[[], np.ndarray]]:
+    """seqs [chunk_seqs, ctx] -> per site of the reader, a call giving its stored rows [chunk_rows, d] on
+    the host (float16, or bfloat16 bits as uint16), their copy from the device already started."""
     ids = torch.from_numpy(seqs).to(device)
     per_site: list[list[torch.Tensor]] = [[] for _ in reader.sites]
     for batch in lm.iter_batches(ids, batch_size):
         for out, acts in zip(per_site, reader(batch)):
             out.append(acts[:, L.first_pos :].reshape(-1, L.d_model))  # [b * rows_per_seq, d]
-    return [_stored(torch.cat(out), L) for out in per_site]
+    return [_to_host(torch.cat(out), L) for out in per_site]
 
 
-def _stored(acts: torch.Tensor, L: store.Layout) -> np.ndarray:
-    """float32 rows -> the store's 16-bit rows on the CPU (float16, or bfloat16 bits as uint16)."""
-    if L.acts_dtype == "bfloat16":
-        return acts.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
-    acts = acts.to(torch.float16)
-    if not torch.isfinite(acts).all():
-        raise HarvestError("activations overflow float16 (|x| > 65504); harvest again with store_dtype=bfloat16")
-    return acts.cpu().numpy()
+def _to_host(acts: torch.Tensor, L: store.Layout) -> Callable[[], np.ndarray]:
+    """float32 rows on the device -> a call giving the store's 16-bit rows on the host. On CUDA the rows
+    are converted there and copied into pinned memory asynchronously: the call waits for the copy (and
+    only then reads the overflow check, so nothing synchronises before it)."""
+    bf16 = L.acts_dtype == "bfloat16"
+    stored = acts.to(torch.bfloat16).view(torch.int16) if bf16 else acts.to(torch.float16)
+    finite = torch.ones((), dtype=torch.bool, device=acts.device) if bf16 else torch.isfinite(stored).all()
+    if acts.device.type == "cuda":
+        host = torch.empty(stored.shape, dtype=stored.dtype, pin_memory=True)
+        host.copy_(stored, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+    else:
+        host, copied = stored, None
+
+    def arrived() -> np.ndarray:
+        if copied is not None:
+            copied.synchronize()
+        if not bool(finite):
+            raise HarvestError("activations overflow float16 (|x| > 65504); harvest again with store_dtype=bfloat16")
+        rows = host.numpy()
+        return rows.view(np.uint16) if bf16 else rows
+
+    return arrived
