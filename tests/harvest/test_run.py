@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from harvest.config import HarvestError
 from harvest.run import harvest, preflight
@@ -106,3 +107,19 @@ def test_store_appears_whole_and_leftovers_of_a_killed_creation_are_cleared(tiny
     harvest(compose(harvest_overrides(tiny_gpt2, corpus_jsonl, tmp_path / "s")))
     assert ActivationStore(tmp_path / "s").complete
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+
+
+def test_activations_beyond_float16_overflow_are_refused_in_one_line(tiny_gpt2, corpus_jsonl, tmp_path):
+    """An LM whose residual stream overflows float16 stops the harvest with the remedy (store_dtype=bfloat16),
+    the check read once the chunk's rows reach the host; with bfloat16 storage the same LM harvests."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    with torch.no_grad():
+        model.transformer.wte.weight.mul_(1e6)
+    model.save_pretrained(tmp_path / "huge")
+    AutoTokenizer.from_pretrained(tiny_gpt2).save_pretrained(tmp_path / "huge")
+    with pytest.raises(HarvestError, match=r"^activations overflow float16 .* store_dtype=bfloat16$"):
+        harvest(compose(harvest_overrides(tmp_path / "huge", corpus_jsonl, tmp_path / "s", layer=0)))
+    harvest(compose(harvest_overrides(tmp_path / "huge", corpus_jsonl, tmp_path / "b", layer=0, store_dtype="bfloat16")))
+    assert ActivationStore(tmp_path / "b").complete
