@@ -3,6 +3,7 @@
 A store is a zarr v3 group (a folder) holding, for R rows (tokens) of a d-wide site:
 
     acts      [R, d]        float16 (or bfloat16 kept as uint16 bits), chunks of C rows, compressed
+                            (codec=none: uncompressed, and read memory-mapped)
     tokens    [R]           int32, the token id at each row
     contexts  [S, ctx]      int32, the full token sequence each row comes from (S = R / rows_per_seq)
 
@@ -23,9 +24,10 @@ to a decompressor. `verify` checks a whole store; `harvest repair=true` re-creat
 (a chunk is a pure function of the config and its index). Version-1 stores (no records) are read with
 the checks that need no record: files present, blosc headers consistent, decodable.
 
-Crash safety: zarr writes every chunk file and zarr.json through a temporary file + rename. A
-chunk's data is written first; then the attributes, which advance `progress`, are written in one
-atomic step. A kill at any moment leaves either the old or the new progress; chunks past it are
+Crash safety: every chunk file and zarr.json is written through a temporary file + rename (chunk
+files encoded here exactly as zarr encodes them, `encode_chunk`). A chunk's data is written first
+(several chunks may be written at once by threads); then, in chunk order, the attributes, which
+advance `progress`, are written in one atomic step. A kill at any moment leaves either the old or the new progress; chunks past it are
 simply written again, with the same bytes.
 
 Parted stores (one store written by W processes, W > 1): rank r writes the global chunks
