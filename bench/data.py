@@ -12,13 +12,14 @@ median of each entry's rows/s:
   - the heap the loader holds (tracemalloc peak) on a few chunks and on every chunk of the store;
   - the harvest writer's ceiling: the store's own rows written again through `StoreWriter` (the LM
     replaced by precomputed activations), per codec and thread count, beside the LM forward alone;
+  - ratios as medians of the ratios within each round (this machine's speed drifts within a minute);
   - the rows/s a training step consumes: TopK M 24576 and width-matched Switch N 16 at the paper
     shape (d 768, k 32), measured here, and on an H100 on paper (400 TFLOP/s of bf16 matmul,
     3.35 TB/s of HBM, the roofline of bench/train_step.py: FLOPs plus the per-step update traffic),
     with the loader cores that rate takes at the per-core rate measured here (the every-core rate
     divided by the cores; scaled by 576/768 to d 768: the loader's cost is per byte).
 
-    python -m bench.data [--chunks 40] [--rounds 3] [--batches 24] [--quick]   -> results/bench/data.json
+    python -m bench.data [--chunks 40] [--rounds 5] [--batches 24] [--quick]   -> results/bench/data.json
 """
 
 from __future__ import annotations
@@ -131,6 +132,11 @@ def heap_peak(make: Callable[[], Iterator[torch.Tensor]], n: int) -> int:
     return peak
 
 
+def paired(runs: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of a's rate / b's rate, each pair measured in the same round."""
+    return statistics.median(x / y for x, y in zip(runs[a], runs[b], strict=True))
+
+
 def measure_loaders(src: ActivationStore, tmp: Path, n_chunks: int, rounds: int, n_batches: int) -> dict:
     ids = list(range(n_chunks))
     packed = copy_chunks(src, tmp / "compressed", ids, src.harvest_config.get("codec", "blosc_zstd"))
@@ -160,12 +166,13 @@ def measure_loaders(src: ActivationStore, tmp: Path, n_chunks: int, rounds: int,
             runs[name].append(entries[name]())
     out = {name: statistics.median(v) for name, v in runs.items()}
     out["rounds"] = runs
-    out["ratio_compressed_vs_decode_all"] = out[f"loader, compressed, {every} thread(s)"] / \
-        out[f"read + check + decode, {every} thread(s)"]
-    out["ratio_compressed_vs_previous"] = out[f"loader, compressed, {every} thread(s)"] / \
-        out["previous loader, compressed"]
-    out["ratio_mapped_vs_gather"] = out[f"loader, memory-mapped, {every} thread(s)"] / \
-        out["plain gather from a memory-mapped array, to float32"]
+    # this machine's speed drifts within a minute: ratios are the median of the ratios within each round
+    out["ratio_compressed_vs_decode_all"] = paired(runs, f"loader, compressed, {every} thread(s)",
+                                                   f"read + check + decode, {every} thread(s)")
+    out["ratio_compressed_vs_previous"] = paired(runs, f"loader, compressed, {every} thread(s)",
+                                                 "previous loader, compressed")
+    out["ratio_mapped_vs_gather"] = paired(runs, f"loader, memory-mapped, {every} thread(s)",
+                                           "plain gather from a memory-mapped array, to float32")
     out["per_core_rows_s"] = {"compressed": out[f"loader, compressed, {every} thread(s)"] / every,
                               "memory-mapped": out[f"loader, memory-mapped, {every} thread(s)"] / every}
     return out
@@ -253,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", default=str(ROOT / "data/activations/smollm2-135m_resid_post20"))
     parser.add_argument("--chunks", type=int, default=40, help="chunks of the store the loader entries read")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, default=24, help="batches timed per loader entry")
     parser.add_argument("--steps", type=int, default=2, help="training steps timed per architecture")
     parser.add_argument("--quick", action="store_true", help="loader entries only")
@@ -268,6 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, value in loaders.items():
         if isinstance(value, float) and not name.startswith("ratio"):
             print(f"{name:<56}{value:>12,.0f}")
+    print("ratios: medians of the ratios within each round")
     print(f"loader / previous loader (compressed, every core): {loaders['ratio_compressed_vs_previous']:.2f}x")
     print(f"loader / read+check+decode (compressed, every core): {loaders['ratio_compressed_vs_decode_all']:.2f}")
     print(f"loader / plain memory-mapped gather (uncompressed, every core): {loaders['ratio_mapped_vs_gather']:.2f}")
@@ -284,7 +292,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{name:<56}{value:>12,.0f}")
         every = cpu_cores()
         for c in ("blosc_zstd", "none"):
-            scaling = writer[f"{c}, {every} thread(s)"] / writer[f"{c}, 1 thread(s)"]
+            scaling = paired(writer["rounds"], f"{c}, {every} thread(s)", f"{c}, 1 thread(s)")
             writer[f"scaling_{c}"] = scaling
             per_core_768 = writer[f"{c}, 1 thread(s)"] * src.d_model / 768
             writer[f"cores_for_1M_tok_s_d768_{c}"] = 1e6 / per_core_768

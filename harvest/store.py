@@ -346,6 +346,7 @@ class StoreWriter:
         self._acts, self._tokens, self._contexts = (group[name].with_config({"write_empty_chunks": True})
                                                     for name in ARRAYS)
         self.checksums = attrs.get("format_version", 1) >= 2  # record each chunk's checksums
+        self._root: dict[str, Any] | None = None  # zarr.json, read at the first commit (single-process stores)
         self.write_seconds = 0.0  # time spent in write_chunk, for benchmarks
 
     @classmethod
@@ -464,24 +465,19 @@ class StoreWriter:
         if self.world > 1:
             write_json(_part_file(self.path, self.rank), progress, indent=None)
             return
-        update_attributes(self.path, {
+        if self._root is None:  # the root metadata as this writer found it; only it changes them from now on
+            self._root = json.loads((self.path / "zarr.json").read_text())
+        self._root["attributes"] |= {
             "n_tokens": self.chunks_done * L.chunk_rows,
             "complete": self.chunks_done == L.n_chunks,
             "mean": self.stats.mean.tolist(),
             "var": self.stats.var.tolist(),
             "progress": progress,
-        })
-
-
-def update_attributes(path: str | Path, update: dict[str, Any]) -> None:
-    """Merge `update` into the root attributes of the store at `path` in one atomic write of its
-    zarr.json (zarr v3 group metadata; temporary file + rename). The per-chunk commit: zarr's own
-    attribute update costs about 15 ms a call here (a round trip through its event loop), this one
-    about 1 ms, and a commit is the one step of the harvest writer that cannot run in parallel."""
-    f = Path(path) / "zarr.json"
-    metadata = json.loads(f.read_text())
-    metadata["attributes"] = {**metadata.get("attributes", {}), **update}
-    write_json(f, metadata)
+        }
+        # One atomic write of zarr.json (zarr v3 group metadata; temporary file + rename): zarr's own
+        # attribute update costs about 15 ms a call here (a round trip through its event loop), this
+        # about 1 ms, and the commit is the one step of the harvest writer that cannot run in parallel.
+        write_json(self.path / "zarr.json", self._root, indent=None)
 
 
 def write_chunks(chunks: Iterable[tuple[StoreWriter, int, np.ndarray, np.ndarray, dict[str, Any]]],
