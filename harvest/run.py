@@ -1,14 +1,17 @@
-"""The harvest: text -> LM up to the hooked block -> chunks of activations -> zarr store.
+"""The harvest: text -> LM up to the last hooked site -> chunks of activations -> one zarr store per site.
 
-    preflight(cfg)   every check, in one clear line, before any model weight is read
-    harvest(cfg)     preflight, then the chunk loop; resumes an unfinished store
+    preflight(cfg)   every check, in one clear line, before any model weight is read: one Plan per store
+    harvest(cfg)     preflight, then the chunk loop; resumes unfinished stores
 
 Chunk i always holds sequences [i * chunk_seqs, (i + 1) * chunk_seqs) of the packed token
 stream, so an interrupted harvest re-run with the same config writes the same rows in the same
-order. Chunks are compressed and written by `writer_threads` threads at once (zarr compresses with
-the GIL released), overlapping the forward passes of the next chunks, and committed strictly in
-chunk order: a chunk's files may exist before the chunks ahead of it are committed, never its
-commit, so a kill at any moment resumes as before.
+order. Per chunk: a thread packs and tokenises the next chunk's text while the LM runs; one forward
+pass reads every (layer, site) and stops after the last (`lm.SitesReader`); on CUDA the rows travel to
+pinned host memory while the next forward runs; `writer_threads` threads encode and write chunk files
+(the GIL released), and commits follow strictly in chunk order per store (`store.write_chunks`): a
+chunk's files may exist before the chunks ahead of it are committed, never its commit, so a kill at
+any moment resumes as before. Stores left at different places resume from one pass: the text restarts
+where the store furthest behind stopped, and each store skips the chunks it holds.
 
 Several processes (`torchrun --nproc_per_node=R -m harvest ...`, runtime/ranks.py) write one
 parted store (see harvest/store.py): document j goes to rank j % R, which packs its own token
@@ -234,11 +237,11 @@ def _harvest(plans: list[Plan]) -> Result:
     write_seconds = sum(w.write_seconds for w in writers)
     barrier(ranks)  # every rank has committed its last chunk
     rows = []
-    for plan in plans:
+    for plan, done_before in zip(plans, before):
         progress = store.read_progress(plan.cfg.store)
         if not progress.finished(L.n_chunks):
             raise HarvestError(_ran_out(plan.cfg, L, progress))
-        rows.append((sum(progress.done) - before[plans.index(plan)]) * L.chunk_rows)
+        rows.append((sum(progress.done) - done_before) * L.chunk_rows)
     if ranks.is_main:
         for plan in todo:
             store.finish(plan.cfg.store, L, plan.meta)
