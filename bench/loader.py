@@ -79,8 +79,9 @@ print(json.dumps([sum(rates) / len(rates), resource.getrusage(resource.RUSAGE_SE
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", default="data/activations/smollm2-135m_resid_post20")
-    parser.add_argument("--chunks", type=int, default=20, help="chunks of the small store (the large one has 4x; at
-                        least 20, so that the default data.eval_frac holds one out)")
+    parser.add_argument("--chunks", type=int, default=20,
+                        help="chunks of the small store (the large one has 4x; at least 20, so that the default "
+                             "data.eval_frac holds one out)")
     parser.add_argument("--steps", type=int, default=4, help="training steps per measurement")
     parser.add_argument("--out", default="results/bench/loader.json")
     args = parser.parse_args()
