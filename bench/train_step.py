@@ -23,8 +23,9 @@ decoder and its gradient (16 per decoder parameter). Intermediates a fused kerne
 (pre-activations) and the k-row gathers of the sparse path (B k d reads, 0.8 GB per pass at paper
 scale, each row read ~10 times per batch) are not counted, so the bound is optimistic.
 
-bf16: the same steps under `torch.autocast(bfloat16)` for topk and switch N 16, bounded by the bf16
-matmul peak. It pays only where the CPU has bf16 matrix units (AMX) or on GPU tensor cores. The loss
+bf16: the same steps under `torch.autocast(bfloat16)` for topk and every switch entry (the reference
+runs in fp32 only), bounded by the bf16 matmul peak, printed side by side with fp32 with the TopK /
+Switch N 16 ratio in each dtype. It pays only where the CPU has bf16 matrix units (AMX) or on GPU tensor cores. The loss
 check trains topk twice with the real trainer on the demo store (200 steps, fp32 and bf16) and
 compares the final losses.
 
@@ -212,6 +213,23 @@ def bf16_loss_check(steps: int = 200) -> dict | None:
             "seconds_float32": seconds["float32"], "seconds_bfloat16": seconds["bfloat16"]}
 
 
+def side_by_side(entries: list[Entry]) -> None:
+    """Each entry measured in both dtypes: step time and step / bound in each, and TopK / Switch N 16 in each."""
+    by = {(e.arch, e.n_experts, e.match, e.dtype): e for e in entries}
+    print(f"\n{'entry':<28}{'fp32 s':>9}{'bf16 s':>9}{'fp32/bf16':>10}{'fp32 step/bound':>17}{'bf16 step/bound':>17}")
+    for (arch, n, match, dtype), e32 in by.items():
+        e16 = by.get((arch, n, match, "bfloat16"))
+        if dtype != "float32" or e16 is None:
+            continue
+        name = arch + (f" N={n} {match}" if n else "")
+        print(f"{name:<28}{e32.step_s:>9.3f}{e16.step_s:>9.3f}{e32.step_s / e16.step_s:>10.2f}"
+              f"{e32.step_s / e32.bound_s:>17.1f}{e16.step_s / e16.bound_s:>17.1f}")
+    for dtype in ("float32", "bfloat16"):
+        t, s = by.get(("topk", None, None, dtype)), by.get(("switch", 16, "width", dtype))
+        if t and s:
+            print(f"topk / switch N=16 width-matched in {dtype}: {t.step_s / s.step_s:.2f}x")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps per entry (after warm-up)")
@@ -229,7 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     fp32, bf16 = torch.float32, torch.bfloat16
     grid = [("topk", None, None, fp32)] + [("switch", n, "width", fp32) for n in (4, 8, 16, 32, 64)]
     grid += [("switch", n, "flops", fp32) for n in (2, 4, 8)] + [("switch_reference", 16, "width", fp32)]
-    grid += [("topk", None, None, bf16), ("switch", 16, "width", bf16)]
+    # every TopK and Switch entry in both dtypes, side by side (the reference: fp32 only)
+    grid = [g for base in grid for g in ([base] if base[0] == "switch_reference" else [base, (*base[:3], bf16)])]
     grid += [(name, None, None, fp32) for name in VARIANTS]
     if args.variants:
         grid = [("topk", None, None, fp32), ("switch", 16, "width", fp32)] + [(v, None, None, fp32) for v in VARIANTS]
@@ -266,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"switch N=8 flop-matched / topk: {by[('switch', 8, 'flops', 'float32')] / topk:.2f}x")
     if ("topk", None, None, "bfloat16") in by:
         print(f"topk fp32 / bf16 step time: {topk / by[('topk', None, None, 'bfloat16')]:.2f}x")
+        side_by_side(entries)
     if not (args.quick or args.variants or args.no_loss_check):
         check = bf16_loss_check()
         if check is None:
