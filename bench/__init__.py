@@ -32,3 +32,29 @@ def write_results(path: str | Path, results: Any) -> Path:
     path.write_text(json.dumps(results, indent=2))
     print(f"written: {path}")
     return path
+
+
+def store_like(src, dest: str | Path, n_chunks: int, codec_name: str | None = None):
+    """An empty store at `dest` with src's layout for n_chunks chunks and src's codec (or `codec_name`):
+    its StoreWriter. (harvest.store is imported here, not at the top: `import bench` stays light.)"""
+    import dataclasses
+
+    from harvest.store import StoreWriter, codec
+
+    config = src.harvest_config
+    compressors = codec(codec_name, 1) if codec_name else codec(config["codec"], config["codec_level"])
+    meta = {"model": src.model, "layer": src.layer, "site": src.site, "config": config, "tokenizer": src.tokenizer_name}
+    return StoreWriter.create(dest, dataclasses.replace(src.layout, n_chunks=n_chunks), compressors, meta)
+
+
+def copy_store(src, dest: str | Path, ids: list[int], codec_name: str | None = None):
+    """A store at `dest` holding src's chunks `ids` in that order (repeats allowed), with src's codec or
+    `codec_name`: an ActivationStore."""
+    import numpy as np
+
+    from harvest.store import ActivationStore
+
+    writer = store_like(src, dest, len(ids), codec_name)
+    for k, i in enumerate(ids):
+        writer.write_chunk(k, np.array(src.read_chunk_raw(i)), src.sequences_of([i], src.chunk_seqs), {})
+    return ActivationStore(dest)

@@ -25,9 +25,9 @@ median of each entry's rows/s:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench import write_results
-from harvest.store import ActivationStore, StoreWriter, codec, write_chunks
+from bench import copy_store, store_like, write_results
+from harvest.store import ActivationStore, is_store, write_chunks
 from runtime.cpu import cpu_cores
 from train.loader import Batches, norm_cut
 
@@ -111,16 +111,6 @@ def gather_rate(flat: np.ndarray, n: int) -> float:
     return n * BATCH / (time.perf_counter() - t0)
 
 
-def copy_chunks(src: ActivationStore, dest: Path, ids: list[int], codec_name: str) -> ActivationStore:
-    """A store holding src's chunks `ids` (in that order) written with another codec."""
-    layout = dataclasses.replace(src.layout, n_chunks=len(ids))
-    meta = {"model": src.model, "layer": src.layer, "site": src.site, "config": src.harvest_config}
-    writer = StoreWriter.create(dest, layout, codec(codec_name, 1), meta)
-    for k, i in enumerate(ids):
-        writer.write_chunk(k, np.array(src.read_chunk_raw(i)), src.sequences_of([i], layout.chunk_seqs), {})
-    return ActivationStore(dest)
-
-
 def heap_peak(make: Callable[[], Iterator[torch.Tensor]], n: int) -> int:
     """Peak bytes allocated by Python and numpy while n batches are served (tracemalloc)."""
     tracemalloc.start()
@@ -139,8 +129,8 @@ def paired(runs: dict[str, list[float]], a: str, b: str) -> float:
 
 def measure_loaders(src: ActivationStore, tmp: Path, n_chunks: int, rounds: int, n_batches: int) -> dict:
     ids = list(range(n_chunks))
-    packed = copy_chunks(src, tmp / "compressed", ids, src.harvest_config.get("codec", "blosc_zstd"))
-    plain = copy_chunks(src, tmp / "uncompressed", ids, "none")
+    packed = copy_store(src, tmp / "compressed", ids)
+    plain = copy_store(src, tmp / "uncompressed", ids, "none")
     flat = np.lib.format.open_memmap(tmp / "flat.npy", mode="w+", dtype=plain.acts.dtype,
                                      shape=(plain.n_rows, plain.d_model))
     for i in ids:
@@ -194,9 +184,7 @@ def writer_rate(src: ActivationStore, chunks: list[tuple[np.ndarray, np.ndarray]
                 threads: int) -> float:
     """Rows/s of the harvest's writer alone (`harvest.store.write_chunks`: encoded and written `threads`
     chunks at once, committed in order) on precomputed chunks, into a new store at `dest`."""
-    layout = dataclasses.replace(src.layout, n_chunks=len(chunks))
-    meta = {"model": src.model, "layer": src.layer, "site": src.site, "config": src.harvest_config}
-    writer = StoreWriter.create(dest, layout, codec(codec_name, 1), meta)
+    writer = store_like(src, dest, len(chunks), codec_name)
     t0 = time.perf_counter()
     write_chunks(((writer, k, acts, seqs, {}) for k, (acts, seqs) in enumerate(chunks)), threads)
     return len(chunks) * src.chunk_rows / (time.perf_counter() - t0)
@@ -266,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="loader entries only")
     parser.add_argument("--out", default=str(ROOT / "results/bench/data.json"))
     args = parser.parse_args(argv)
+    if not is_store(args.store):
+        sys.exit(f"bench-data: error: {args.store} is not an activation store (make harvest preset=demo builds the "
+                 "demo store; --store= another one)")
     src = ActivationStore(args.store)
     report: dict = {"store": args.store, "d": src.d_model, "batch": BATCH, "window_chunks": WINDOW,
                     "cores": cpu_cores(), "torch_threads": torch.get_num_threads()}

@@ -12,7 +12,6 @@ Measured in one run on the demo store (d = 576), batch 8192:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -22,23 +21,11 @@ from pathlib import Path
 
 import torch
 
-from bench import write_results
-from harvest.store import ActivationStore, StoreWriter, codec, split_chunks
+from bench import copy_store, write_results
+from harvest.store import ActivationStore, split_chunks
 from train.loader import Batches
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def copy_store(src: ActivationStore, dest: Path, n_chunks: int) -> Path:
-    """A store of n_chunks chunks, cycling through src's chunks (same layout and codec)."""
-    layout = dataclasses.replace(src.layout, n_chunks=n_chunks)
-    config = src.harvest_config
-    meta = {"model": src.model, "layer": src.layer, "site": src.site, "config": config, "tokenizer": src.tokenizer_name}
-    writer = StoreWriter.create(dest, layout, codec(config["codec"], config["codec_level"]), meta)
-    for i in range(n_chunks):
-        j = i % src.n_chunks
-        writer.write_chunk(i, src.read_chunk_raw(j), src.contexts[j * layout.chunk_seqs : (j + 1) * layout.chunk_seqs], {})
-    return dest
 
 
 def loader_rate(store: ActivationStore, batch: int, n_batches: int) -> float:
@@ -97,7 +84,7 @@ def main() -> None:
               f"-> loader / trainer = {report['loader_rows_s'] / rate:.1f}x")
     with tempfile.TemporaryDirectory(dir=Path(args.store).parent) as tmp:
         for n in (args.chunks, 4 * args.chunks):
-            path = copy_store(src, Path(tmp) / f"s{n}", n)
+            path = copy_store(src, Path(tmp) / f"s{n}", [i % src.n_chunks for i in range(n)]).path
             _, rss = trainer_rate(path, ["model=topk", "model.width=4096", "data.window_chunks=4"], args.steps)
             raw_gb = n * src.chunk_rows * src.d_model * 2 / 1e9
             report[f"peak_rss_bytes_{n}_chunks"] = rss

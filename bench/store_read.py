@@ -16,10 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
-from bench import write_results
-from harvest.store import ActivationStore, StoreWriter, codec
+from bench import copy_store, write_results
+from harvest.store import ActivationStore
 
 
 def per_chunk_ms(read, n: int) -> float:
@@ -38,11 +37,7 @@ def main() -> None:
     src = ActivationStore(args.store)
     L, C = src.layout, src.chunk_rows
     with tempfile.TemporaryDirectory(dir=Path(args.store).parent) as tmp:
-        writer = StoreWriter.create(Path(tmp) / "checked", L, codec("blosc_zstd", 1),
-                                    {"model": src.model, "layer": src.layer, "site": src.site, "config": {}})
-        for i in range(L.n_chunks):
-            writer.write_chunk(i, np.array(src.read_chunk_raw(i)), src.sequences_of([i], L.chunk_seqs), {})
-        checked = ActivationStore(Path(tmp) / "checked")
+        checked = copy_store(src, Path(tmp) / "checked", list(range(L.n_chunks)), "blosc_zstd")
         chunk_mb = checked.stored_bytes() / L.n_chunks / 1e6
         readers = {"checked (crc32 + size)": checked.read_chunk_raw, "unchecked (version 1)": src.read_chunk_raw,
                    "zarr's reader": lambda i: src.acts[i * C : (i + 1) * C]}

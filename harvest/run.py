@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from harvest import lm, store, text
 from harvest.config import HarvestConfig, HarvestError
-from runtime.cpu import cpu_cores
+from runtime.cpu import thread_count
 from runtime.device import pick_device, pick_dtype
 from runtime.files import disk_full
 from runtime.lock import WriterLock
@@ -92,7 +92,7 @@ def preflight(cfg: HarvestConfig) -> list[Plan]:
         d_model=int(config.hidden_size), context_size=cfg.context_size, first_pos=0 if cfg.keep_pos0 else 1,
         chunk_seqs=cfg.chunk_seqs, n_chunks=cfg.n_chunks, acts_dtype=cfg.store_dtype,
     )
-    threads = cpu_cores() if cfg.writer_threads == "auto" else int(cfg.writer_threads)
+    threads = thread_count(cfg.writer_threads)
     plans = []
     for layer, site in cfg.sites:
         one = cfg.for_site(layer, site)
@@ -336,7 +336,7 @@ def _forward_chunks(plan: Plan, reader: lm.SitesReader, packer: text.Packer, wri
     ids = writers[0].chunk_ids
     with ThreadPoolExecutor(1, thread_name_prefix="tokenizer") as tokenizer:
         text_ahead = tokenizer.submit(_take, packer, L.chunk_seqs)
-        previous: list | None = None  # the chunk whose rows are on their way to the host
+        previous = None  # (k, id, rows, seqs, state) of the chunk whose rows are on their way to the host
         for k in range(start, len(ids)):
             seqs, state = text_ahead.result()
             if len(seqs) < L.chunk_seqs:
@@ -344,10 +344,12 @@ def _forward_chunks(plan: Plan, reader: lm.SitesReader, packer: text.Packer, wri
             text_ahead = tokenizer.submit(_take, packer, L.chunk_seqs)
             rows = _forward_chunk(reader, seqs, plan.cfg.batch_size, plan.device, L)  # copies started
             if previous is not None:
-                yield from _arrived(*previous, writers, bar)
-            previous = [k, ids[k], rows, seqs, state]
+                yield from _arrived(*previous, writers)
+                bar.update(L.chunk_rows)
+            previous = (k, ids[k], rows, seqs, state)
         if previous is not None:
-            yield from _arrived(*previous, writers, bar)
+            yield from _arrived(*previous, writers)
+            bar.update(L.chunk_rows)
 
 
 def _take(packer: text.Packer, n: int) -> tuple[np.ndarray, dict]:
@@ -356,12 +358,11 @@ def _take(packer: text.Packer, n: int) -> tuple[np.ndarray, dict]:
 
 
 def _arrived(k: int, i: int, rows: list[Callable[[], np.ndarray]], seqs: np.ndarray, state: dict,
-             writers: list[store.StoreWriter], bar: tqdm) -> Iterator[tuple[store.StoreWriter, int, np.ndarray, np.ndarray, dict]]:
+             writers: list[store.StoreWriter]) -> Iterator[tuple[store.StoreWriter, int, np.ndarray, np.ndarray, dict]]:
     """Chunk i (this rank's k-th) for each store that still needs it, once its rows are on the host."""
     for writer, host in zip(writers, rows):
         if writer.chunks_done <= k:
             yield writer, i, host(), seqs, state
-    bar.update(len(seqs) * (seqs.shape[1] - writers[0].layout.first_pos))
 
 
 def _state_dict(state: text.PackState) -> dict:

@@ -27,8 +27,8 @@ the checks that need no record: files present, blosc headers consistent, decodab
 Crash safety: every chunk file and zarr.json is written through a temporary file + rename (chunk
 files encoded here exactly as zarr encodes them, `encode_chunk`). A chunk's data is written first
 (several chunks may be written at once by threads); then, in chunk order, the attributes, which
-advance `progress`, are written in one atomic step. A kill at any moment leaves either the old or the new progress; chunks past it are
-simply written again, with the same bytes.
+advance `progress`, are written in one atomic step. A kill at any moment leaves either the old or the
+new progress; chunks past it are simply written again, with the same bytes.
 
 Parted stores (one store written by W processes, W > 1): rank r writes the global chunks
 r, r + W, r + 2W, ... (`chunk_ids`), each to its own chunk files, so the ranks never write the same
@@ -341,13 +341,12 @@ class StoreWriter:
         self.chunks_done: int = progress.get("chunks_done", 0)  # of this rank's chunk_ids
         self.pack_state: dict[str, Any] = progress.get("pack_state", {"docs_consumed": 0, "carry": []})
         self.stats = RunningStats.from_json(layout.d_model, progress.get("stats"))
-        # every chunk gets its file, even one equal to the fill value (zarr would skip it): a missing file
-        # always means damage
-        self._acts, self._tokens, self._contexts = (group[name].with_config({"write_empty_chunks": True})
-                                                    for name in ARRAYS)
+        # the arrays' metadata (chunk keys, codecs); every chunk gets its file, even one equal to the fill
+        # value (zarr would skip it), so a missing file always means damage
+        self._arrays = {name: group[name] for name in ARRAYS}
         self.checksums = attrs.get("format_version", 1) >= 2  # record each chunk's checksums
         self._root: dict[str, Any] | None = None  # zarr.json, read at the first commit (single-process stores)
-        self.write_seconds = 0.0  # time spent in write_chunk, for benchmarks
+        self.write_seconds = 0.0  # time spent writing and committing chunks (summed over threads), for benchmarks
 
     @classmethod
     def create(cls, path: str | Path, layout: Layout, compressors: list, meta: dict[str, Any],
@@ -435,7 +434,7 @@ class StoreWriter:
                   "contexts": contexts.astype(np.int32)}
         record = {}
         for name in ARRAYS:
-            array = {"acts": self._acts, "tokens": self._tokens, "contexts": self._contexts}[name]
+            array = self._arrays[name]
             data = encode_chunk(array, values[name])
             f = self.path / name / array.metadata.encode_chunk_key(_chunk_coords(name, i))
             f.parent.mkdir(parents=True, exist_ok=True)
@@ -627,10 +626,11 @@ def as_float(acts: np.ndarray, acts_dtype: str) -> np.ndarray:
 
 
 def _decode(compressor: Any, data: Any, out: np.ndarray | None = None) -> Any:
-    """Undo one of the bytes-to-bytes codecs that `codec` makes (blosc or zstd) on a chunk's bytes,
-    into `out` when given (a contiguous array of exactly the decoded size). Releases the GIL."""
+    """Undo one of the bytes-to-bytes codecs that `codec` makes (blosc or zstd) on a chunk's bytes;
+    blosc decodes into `out` when given (a contiguous array of exactly the size its header states).
+    Releases the GIL."""
     if isinstance(compressor, zarr.codecs.BloscCodec):
-        # blosc trusts the compressed size in its header: check it against the bytes there are first
+        # blosc trusts the sizes in its header: check them against the bytes there are first
         if len(data) < 16 or struct.unpack_from("<I", data, 12)[0] != len(data):  # header bytes 12..15: cbytes
             raise ValueError("the blosc header does not match the file's size")
         if out is not None and struct.unpack_from("<I", data, 4)[0] != out.nbytes:  # bytes 4..7: nbytes
@@ -638,7 +638,7 @@ def _decode(compressor: Any, data: Any, out: np.ndarray | None = None) -> Any:
                              f"not {out.nbytes:,}")
         return numcodecs.Blosc().decode(data, out)
     if isinstance(compressor, zarr.codecs.ZstdCodec):
-        return numcodecs.Zstd().decode(data, out)
+        return numcodecs.Zstd().decode(data)
     raise ValueError(f"unsupported codec {type(compressor).__name__}")
 
 
@@ -775,7 +775,8 @@ class ActivationStore:
         `out`, a C-contiguous [chunk_rows, d] array of the store's dtype, when given). An uncompressed
         one (`codec=none`, `mapped`) is memory-mapped after its size is checked, then checked against
         its record: the array returned is the page cache itself (copied into `out` when given; a
-        private mapping, so writing to it never reaches the file). A missing or damaged file raises DamagedStore naming it, on both paths.
+        private mapping, so writing to it never reaches the file). A missing or damaged file raises
+        DamagedStore naming it, on both paths.
         """
         if not 0 <= i < self.n_chunks:
             raise IndexError(f"chunk {i} out of range (0..{self.n_chunks - 1})")
@@ -814,16 +815,19 @@ class ActivationStore:
                 for f in ahead:
                     f.cancel()
 
+    def _array(self, name: str) -> zarr.Array:
+        return {"acts": self.acts, "tokens": self.tokens, "contexts": self.contexts}[name]
+
     def _chunk_file(self, name: str, i: int) -> tuple[Path, str]:
         """(the file of chunk i of array `name`, how errors name it: `acts chunk 3 (acts/c/3/0)`)."""
-        array = {"acts": self.acts, "tokens": self.tokens, "contexts": self.contexts}[name]
-        key = array.metadata.encode_chunk_key(_chunk_coords(name, i))
+        key = self._array(name).metadata.encode_chunk_key(_chunk_coords(name, i))
         return self.path / name / key, f"{name} chunk {i} ({name}/{key})"
 
     def _read(self, name: str, i: int, out: np.ndarray | None = None) -> np.ndarray:
-        """Chunk i of array `name` ([chunk shape], the array's dtype), checked, then decoded (into `out`
-        when given: directly for blosc, whose header states the decoded size, else by a copy)."""
-        array = {"acts": self.acts, "tokens": self.tokens, "contexts": self.contexts}[name]
+        """Chunk i of array `name` ([chunk shape], the array's dtype), checked, then decoded into `out`
+        (a new array when None): directly for blosc alone, whose header states the decoded size, else
+        by a copy of what the codecs return."""
+        array = self._array(name)
         f, where = self._chunk_file(name, i)
         try:
             data = _read_file(f)
@@ -833,23 +837,22 @@ class ActivationStore:
             self._check(i, name, where, data)
         shape, dtype = array.chunks, np.dtype(array.dtype).newbyteorder("<")
         size = int(np.prod(shape))
+        out = np.empty(shape, dtype=dtype) if out is None else out
         codecs = list(reversed(array.compressors))  # the last one applied when writing is undone first
-        if out is None and len(codecs) == 1 and isinstance(codecs[0], zarr.codecs.BloscCodec):
-            out = np.empty(shape, dtype=dtype)
-        direct = out is not None and len(codecs) == 1 and isinstance(codecs[0], zarr.codecs.BloscCodec)
+        direct = len(codecs) == 1 and isinstance(codecs[0], zarr.codecs.BloscCodec)
         try:
-            for compressor in codecs:
-                data = _decode(compressor, data, out if direct else None)
+            if direct:
+                _decode(codecs[0], data, out)
+            else:
+                for compressor in codecs:
+                    data = _decode(compressor, data)
             values = out.reshape(-1) if direct else np.frombuffer(data, dtype=dtype)
         except Exception as e:  # a decompressor's error on damaged bytes (version-1 stores)
             raise self._damaged(f"{where} cannot be decoded ({e})") from None
         if values.size != size:
             raise self._damaged(f"{where} decodes to {values.size} values, not {size}")
-        if direct:
-            return out
-        if out is None:  # a writable array of its own (bytes objects give read-only views)
-            out = np.empty(shape, dtype=dtype)
-        out[...] = values.reshape(shape)
+        if not direct:
+            out[...] = values.reshape(shape)
         return out
 
     def _map(self, name: str, i: int) -> np.ndarray:
@@ -857,7 +860,7 @@ class ActivationStore:
         with the page cache, and a write to the array would stay in this process), its size checked
         before mapping (a short file would turn into a bus error on access) and its bytes against the
         checksum record."""
-        array = {"acts": self.acts, "tokens": self.tokens, "contexts": self.contexts}[name]
+        array = self._array(name)
         f, where = self._chunk_file(name, i)
         dtype = np.dtype(array.dtype).newbyteorder("<")
         want = int(np.prod(array.chunks)) * dtype.itemsize
@@ -868,8 +871,7 @@ class ActivationStore:
         try:
             size = os.fstat(fd).st_size
             if size != want:
-                raise self._damaged(f"{where} has {size:,} bytes where {want:,} were written (truncated or "
-                                    "overwritten)")
+                raise self._wrong_size(where, size, want)
             mapped = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)  # private: writes never reach the file
         finally:
             os.close(fd)
@@ -884,10 +886,12 @@ class ActivationStore:
         except (OSError, ValueError, KeyError, TypeError):
             raise self._damaged(f"{where} has no readable checksum record ({CHECKSUMS}/{i}.json)") from None
         if len(data) != want[0]:
-            raise self._damaged(f"{where} has {len(data):,} bytes where {want[0]:,} were written (truncated "
-                                "or overwritten)")
+            raise self._wrong_size(where, len(data), want[0])
         if zlib.crc32(data) != want[1]:
             raise self._damaged(f"{where} does not match the checksum recorded when it was written")
+
+    def _wrong_size(self, where: str, size: int, want: int) -> DamagedStore:
+        return self._damaged(f"{where} has {size:,} bytes where {want:,} were written (truncated or overwritten)")
 
     def _damaged(self, what: str) -> DamagedStore:
         return DamagedStore(f"store {self.path} is damaged: {what}; {_remedy(self.path)}", what)

@@ -17,6 +17,11 @@ def cpu_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def thread_count(value: int | str) -> int:
+    """A config's thread count: `auto` is every core this process may use, an integer itself."""
+    return cpu_cores() if value == "auto" else int(value)
+
+
 def keep_freed_memory(threshold: int = 256 << 20) -> bool:
     """Ask glibc to serve allocations below `threshold` bytes from its heaps and not to hand freed
     memory back to the kernel at once. The loader and the harvest writer allocate and free batches and

@@ -51,11 +51,6 @@ class DataConfig:
     allow_incomplete: bool
     outlier_factor: float | None
 
-    @property
-    def loader_threads(self) -> int | None:
-        """Workers of the loader (train.loader.Batches); None: every core."""
-        return None if self.threads == "auto" else int(self.threads)
-
 
 @dataclass(frozen=True)
 class TrainConfig:

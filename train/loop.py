@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from harvest.store import ActivationStore, held_out_period
 from runtime.config import flatten
+from runtime.cpu import thread_count
 from runtime.device import autocast, pick_device
 from runtime.errors import reraise_as
 from runtime.files import disk_full, remove_litter
@@ -378,7 +379,7 @@ def training_batches(cfg: TrainConfig, store: ActivationStore, train_ids: list[i
     """This rank's batches from `step` on (train/loader.py), rows above the norm cut left out."""
     shard = data_shard(train_ids, cfg.batch_size, cfg.seed, dist.rank, dist.world)
     return iter(Batches(store, *shard, cfg.data.window_chunks, step, dist.device, cut,
-                        threads=cfg.data.loader_threads, read_ahead=cfg.data.read_ahead))
+                        threads=thread_count(cfg.data.threads), read_ahead=cfg.data.read_ahead))
 
 
 def optimizer(cfg: TrainConfig, sae: SAE, layout: DataParallel, state: dict | None) -> tuple[torch.optim.Optimizer, float]:
