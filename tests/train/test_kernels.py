@@ -98,7 +98,7 @@ class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t._nnz() if t.is_sparse else t.numel())
+                self.largest = max(self.largest, t.numel() if t.layout == torch.strided else t._nnz())
         return out
 
 

@@ -40,13 +40,13 @@ B*k kept values as one embedding bag (exactly 2kd FLOPs per token); `decode` pac
 the same way.
 
 Encoder backward (`kernels`, as for TopK): only the B*k kept pre-activations carry gradient, so
-"sparse" computes grad (x - b_pre) as an embedding bag of the kept W_enc rows and grad W_enc as a
-sparse [M, B] x [B, d] matmul, 2kd each per token; "dense" scatters the kept gradients into [B, M]
-and runs two dense matmuls, 4dM per token; "auto" picks by width / k (kernels.prefer_sparse);
-"reference" is plain autograd through torch.topk (dense). The TopK kernel of train/saes/kernels.py
-selects per row inside its forward, so it cannot be reused for a batch-wide selection: `_BatchTopK`
-below is the same two sparse ops (embedding bag, sparse matmul) around the batch-wide top-k, held
-to plain autograd by tests/train/test_batchtopk.py.
+"sparse" computes grad (x - b_pre) as an embedding bag of the kept W_enc rows and grad W_enc as one
+bag of xc rows per latent (`kernels.sum_by_latent`), 2kd each per token; "dense" scatters the kept
+gradients into [B, M] and runs two dense matmuls, 4dM per token; "auto" picks by width / k
+(kernels.prefer_sparse); "reference" is plain autograd through torch.topk (dense). The TopK kernel of
+train/saes/kernels.py selects per row inside its forward, so it cannot be reused for a batch-wide
+selection: `_BatchTopK` below is the same two embedding bags around the batch-wide top-k, held to
+plain autograd by tests/train/test_batchtopk.py.
 
 Deviations, stated: with several data-parallel ranks each rank selects the top (B/R)*k of its own
 B/R tokens (not the top B*k of the global batch); theta is by default a moving average rather than
@@ -72,7 +72,7 @@ from train.recipe import init_tied_
 from train.saes.auxk import auxk_losses
 from train.saes.base import SAE, Codes, Output, register, sq_error
 from train.saes.flops import Cost
-from train.saes.kernels import runs_sparse
+from train.saes.kernels import runs_sparse, sum_by_latent
 from train.saes.topk import TopKSAE
 
 
@@ -138,10 +138,9 @@ class _BatchTopK(torch.autograd.Function):
         g_xc = g_w = g_b = None
         if ctx.sparse:
             if need_xc:  # sum over each row's kept latents of g * W_enc[latent]: an embedding bag
-                g_xc = F.embedding_bag(cols, w, _offsets(rows, n)[1], mode="sum", per_sample_weights=g)
+                g_xc = F.embedding_bag(cols, w.detach(), _offsets(rows, n)[1], mode="sum", per_sample_weights=g)
             if need_w:  # S^T xc with S [B, M] holding g at the kept entries
-                s = torch.sparse_coo_tensor(torch.stack([cols, rows]), g, (m, n), check_invariants=False)
-                g_w = torch.sparse.mm(s, xc.to(w.dtype))
+                g_w = sum_by_latent(cols, rows, g, xc.detach().to(w.dtype), m)
         else:
             dense = torch.zeros(n * m, dtype=ctx.dt, device=g.device).index_put_((flat,), g.to(ctx.dt)).view(n, m)
             if need_xc:

@@ -168,6 +168,15 @@ def _sparse_addmm(out, sparse, dense, *args: Any, **kwargs: Any) -> int:
 _sparse_addmm._get_raw = True  # type: ignore[attr-defined]
 
 
+def _sampled_addmm(mask, a, *args: Any, **kwargs: Any) -> int:
+    """aten.sparse_sampled_addmm (the sparse decoder's grad of the code values): one dot product of
+    a's width per stored entry of the mask. Reads the tensors themselves, like `_sparse_addmm`."""
+    return 2 * mask._nnz() * a.shape[1]
+
+
+_sampled_addmm._get_raw = True  # type: ignore[attr-defined]
+
+
 def _grouped_mm(a, b, *args: Any, **kwargs: Any) -> int:
     """aten._grouped_mm: [T, K] x [G, K, n] (each row by its group's matrix) -> 2Tkn; [m, T] x [T, n]
     (a weight gradient, summed within groups) -> 2mTn; [G, m, K] x [G, K, n] -> 2GmKn."""
@@ -182,13 +191,15 @@ def _grouped_mm(a, b, *args: Any, **kwargs: Any) -> int:
 
 def counter_mapping() -> dict:
     """`FlopCounterMode(custom_mapping=counter_mapping())`: teaches torch's counter the embedding-bag
-    ops of our sparse decoder and encoder backward, the sparse matmul of the encoder's weight
-    gradient (each 2kd per token as above) and the grouped matmul of Switch experts (it counts
-    them as 0 otherwise)."""
+    ops of our sparse decoder and encoder backward (bags of rows, and the weight gradients as bags per
+    latent), the sampled dot products of the decoder's value gradient (each 2kd per token as above),
+    the sparse matmul and the grouped matmul of Switch experts (it counts them as 0 otherwise)."""
     import torch
 
     aten = torch.ops.aten
     return {aten._embedding_bag: _bag_forward,
+            aten._embedding_bag_forward_only: _bag_forward,
+            aten.sparse_sampled_addmm: _sampled_addmm,
             aten._embedding_bag_per_sample_weights_backward: _bag_weights_backward,
             aten._embedding_bag_backward: _bag_backward,
             aten._sparse_addmm: _sparse_addmm,
