@@ -25,9 +25,10 @@ scale, each row read ~10 times per batch) are not counted, so the bound is optim
 
 bf16: the same steps under `torch.autocast(bfloat16)` for topk and every switch entry (the reference
 runs in fp32 only), bounded by the bf16 matmul peak, printed side by side with fp32 with the TopK /
-Switch N 16 ratio in each dtype. It pays only where the CPU has bf16 matrix units (AMX) or on GPU tensor cores. The loss
-check trains topk twice with the real trainer on the demo store (200 steps, fp32 and bf16) and
-compares the final losses.
+Switch N 16 ratio in each dtype. It pays only where the CPU has bf16 units (AMX, AVX512-BF16) or on
+GPU tensor cores. The loss check trains a TopK and a Switch SAE twice each with the real trainer on
+the demo store (200 steps, fp32 and bf16, three seeds; `LOSS_CHECK`) and compares the means of the
+final training losses and of the final held-out MSEs.
 
     python -m bench.train_step [--steps 3] [--quick | --variants] [--compile]   -> results/bench/train.json + a table
 """
@@ -187,9 +188,19 @@ def time_steps(sae: SAE, steps: int, dtype: torch.dtype, compile: bool = False,
     return statistics.median(times)
 
 
-def bf16_loss_check(steps: int = 200) -> dict | None:
-    """Final training loss of topk (width 2304, k 32, batch 1024) on the demo store after `steps`
-    steps in fp32 and in bf16 autocast, with the real trainer; None when the store is missing."""
+# The loss check's SAEs on the demo store (d 576): TopK, and a width-matched Switch whose experts
+# (e 576, k 32: e / k 18) run the sparse kernels, which compute in bf16 under autocast.
+LOSS_CHECK = {"topk": ["model=topk", "model.width=2304", "model.k=32"],
+              "switch": ["model=switch", "model.n_experts=4", "model.width=2304", "model.k=32"]}
+LOSS_CHECK_SEEDS = (0, 1, 2)
+
+
+def bf16_loss_check(steps: int = 200) -> list[dict] | None:
+    """Each `LOSS_CHECK` SAE trained with the real trainer on the demo store (batch 1024, `steps`
+    steps) in fp32 and in bf16 autocast, once per seed of LOSS_CHECK_SEEDS: the final training loss
+    and the final held-out MSE (validation.jsonl) per run, and the relative bf16 - fp32 difference of
+    their means over the seeds. Several seeds because a Switch's trajectory forks wherever a token's
+    expert flips: one seed's difference says little. None when the store is missing."""
     import tempfile
 
     from train.config import TrainConfig
@@ -197,20 +208,31 @@ def bf16_loss_check(steps: int = 200) -> dict | None:
 
     if not Path(compose_app("train", []).data.store, "zarr.json").exists():
         return None
-    losses, seconds = {}, {}
-    for dtype in ("float32", "bfloat16"):
-        overrides = [f"budget=steps:{steps}", "batch_size=1024", "model=topk", "model.width=2304", "model.k=32",
-                     f"dtype={dtype}", "progress=false", f"log_every={steps}", "device=cpu"]
-        with tempfile.TemporaryDirectory() as tmp:
-            t = time.perf_counter()
-            train(TrainConfig.from_omegaconf(compose_app("train", overrides)), Path(tmp))
-            seconds[dtype] = time.perf_counter() - t
-            last = json.loads((Path(tmp) / "metrics.jsonl").read_text().splitlines()[-1])
-            losses[dtype] = last["loss"]
-    return {"arch": "bf16_loss_check", "steps": steps, "batch_size": 1024, "width": 2304,
-            "loss_float32": losses["float32"], "loss_bfloat16": losses["bfloat16"],
-            "rel_diff": abs(losses["bfloat16"] - losses["float32"]) / losses["float32"],
-            "seconds_float32": seconds["float32"], "seconds_bfloat16": seconds["bfloat16"]}
+    rows = []
+    for arch, model in LOSS_CHECK.items():
+        runs: dict[str, dict[str, list[float]]] = {}
+        for dtype in ("float32", "bfloat16"):
+            runs[dtype] = {"loss": [], "heldout_mse": [], "seconds": []}
+            for seed in LOSS_CHECK_SEEDS:
+                overrides = [f"budget=steps:{steps}", "batch_size=1024", *model, f"dtype={dtype}", f"seed={seed}",
+                             "progress=false", f"log_every={steps}", "device=cpu"]
+                with tempfile.TemporaryDirectory() as tmp:
+                    t = time.perf_counter()
+                    train(TrainConfig.from_omegaconf(compose_app("train", overrides)), Path(tmp))
+                    runs[dtype]["seconds"].append(time.perf_counter() - t)
+                    runs[dtype]["loss"].append(json.loads((Path(tmp) / "metrics.jsonl").read_text().splitlines()[-1])["loss"])
+                    last = json.loads((Path(tmp) / "validation.jsonl").read_text().splitlines()[-1])
+                    runs[dtype]["heldout_mse"].append(last["mse"])
+        diff = {key: statistics.mean(runs["bfloat16"][key]) / statistics.mean(runs["float32"][key]) - 1
+                for key in ("loss", "heldout_mse")}
+        rows.append({"arch": "bf16_loss_check", "sae": arch, "model": model, "steps": steps, "batch_size": 1024,
+                     "seeds": list(LOSS_CHECK_SEEDS), "runs": runs, "rel_diff_loss": diff["loss"],
+                     "rel_diff_heldout_mse": diff["heldout_mse"]})
+    return rows
+
+
+def _floats(values: list[float]) -> str:
+    return "/".join(f"{v:.0f}" for v in values)
 
 
 def side_by_side(entries: list[Entry]) -> None:
@@ -287,14 +309,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"topk fp32 / bf16 step time: {topk / by[('topk', None, None, 'bfloat16')]:.2f}x")
         side_by_side(entries)
     if not (args.quick or args.variants or args.no_loss_check):
-        check = bf16_loss_check()
-        if check is None:
+        checks = bf16_loss_check()
+        if checks is None:
             print("bf16 loss check skipped: no demo store (make demo, or make harvest, builds it)")
-        else:
+        for check in checks or []:
             rows.append(check)
-            print(f"bf16 loss check (topk 2304, 200 steps x 1024 demo tokens): fp32 {check['loss_float32']:.1f}, "
-                  f"bf16 {check['loss_bfloat16']:.1f}, relative difference {check['rel_diff']:.2%}; "
-                  f"{check['seconds_float32']:.0f} s vs {check['seconds_bfloat16']:.0f} s")
+            f32, b16 = check["runs"]["float32"], check["runs"]["bfloat16"]
+            print(f"bf16 loss check ({' '.join(check['model'])}, 200 steps x 1024 demo tokens, seeds "
+                  f"{check['seeds']}): final loss fp32 {_floats(f32['loss'])}, bf16 {_floats(b16['loss'])}: means "
+                  f"{check['rel_diff_loss']:+.2%} apart; held-out MSE fp32 {_floats(f32['heldout_mse'])}, bf16 "
+                  f"{_floats(b16['heldout_mse'])}: means {check['rel_diff_heldout_mse']:+.2%} apart")
     write_results(args.out, rows)
 
 

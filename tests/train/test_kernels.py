@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from train.saes import build
-from train.saes.kernels import grouped_mm, runs_sparse, topk_encode, topk_encode_reference
+from train.saes.kernels import (decode_rows, grouped_mm, row_dots, runs_sparse, sum_by_latent, token_rows,
+                                topk_encode, topk_encode_reference)
 
 
 @pytest.mark.parametrize("sparse", [True, False])
@@ -85,6 +86,64 @@ def test_bf16_autocast_trains(arch, backward):
     out.losses["loss"].backward()
     assert torch.isfinite(out.losses["loss"]) and all(torch.isfinite(p.grad).all() for p in sae.parameters())
     assert sae.W_enc.grad.abs().sum() > 0
+
+
+def test_sum_by_latent_is_the_sparse_weight_gradient_with_empty_and_repeated_latents():
+    """S^T x for S holding g at (rows, latents): latents that never occur get zero rows, a latent that
+    occurs twice in one row counts twice, and rows need not be sorted."""
+    torch.manual_seed(0)
+    x = torch.randn(7, 5, dtype=torch.float64)
+    rows = torch.tensor([3, 0, 3, 6, 2, 3, 0])
+    latents = torch.tensor([4, 1, 4, 0, 1, 2, 9])  # 3, 5-8 and 10 never occur; (3, 4) twice
+    g = torch.randn(7, dtype=torch.float64)
+    s = torch.zeros(7, 11, dtype=torch.float64).index_put_((rows, latents), g, accumulate=True)
+    torch.testing.assert_close(sum_by_latent(latents, rows, g, x, 11), s.T @ x)
+
+
+def test_row_dots_sampled_at_each_rows_entries():
+    torch.manual_seed(0)
+    w, y = torch.randn(12, 6, dtype=torch.float64), torch.randn(5, 6, dtype=torch.float64)
+    idx = torch.tensor([[3, 1, 11], [0, 0, 5], [7, 2, 9], [11, 10, 4], [6, 8, 1]])  # unsorted, one repeat
+    torch.testing.assert_close(row_dots(idx, w, y), (w[idx] * y[:, None]).sum(-1))
+    half = row_dots(idx, w.bfloat16(), y.bfloat16())  # computed in float32
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, (w.bfloat16().float()[idx] * y.bfloat16().float()[:, None]).sum(-1))
+    assert torch.equal(token_rows(idx), torch.arange(5).repeat_interleave(3))
+
+
+def test_decode_rows_gradients_equal_plain_autograd():
+    torch.manual_seed(0)
+    idx = torch.stack([torch.randperm(20)[:4] for _ in range(30)])  # latents 20-24 never chosen
+    vals = torch.randn(30, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(25, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, w: decode_rows(idx, v, w), (vals, w))
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_bf16_kernels_stay_close_to_float32(sparse):
+    """Under bf16 autocast both backwards compute in bf16 (the weights cast once in the forward): the
+    gradients stay within bf16 rounding of the float32 ones (same routing, same selected latents)."""
+    torch.manual_seed(0)
+    B, d, n, e, k = 512, 32, 4, 64, 8
+    xc, w = torch.randn(B, d), torch.randn(n, e, d) / d**0.5
+    expert = torch.randint(0, n, (B,))
+    g_latent = torch.randn(n * e)  # the loss's gradient by latent (slots come in no particular order)
+    grads = []
+    for dtype in (torch.float32, torch.bfloat16):
+        leaves = [xc.clone().requires_grad_(), w.clone().requires_grad_()]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            vals, idx = topk_encode(leaves[0], leaves[1], None, expert, k, sparse)
+        order = idx.argsort(dim=1)
+        (vals * g_latent[idx]).sum().backward()
+        grads.append((idx.gather(1, order), vals.gather(1, order) > 0, [t.grad for t in leaves]))
+    (i32, on32, g32), (i16, on16, g16) = grads
+    same = ((i32 == i16) & (on32 == on16)).all(dim=1)
+    # bf16 pre-activations may reorder near-ties or flip a ReLU near 0: compare the tokens where neither happens
+    assert same.float().mean() > 0.9
+    assert g16[0].dtype == torch.float32 and g16[1].dtype == torch.float32
+    torch.testing.assert_close(g16[0][same], g32[0][same], rtol=0.02, atol=0.02)
+    rel = (g16[1] - g32[1]).norm() / g32[1].norm()
+    assert rel < 0.1  # tokens whose selection differs move whole rows: a loose bound on the total
 
 
 class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
