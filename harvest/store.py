@@ -479,17 +479,21 @@ class StoreWriter:
         write_json(self.path / "zarr.json", self._root, indent=None)
 
 
+WRITE_AHEAD = 2  # chunks handed to the writer threads per thread: none waits while the oldest is committed
+
+
 def write_chunks(chunks: Iterable[tuple[StoreWriter, int, np.ndarray, np.ndarray, dict[str, Any]]],
                  threads: int = 1) -> None:
     """Write and commit (writer, global chunk id, acts, contexts, pack state after it), each writer's
     chunks in its order: up to `threads` chunks are encoded and written at once (`write_files`,
-    overlapping whatever produces the next ones), and each is committed once it and every chunk before
-    it are written. Several stores may be written side by side (one writer each)."""
+    overlapping whatever produces the next ones; WRITE_AHEAD x threads handed over, so that a thread
+    starts the next chunk while the oldest is committed), and each is committed once it and every
+    chunk before it are written. Several stores may be written side by side (one writer each)."""
     with ThreadPoolExecutor(threads, thread_name_prefix="store-writer") as pool:
         writing: deque[tuple[StoreWriter, Future, dict[str, Any]]] = deque()
         try:
             for writer, i, acts, contexts, pack_state in chunks:
-                if len(writing) == threads:
+                if len(writing) == WRITE_AHEAD * threads:
                     _commit_oldest(writing)
                 writing.append((writer, pool.submit(writer.write_files, i, acts, contexts), pack_state))
             while writing:

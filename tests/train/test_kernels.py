@@ -98,6 +98,8 @@ def test_sum_by_latent_is_the_sparse_weight_gradient_with_empty_and_repeated_lat
     g = torch.randn(7, dtype=torch.float64)
     s = torch.zeros(7, 11, dtype=torch.float64).index_put_((rows, latents), g, accumulate=True)
     torch.testing.assert_close(sum_by_latent(latents, rows, g, x, 11), s.T @ x)
+    none = torch.zeros(0, dtype=torch.long)  # a batch that kept nothing
+    assert torch.equal(sum_by_latent(none, none, g[:0], x, 11), torch.zeros(11, 5, dtype=torch.float64))
 
 
 def test_row_dots_sampled_at_each_rows_entries():
