@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -342,6 +343,19 @@ def parsing(results: list[dict[str, Any]]) -> dict[str, Any]:
             "contexts": {"asked": contexts, "judged": judged, "unjudged": contexts - judged}}
 
 
+def refuse_if_nothing_scored(results: list[dict[str, Any]], counters: Counters, run: RunDir) -> None:
+    """AutointerpError when not one feature was scored (an unreachable endpoint, a refused key, answers
+    that never parse, features that never fire): the command did not do its job, so it exits non-zero
+    and an earlier autointerp.json stays as it was."""
+    if any(r["status"] == "ok" for r in results):
+        return
+    statuses = Counter(r["status"] for r in results)
+    why = ", ".join(f"{n} {status}" for status, n in sorted(statuses.items())) or "no features"
+    first = counters.as_dict()["errors"][:1]
+    raise AutointerpError(f"no feature was scored ({why}{'; first error: ' + first[0] if first else ''}); "
+                          f"{run.file(RunDir.AUTOINTERP)} is left as it was")
+
+
 def run_autointerp(cfg: AutointerpConfig) -> dict[str, Any]:
     """Collect, explain, score; writes <run>/autointerp.json and autointerp.png and returns the JSON."""
     t0 = time.monotonic()
@@ -355,6 +369,7 @@ def run_autointerp(cfg: AutointerpConfig) -> dict[str, Any]:
         results = explain_and_score(samples, explainer, scorer, batch_contexts=cfg.batch_contexts,
                                     concurrency=cfg.concurrency, seed=cfg.seed, ci=cfg.ci, progress=cfg.progress)
         t3 = time.monotonic()
+    refuse_if_nothing_scored(results, counters, run.dir)
     for r in results:
         r["density"] = r["n_active"] / max(1, n_rows)
     agg = aggregate(results, cfg.ci, cfg.n_bootstrap, cfg.seed)

@@ -43,6 +43,7 @@ from types import FrameType, TracebackType
 
 from harvest.offline import MODEL_DIR
 from runtime.errors import ToolkitError
+from runtime.files import read_text_file
 
 DEMO = "demo"  # `serve: demo` = the offline demo model that `make setup` builds
 DEMO_MODEL = Path("data") / MODEL_DIR
@@ -72,7 +73,7 @@ def check_model_folder(folder: Path) -> None:
         raise ServeError(f"model folder {folder} does not exist{hint}")
     config = folder / "config.json"
     try:
-        architectures = json.loads(config.read_text()).get("architectures")
+        architectures = json.loads(read_text_file(config)).get("architectures")
     except (OSError, ValueError, AttributeError) as e:
         raise ServeError(f"cannot read {config}: {e}") from None
     if not architectures:

@@ -134,6 +134,10 @@ class HarvestConfig:
 
     def validate(self) -> None:
         """The checks across keys that need nothing but the config (each value passed its rule)."""
+        if self.repair and self.overwrite:
+            raise HarvestError("repair=true and overwrite=true contradict each other: repair keeps the store and "
+                               "harvests only its damaged chunks again, overwrite deletes it and harvests it all; "
+                               "choose one")
         for key in ("layer", "site"):
             values = getattr(self, key)
             if isinstance(values, list) and len(set(values)) < len(values):

@@ -144,9 +144,11 @@ def check_store(cfg: dict[str, Any], folder: str, store: Any, match_model: bool)
 
 
 def check_out(out: Path, overwrite: bool) -> None:
+    from train.run_dir import RunDir
+
     if out.exists() and not out.is_dir():
         raise SAELensImportError(f"out {out} is a file, not a run directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    if out.is_dir() and any(p.name != RunDir.LOCK for p in out.iterdir()) and not overwrite:
         raise SAELensImportError(f"out {out} is not empty; overwrite=true writes into it, or choose another out=")
 
 
@@ -193,7 +195,8 @@ def plan(cfg: ImportConfig) -> Import:
     """Every check and the conversion, nothing written."""
     from harvest.store import ActivationStore
     from interop.saelens_arch import from_saelens
-    from interop.saelens_format import read_config, read_weights
+    from interop.saelens_format import WEIGHTS, read_config, read_weights
+    from train.saes import nonfinite
 
     folder = cfg.sae
     with reraise_as(SAELensImportError):
@@ -209,7 +212,11 @@ def plan(cfg: ImportConfig) -> Import:
         if not store.split(cfg.eval_frac)[1]:
             raise SAELensImportError(f"store {cfg.store} has no held-out chunk at eval_frac={cfg.eval_frac} "
                                      f"({store.n_chunks} chunks): eval would have no rows")
-        imported = from_saelens(saelens, read_weights(folder))
+        tensors = read_weights(folder)
+        bad = nonfinite(tensors)
+        if bad:
+            raise SAELensImportError(f"{Path(folder) / WEIGHTS} holds non-finite values: {bad}; nothing imported")
+        imported = from_saelens(saelens, tensors)
         model = model_keys(imported.arch, imported.sizes, saelens["metadata"])
         sae = build(imported, model, saelens["d_in"], folder)
     source = {"format": "saelens", "folder": str(folder), "architecture": saelens["architecture"],
@@ -233,9 +240,14 @@ def write_run(done: Import) -> None:
 
 
 def import_saelens(cfg: ImportConfig) -> Import:
-    """Check and convert (`plan`), then write the run directory; returns what was written."""
+    """Check and convert (`plan`), then write the run directory holding its lock (a run being trained,
+    or imported by another launch, is refused in one line); returns what was written."""
+    from train.run_dir import RunDir
+
     done = plan(cfg)
-    write_run(done)
+    with RunDir(done.out).writer_lock(f"run {done.out}", SAELensImportError):
+        check_out(done.out, cfg.overwrite)  # again, now that no other launch can write there
+        write_run(done)
     return done
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -147,9 +148,19 @@ def list_of(item: Rule, allowed: str, length: int | None = None) -> Rule:
 
 
 NULL = Rule(lambda v: v is None, "null")
-# the NAME of an environment variable (never its value: a pasted API key would end up in saved configs)
-ENV_NAME = Rule(lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", v) is not None,
-                "the name of an environment variable (letters, digits, _), not the key itself", secret=True)
+def _env_name(value: Any) -> bool:
+    """The NAME of an environment variable, never its value (a pasted API key would end up in saved
+    configs): an UPPER_CASE name, set or not, or a name of any case that is set in this environment.
+    A pasted key has lower-case letters, dashes or other signs, and is not set as a variable's name."""
+    if not isinstance(value, str):
+        return False
+    if re.fullmatch(r"[A-Z_][A-Z0-9_]{0,127}", value):
+        return True
+    return re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", value) is not None and value in os.environ
+
+
+ENV_NAME = Rule(_env_name, "the name of an environment variable (UPPER_CASE letters, digits and _, or a name "
+                           "set in the environment), not the key itself", secret=True)
 FLAG = Rule(lambda v: isinstance(v, bool), "true or false")
 # runtime.device.pick_device: auto = cuda, then mps, then cpu; cuda:N is the N-th CUDA device
 DEVICE = Rule(lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,

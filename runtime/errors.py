@@ -16,6 +16,13 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from runtime.files import disk_full_behind
+
+# OSErrors that say a path cannot be used as given (a folder where a file should be, no permission, a
+# read-only disk, ...): with the path named, one line the user can act on, not a traceback
+PATH_ERRORS = (errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EROFS, errno.ENOENT,
+               errno.ENAMETOOLONG, errno.EINVAL, errno.EFBIG, errno.ELOOP)
+
 
 class ToolkitError(Exception):
     """Bad input, a refused operation or a stopped job: a message the user can act on, one line."""
@@ -23,8 +30,9 @@ class ToolkitError(Exception):
 
 @contextmanager
 def one_line_errors(app: str) -> Iterator[None]:
-    """Run the body; a ToolkitError (or a Hydra composition error, or a full disk that the stage did not
-    report itself) becomes one line and exit code 2."""
+    """Run the body; a ToolkitError (or a Hydra composition error, a full disk that the stage did not
+    report itself, however the library underneath raised it, or a path that cannot be used, named by
+    the OSError) becomes one line and exit code 2."""
     from hydra.errors import HydraException
 
     try:
@@ -33,11 +41,14 @@ def one_line_errors(app: str) -> Iterator[None]:
         fail(app, str(e))
     except HydraException as e:  # before OSError: Hydra's missing-config error is one
         fail(app, str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        fail(app, f"no space left on device writing {e.filename or 'a file'}; what was saved before is intact "
-                  "(temporaries removed): free space and rerun the same command")
+    except Exception as e:
+        full = disk_full_behind(e)
+        if full is not None:
+            fail(app, f"no space left on device writing {full.filename or 'a file'}; what was saved before is "
+                      "intact (temporaries removed): free space and rerun the same command")
+        if isinstance(e, OSError) and e.filename and e.errno in PATH_ERRORS:
+            fail(app, f"cannot use {e.filename}: {e.strerror}")
+        raise
 
 
 def fail(app: str, message: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -30,8 +31,11 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], Any], durable: b
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        full = disk_full_behind(e)
+        if full is not None and full is not e:  # a library's own error around it (torch.save raises RuntimeError)
+            raise OSError(full.errno, full.strerror, str(path)) from None
         raise
 
 
@@ -46,8 +50,44 @@ def write_json(path: str | Path, obj: Any, indent: int | None = 2) -> None:
 
 
 def disk_full(error: BaseException) -> bool:
-    """Whether `error` says the disk (or the user's quota) is full."""
-    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+    """Whether `error` says the disk (or the user's quota) is full, itself or behind the error a library
+    raised instead (`disk_full_behind`)."""
+    return disk_full_behind(error) is not None
+
+
+def disk_full_behind(error: BaseException) -> OSError | None:
+    """The full-disk OSError (ENOSPC, EDQUOT) that `error` is or was raised while handling: libraries
+    report a failed write their own way (torch's writer raises RuntimeError("... unexpected pos ..."),
+    with the OSError as its context). None if there is none."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def read_text_file(path: str | Path, max_bytes: int = 64 << 20) -> str:
+    """The UTF-8 text of the regular file `path`, for files another process or person may have
+    written (configs, locks, records). Anything else at that path is refused with OSError instead of
+    being read: a FIFO or a device would block or never end (opened without blocking to find out), a
+    folder is not a file, and a file over `max_bytes` is not one of ours."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if info.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"{info.st_size} bytes, more than the {max_bytes} expected", str(path))
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise OSError(errno.EINVAL, "not UTF-8 text", str(path)) from None
 
 
 def remove_litter(folder: str | Path, name: str = "") -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import ToolkitError
+from runtime.files import read_text_file
 
 
 class LockedError(ToolkitError):
@@ -52,23 +53,42 @@ def _alive(pid: int, started: str | None) -> bool:
     return started is None or now is None or now == started  # a reused pid has another start time
 
 
+def _parse(text: str) -> dict[str, Any] | None:
+    """A lock file's content as {host, pid, started, time, command}, or None if it is not one (empty,
+    half-written, or anything else someone put there)."""
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(info, dict):
+        return None
+    ok = (isinstance(info.get("host"), str) and type(info.get("pid")) is int
+          and isinstance(info.get("started"), (str, type(None))) and type(info.get("time", 0.0)) in (int, float)
+          and isinstance(info.get("command", ""), str))
+    return info if ok else None
+
+
 def holder(path: str | Path) -> dict[str, Any] | None:
     """The live holder of the lock file `path` ({host, pid, started, command}); None if free or stale.
 
-    A lock from another host counts as live (it cannot be checked from here)."""
+    A lock from another host counts as live (it cannot be checked from here). A file that is not a
+    lock of ours (empty, half-written, other JSON, not a regular file) is live for 10 s after it was
+    last changed (a launch may be writing it this instant), stale after."""
     try:
-        info = json.loads(Path(path).read_text())
+        info = _parse(read_text_file(path, max_bytes=1 << 16))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError):  # being written this instant, or left empty by a kill right after creation
+    except OSError:
+        info = None
+    if info is None:
         try:
-            young = time.time() - Path(path).stat().st_mtime < 10
+            young = time.time() - Path(path).lstat().st_mtime < 10
         except FileNotFoundError:
             return None
         return {"host": "?", "pid": "?", "command": "lock file being written"} if young else None
-    if info.get("host") != socket.gethostname():
+    if info["host"] != socket.gethostname():
         return info
-    return info if _alive(int(info.get("pid", -1)), info.get("started")) else None
+    return info if _alive(info["pid"], info.get("started")) else None
 
 
 def describe(info: dict[str, Any]) -> str:
@@ -111,7 +131,11 @@ class WriterLock:
                 if info is not None:
                     raise self.error(self._refusal(info)) from None
                 print(f"{self.what}: taking over a stale lock ({self.path})", file=sys.stderr)
-                self.path.unlink(missing_ok=True)
+                try:
+                    self.path.unlink(missing_ok=True)
+                except OSError as e:  # a folder, or no permission: nothing we may remove
+                    raise self.error(f"{self.what}: {self.path} is in the way of its lock file and cannot be "
+                                     f"removed ({e.strerror}); remove it and relaunch") from None
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(me, f)

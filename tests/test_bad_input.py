@@ -48,6 +48,7 @@ CASES = [
     ("harvest", ["codec_level=100"], "codec_level must be an integer in 0..9 with codec=blosc_zstd, got 100"),
     ("harvest", ["codec=zstd", "codec_level=23"], "codec_level must be an integer in -131072..22 with codec=zstd"),
     ("harvest", ["codec=gzip"], "codec must be one of blosc_zstd, zstd, none, got 'gzip'"),
+    ("harvest", ["repair=true", "overwrite=true"], "repair=true and overwrite=true contradict each other"),
     ("harvest", ["writer_threads=0"], "writer_threads must be auto or an integer >= 1, got 0"),
     ("harvest", ["writer_threads=2.5"], "writer_threads must be auto or an integer >= 1, got 2.5"),
     ("harvest", ["layer=-1"], "layer must be an integer >= 0 or a list of them, got -1"),
@@ -181,8 +182,11 @@ CASES = [
     ("eval.autointerp", ["serve=no_model"], "model folder no_model does not exist"),
     ("eval.autointerp", ["serve=demo", "serve_timeout_s=0"], "serve_timeout_s must be a number > 0, got 0"),
     ("eval.autointerp", ["explainer.api_key_env=sk-live-1234abcd"],  # a pasted key is refused, and not repeated
-     "explainer.api_key_env must be the name of an environment variable (letters, digits, _), not the key itself or "
-     "null, got something else (not shown)"),
+     "explainer.api_key_env must be the name of an environment variable (UPPER_CASE letters, digits and _, or a name "
+     "set in the environment), not the key itself or null, got something else (not shown)"),
+    ("eval.autointerp", ["scorer.api_key_env=sk4f9aD81kQz0pLmXw7"],  # one without a dash, too
+     "scorer.api_key_env must be the name of an environment variable (UPPER_CASE letters, digits and _, or a name "
+     "set in the environment), not the key itself or null, got something else (not shown)"),
 ]
 # a few cases again as real `python -m <app>` processes, one per app kind
 SUBPROCESS = [

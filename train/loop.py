@@ -39,7 +39,6 @@ from runtime.cpu import thread_count
 from runtime.device import autocast, pick_device
 from runtime.errors import reraise_as
 from runtime.files import disk_full, remove_litter
-from runtime.lock import WriterLock
 from runtime.tracking import Tracker, start
 from train.budget import BudgetError, Length
 from train.config import RUNTIME_KEYS, TrainConfig, TrainError
@@ -416,7 +415,7 @@ def train(cfg: TrainConfig, run_dir: Path, group: str | None = None) -> Path:
     device = pick_device(cfg.device)
     store = open_store(cfg)
     dist = init(device)  # one process: a Dist whose collectives do nothing
-    lock = WriterLock(run.path / RunDir.LOCK, f"run {run}", TrainError)
+    lock = run.writer_lock(f"run {run}", TrainError)
     lock.check()  # on every rank, so that all refuse together; rank 0 takes it once all have looked
     dist.barrier()
     with lock if dist.is_main else nullcontext():

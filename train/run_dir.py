@@ -8,7 +8,8 @@
                       plain values only, read back with torch.load(weights_only=True)
     sae/              the trained SAE: sae.safetensors + sae.json (`train.saes.save` / `load`)
     done.json         written last: {step, tokens, world_size}; a finished run has it
-    train.lock        present while a launch trains here: {host, pid, started, command} (runtime/lock.py)
+    train.lock        present while a launch writes the run (train, or import_saelens): {host, pid, started,
+                      command} (runtime/lock.py, `RunDir.writer_lock`); results are refused meanwhile
     tracker.json      the experiment tracker's run (logger=wandb|tensorboard; runtime/tracking.py): what a
                       resumed launch and eval need to continue it (W&B run id, project, ...; TensorBoard
                       log folder); absent if the run was never tracked
@@ -37,8 +38,9 @@ from safetensors import SafetensorError
 from harvest.store import ActivationStore
 from runtime.errors import ToolkitError
 from runtime.files import write_atomic, write_json, write_text
+from runtime.lock import WriterLock
 from train.loader import eval_rows, norm_cut
-from train.saes import SAE, load, save
+from train.saes import SAE, load, nonfinite, save
 
 
 class RunError(ToolkitError):
@@ -55,7 +57,7 @@ class RunDir:
     CHECKPOINT = "checkpoint.pt"
     SAE = "sae"
     DONE = "done.json"
-    LOCK = "train.lock"  # held by the launch that trains here (runtime/lock.py)
+    LOCK = "train.lock"  # held by the launch that writes the run (`writer_lock`)
     TRACKER = "tracker.json"  # runtime.tracking.Tracker.state() of the run's tracked run
     # results of later stages
     EVAL = "eval.json"
@@ -161,9 +163,29 @@ class RunDir:
         return open(self.path / name, "a")
 
     def read_log(self, name: str) -> list[dict[str, Any]]:
-        """The records of a JSON-lines log ([] if there is none)."""
+        """The records of a JSON-lines log ([] if there is none), each a JSON object with an integer
+        "step". A last line cut short (no newline after it: a kill or a full disk during an append) is
+        left out, and the next launch's `drop_logs_after` removes it from the file; any other line that
+        is not a record is a RunError naming the file and the line."""
         f = self.path / name
-        return [json.loads(line) for line in f.read_text().splitlines() if line] if f.exists() else []
+        if not f.exists():
+            return []
+        lines = f.read_bytes().split(b"\n")
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8"))
+                if not isinstance(record, dict) or type(record.get("step")) is not int:
+                    raise ValueError('not a JSON object with an integer "step"')
+            except ValueError as e:  # bad JSON and bad UTF-8 both
+                if number == len(lines):  # the unfinished last line
+                    break
+                raise RunError(f"{f} line {number} is not a log record ({_first_line(e)}); delete that line "
+                               "(or the log) to go on") from None
+            records.append(record)
+        return records
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return self.read_log(self.METRICS)
@@ -203,7 +225,7 @@ class RunDir:
         `save_sae` writes is refused with RunError naming it."""
         folder = self.path / self.SAE
         try:
-            return load(folder, device)
+            sae = load(folder, device)
         except SafetensorError as e:
             raise RunError(f"{folder / 'sae.safetensors'} is not loaded: it holds something other than tensors in "
                            f"safetensors format ({_first_line(e)})") from None
@@ -213,6 +235,11 @@ class RunDir:
         except RuntimeError as e:  # load_state_dict: other names or shapes
             raise RunError(f"{folder / 'sae.safetensors'} does not hold the weights of the SAE its sae.json "
                            f"describes ({_first_line(e)})") from None
+        bad = nonfinite(sae.state_dict())
+        if bad:
+            raise RunError(f"{folder / 'sae.safetensors'} holds non-finite weights: {bad}; nothing computed from "
+                           "them would mean anything")
+        return sae
 
     def sae_config(self) -> dict[str, Any]:
         """sae.json: the architecture and its constructor arguments, without loading weights."""
@@ -232,9 +259,16 @@ class RunDir:
     # ------------------------------------------------------------------ results of later stages
 
     def write_result(self, name: str, result: dict[str, Any], indent: int = 2) -> Path:
-        """A stage's JSON result (eval.json, geometry.json, ...), written atomically."""
+        """A stage's JSON result (eval.json, geometry.json, ...), written atomically; refused (RunError)
+        while a launch trains or imports into the run (its results would describe weights being replaced)."""
+        self.writer_lock(f"run {self}", RunError).check()
         write_json(self.path / name, result, indent=indent)
         return self.path / name
+
+    def writer_lock(self, what: str, error: type[ToolkitError]) -> WriterLock:
+        """The lock every launch that writes the run itself (train, import_saelens) holds while it does:
+        `with run.writer_lock(...)` takes it, `.check()` only refuses while someone else holds it."""
+        return WriterLock(self.path / self.LOCK, what, error)
 
     def read_result(self, name: str) -> dict[str, Any]:
         return json.loads((self.path / name).read_text())

@@ -233,6 +233,23 @@ def save(sae: SAE, folder: str | Path) -> None:
     (folder / "sae.json").write_text(json.dumps({"arch": sae.arch, **sae.config()}, indent=2))
 
 
+def nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """Which floating-point tensors hold NaN or infinite values, as `W_dec (768 values), b_pre (1 value)`;
+    None if every value is finite. A tensor named log_* (the log of a quantity >= 0, such as JumpReLU's
+    log_theta) may hold -inf: the log of 0."""
+    bad = []
+    for name, t in tensors.items():
+        if not t.is_floating_point():
+            continue
+        wrong = ~torch.isfinite(t)
+        if name.split(".")[-1].startswith("log_"):
+            wrong &= t != float("-inf")
+        n = int(wrong.sum())
+        if n:
+            bad.append(f"{name} ({n} value{'s' * (n > 1)})")
+    return ", ".join(bad) or None
+
+
 def load(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     """The SAE that `save` wrote, in one call, in eval mode (architectures whose inference rule differs
     from their training rule, such as BatchTopK's threshold, encode with the inference rule)."""
