@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from runtime.config import CONF, compose_app, flatten, unknown_key
 from runtime.errors import ToolkitError, one_line_errors
+from runtime.files import uncreatable
 
 MULTIRUN = ("-m", "--multirun")
 
@@ -47,6 +49,7 @@ def precheck(app: str, check: Callable[[DictConfig], Any], argv: list[str], conf
         return  # Hydra's own flags: Hydra handles them
     with one_line_errors(app):
         parsed = _parse(argv, strict=not flags)
+        check_output_folders(parsed)
         check_groups(conf, parsed)
         if flags:
             return  # a multirun: each job's main checks its own config
@@ -75,6 +78,20 @@ def _parse(argv: list[str], strict: bool) -> list[tuple[str, str, Any]]:
             continue
         out.append((arg, override.key_or_group, override))
     return out
+
+
+OUTPUT_FOLDERS = ("hydra.run.dir", "hydra.sweep.dir")  # Hydra creates them before the app's main runs
+
+
+def check_output_folders(parsed: list[tuple[str, str, Any]]) -> None:
+    """Refuse (one line) a folder Hydra would create for the run and could not: Hydra creates it
+    before any of our code runs, and reports its failure as a traceback."""
+    for _, key, override in parsed:
+        value = override.value() if key in OUTPUT_FOLDERS else None
+        if isinstance(value, str):
+            problem = uncreatable(Path(value))
+            if problem:
+                raise ToolkitError(f"{key}={value} cannot be created: {problem}")
 
 
 def _choices(override: Any) -> list[str]:

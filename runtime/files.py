@@ -94,3 +94,17 @@ def remove_litter(folder: str | Path, name: str = "") -> None:
     """Delete the temporaries that killed writes of the file `name` (default: of every file) left under `folder`."""
     for partial in Path(folder).rglob(f"{name}*{PARTIAL}"):
         partial.unlink(missing_ok=True)
+
+
+def uncreatable(folder: str | Path) -> str | None:
+    """Why the folder `folder` cannot be used or created by this user, or None: checked before a job
+    writes anything, so that it is refused in one line instead of failing half-way."""
+    folder = Path(folder).absolute()
+    for parent in (folder, *folder.parents):
+        if parent.is_dir():
+            if parent != folder and not os.access(parent, os.W_OK | os.X_OK):
+                return f"no permission to create folders in {parent}"
+            return None
+        if parent.exists() or parent.is_symlink():
+            return f"{parent} is not a folder"
+    return None

@@ -37,6 +37,7 @@ from typing import Any
 
 from runtime.config import NULL, Rule, check_values, one_of, text
 from runtime.errors import ToolkitError
+from runtime.files import uncreatable
 
 KINDS = ("none", "wandb", "tensorboard")
 PACKAGE = {"wandb": "wandb", "tensorboard": "tensorboard"}  # the pip package each kind needs
@@ -88,6 +89,9 @@ class TrackerSettings:
             raise error(f"logger.kind must be one of {', '.join(KINDS)} (logger=<kind>), got {kind!r}")
         check_values({"logger": raw}, {f"logger.{k}": rule for k, rule in RULES[kind].items()}, error,
                      f"conf/train/logger/{kind}.yaml")
+        problem = uncreatable(raw["dir"]) if raw.get("dir") else None
+        if problem:
+            raise error(f"logger.dir={raw['dir']} cannot be created: {problem}")
         return cls(**{**raw, "tags": tuple(raw.get("tags", ()))})
 
 

@@ -265,5 +265,22 @@ def test_the_real_cli_behaves_the_same(module, args, expect, inputs, tmp_path):
     check_refusal(module, out.returncode, out.stderr, expect, time.perf_counter() - start, before, files(tmp_path))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # runpy: the module was imported before
+@pytest.mark.parametrize(("module", "args", "expect"), [
+    ("train", ["hydra.run.dir={tmp}/blocker/run"], "hydra.run.dir={tmp}/blocker/run cannot be created: {tmp}/blocker "
+                                                   "is not a folder"),
+    ("train", ["hydra.run.dir={tmp}/run", "logger=tensorboard", "logger.dir={tmp}/blocker/tb"],
+     "logger.dir={tmp}/blocker/tb cannot be created: {tmp}/blocker is not a folder"),
+], ids=["run-dir", "tracker-dir"])
+def test_output_folders_that_cannot_be_created_are_one_line(module, args, expect, inputs, tmp_path, monkeypatch,
+                                                           capsys):
+    """A file where a folder should go: refused in one line, before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "blocker").write_text("a file")
+    before = files(tmp_path)
+    code, err = run_in_process(module, command(module, args, tmp_path, inputs), capsys)
+    check_refusal(module, code, err, expect.format(tmp=tmp_path), 0.0, before, files(tmp_path))
+
+
 def test_the_table_covers_every_app_and_forty_values():
     assert {m for m, _, _ in CASES} == set(APPS) and len(CASES) >= 40

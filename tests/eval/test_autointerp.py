@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -349,6 +350,28 @@ def tiny_run(tiny_gpt2, corpus_jsonl, tmp_path_factory):
 
 RUN_ARGS = ["n_features=3", "min_active=8", "n_explain=2", "per_decile=1", "n_negative=3", "window=8", "after=2",
             "batch_size=64", "outlier_factor=null", "device=cpu", "progress=false", "backoff_s=0.01"]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # runpy: the module was imported before
+def test_nothing_scored_exits_non_zero_and_keeps_the_earlier_result(tiny_run, tmp_path, monkeypatch, capsys):
+    """An endpoint nobody listens at: `python -m eval.autointerp` says why in one line, exits 2, and an
+    earlier autointerp.json is left as it was (it used to be replaced by a result of 0 scored features)."""
+    from tests.test_bad_input import run_in_process
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "run", run)
+    (run / "autointerp.json").write_text('{"earlier": "result"}')
+    port = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    url = f"http://127.0.0.1:{port.server_address[1]}/v1"
+    port.server_close()
+    monkeypatch.chdir(tmp_path)
+    code, err = run_in_process("eval.autointerp", [f"run={run}", f"explainer.base_url={url}", "explainer.model=tiny",
+                                                   *RUN_ARGS, "max_retries=0", "cache=false"], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("autointerp: error: no feature was scored (3 failed; first error: "), err
+    assert "cannot reach" in last and last.endswith(f"{run / 'autointerp.json'} is left as it was")
+    assert (run / "autointerp.json").read_text() == '{"earlier": "result"}'
+    assert not (run / "autointerp.png").exists()
 
 
 def test_end_to_end_on_a_tiny_run(tiny_run, serve, tmp_path, capsys):

@@ -187,6 +187,15 @@ def test_model_folder_checks(tmp_path):
     check_model_folder(tmp_path)
 
 
+def test_a_config_json_that_is_no_regular_file_is_refused_at_once(tmp_path):
+    """A FIFO named config.json used to hang the check (reading it waits for a writer)."""
+    os.mkfifo(tmp_path / "config.json")
+    start = time.monotonic()
+    with pytest.raises(ServeError, match=f"cannot read {tmp_path / 'config.json'}: .*not a regular file"):
+        check_model_folder(tmp_path)
+    assert time.monotonic() - start < 5
+
+
 def test_autointerp_checks_the_served_folder_before_any_work(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(AutointerpError, match='has no "architectures" entry'):

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -300,6 +301,7 @@ IMPORT_CASES = [  # (case, folder changes, extra arguments, what the line says)
     ("head", dict(hook_head_index=1), [], "reads single attention heads"),
     ("model", dict(model_name="gpt2"), [], "was made for model 'gpt2' but store"),
     ("weights", "weights", [], "the weights are W_dec, W_enc, b_dec but a SAELens topk SAE has"),
+    ("nan", "nan", [], "sae_weights.safetensors holds non-finite values: W_dec (32 values); nothing imported"),
     ("eval_frac", {}, ["eval_frac=0.9"], "eval_frac must be a number in (0, 0.5], got 0.9"),
     ("typo", {}, ["match_modle=false"], "unknown key 'match_modle'; did you mean 'match_model'?"),
 ]
@@ -312,6 +314,12 @@ def test_import_refuses_in_one_line(case, changes, args, expect, store, tmp_path
     if changes == "weights":
         lens_folder(folder, store, weights={"W_enc": torch.zeros(D, 48), "W_dec": torch.zeros(48, D),
                                             "b_dec": torch.zeros(D)})
+    elif changes == "nan":  # one decoder row of NaN, as a diverged training run leaves it
+        from safetensors.torch import load_file
+
+        weights = load_file(lens_folder(folder, store) / "sae_weights.safetensors")
+        weights["W_dec"][3] = float("nan")
+        lens_folder(folder, store, weights=weights)
     elif changes is None:
         folder.mkdir()
     else:
@@ -391,3 +399,44 @@ def test_hook_names_follow_transformer_lens():
     assert (old["architecture"], old["k"], old["apply_b_dec_to_input"], old["normalize_activations"]) == \
         ("topk", 32, True, "none")
     assert old["metadata"]["hook_name"] == "blocks.8.hook_resid_post" and old["metadata"]["model_name"] == "gpt2"
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # runpy: the module was imported before
+def test_an_import_into_a_run_being_trained_is_refused_and_the_run_resumes_exactly(store, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """Real processes: `python -m train` holds its run folder; `import_saelens out=<that run>
+    overwrite=true` is refused in one line naming the trainer and writes nothing there; the trainer,
+    killed, then resumes to the same weights as an undisturbed run of the same config."""
+    from runtime.config import compose_app
+    from tests.train.test_loop import assert_same_weights
+    from train.config import TrainConfig
+    from train.loop import train
+
+    keys = [f"data.store={store}", "model=topk", "model.width=48", "model.k=4", "budget=steps:3000", "batch_size=32",
+            "lr=0.001", "log_every=100", "checkpoint_every=100", "eval_every=0", "progress=false", "device=cpu",
+            f"data.eval_frac={EVAL_FRAC}", "data.window_chunks=2", "data.outlier_factor=null"]
+    run = tmp_path / "run"
+    trainer = subprocess.Popen([sys.executable, "-m", "train", *keys, f"hydra.run.dir={run}"], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / RunDir.CHECKPOINT).exists() and trainer.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert trainer.poll() is None, "the trainer ended before the import could start"
+        before = {name: (run / name).read_bytes() for name in (RunDir.CONFIG, RunDir.STORE)}
+        lens = lens_folder(tmp_path / "lens", store, model_name=Path(ActivationStore(store).model).name)
+        monkeypatch.chdir(tmp_path)
+        code, err = run_in_process("interop.import_saelens", [f"sae={lens}", f"store={store}", f"out={run}",
+                                                              f"eval_frac={EVAL_FRAC}", "overwrite=true"], capsys)
+        assert trainer.poll() is None, "the trainer ended before the import was refused"
+        check_one_line(code, err, "import_saelens", f"run {run} is being written by another process: pid {trainer.pid} on ")
+        assert {name: (run / name).read_bytes() for name in before} == before
+        assert not (run / RunDir.DONE).exists() and not (run / RunDir.SAE).exists()
+    finally:
+        trainer.kill()
+        trainer.wait()
+    assert not RunDir(run).finished
+    cfg = TrainConfig.from_omegaconf(compose_app("train", keys))
+    train(cfg, run)  # resumes from its last checkpoint
+    train(cfg, tmp_path / "straight")
+    assert_same_weights(tmp_path / "straight" / RunDir.SAE, run / RunDir.SAE)

@@ -54,3 +54,51 @@ def test_open_checks_the_run_and_its_store(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RunError, match="has no trained SAE"):
         RunDir(tmp_path / "empty").check_trained()
+
+
+def test_a_log_cut_short_loses_its_last_line_only_and_a_resume_removes_it(tmp_path):
+    """A kill or a full disk during an append leaves a last line without its newline: readers leave it
+    out, the next launch's drop_logs_after removes it from the file; a damaged line anywhere else is
+    named in one line."""
+    run = RunDir(tmp_path / "r")
+    run.create()
+    f = run.path / run.METRICS
+    f.write_bytes(b'{"step": 0}\n{"step": 10}\n{"step": 20, "lo')
+    assert run.read_metrics() == [{"step": 0}, {"step": 10}] and run.last_logged_step() == 10
+    run.drop_logs_after(10)
+    assert f.read_bytes() == b'{"step": 0}\n{"step": 10}\n'
+    for bad in (b'{"step": 0}\n{"step": 1\n{"step": 20}\n', b'{"step": 0}\n[1, 2]\n{"step": 20}\n',
+                b'{"step": 0}\n{"step": "10"}\n{"step": 20}\n', b'{"step": 0}\n\xff\xfe\n{"step": 20}\n'):
+        f.write_bytes(bad)
+        with pytest.raises(RunError, match=rf"^{f} line 2 is not a log record \(.*\); delete that line"):
+            run.read_metrics()
+
+
+def test_non_finite_weights_are_refused_when_a_run_is_opened(tmp_path):
+    run = RunDir(tmp_path / "r")
+    run.create()
+    sae = build("topk", d=8, width=16, k=2)
+    with torch.no_grad():
+        sae.W_dec[3, :2] = float("nan")
+        sae.b_pre[0] = float("inf")
+    run.save_sae(sae)
+    with pytest.raises(RunError, match=r"sae\.safetensors holds non-finite weights: b_pre \(1 value\), W_dec "
+                                       r"\(2 values\); nothing computed"):
+        run.load_sae()
+
+
+def test_results_are_refused_while_a_launch_writes_the_run(tmp_path):
+    from tests.train.test_run_faults import _hold
+
+    run = RunDir(tmp_path / "r")
+    run.create()
+    holder = _hold(run.path / RunDir.LOCK)
+    try:
+        with pytest.raises(RunError, match=f"is being written by another process: pid {holder.pid} on "):
+            run.write_result(RunDir.EVAL, {"mse": 1.0})
+        assert not run.file(RunDir.EVAL).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    run.write_result(RunDir.EVAL, {"mse": 1.0})  # the holder died: its lock is stale
+    assert run.read_result(RunDir.EVAL) == {"mse": 1.0}

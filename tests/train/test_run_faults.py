@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+
+import runtime.files
 
 from harvest.store import DamagedStore, verify
 from runtime.files import PARTIAL
@@ -77,29 +81,36 @@ def test_a_real_launch_holds_its_run_folder(store, tmp_path):
     assert steps == list(range(50, 601, 50))
 
 
-def _disk_full_at_checkpoint(n: int):
-    """A torch.save that, at its n-th call, writes part of the checkpoint and finds the disk full."""
+def _disk_full_at_checkpoint(n: int, room: int = 4096):
+    """runtime.files' `open`, with the disk full `room` bytes into the n-th checkpoint it writes. The
+    checkpoint is written by the real torch.save, which reports the failed write its own way (a
+    RuntimeError "unexpected pos ..." with the OSError as its context)."""
     calls = [0]
-    real = torch.save
 
-    def save(obj, f, *args, **kwargs):
-        calls[0] += 1
-        if calls[0] != n:
-            return real(obj, f, *args, **kwargs)
-        f.write(b"PK\x03\x04 half a checkpoint")
-        raise OSError(errno.ENOSPC, "No space left on device", getattr(f, "name", None))
+    class Filling(io.FileIO):
+        def write(self, b) -> int:
+            if self.tell() + len(memoryview(b).cast("B")) > room:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(b)
 
-    return save
+    def fake_open(path, mode="r", *args, **kwargs):
+        if Path(path).name.startswith(RunDir.CHECKPOINT) and "w" in mode:
+            calls[0] += 1
+            if calls[0] == n:
+                return Filling(path, "w")
+        return open(path, mode, *args, **kwargs)
+
+    return fake_open
 
 
 def test_a_full_disk_stops_in_one_line_and_the_same_command_resumes_exactly(store, tmp_path, monkeypatch):
     cfg = make_cfg(store, *MODEL, "budget=steps:60", "checkpoint_every=20", "eval_every=0")
     train(cfg, tmp_path / "straight")
-    monkeypatch.setattr(torch, "save", _disk_full_at_checkpoint(2))  # the checkpoint of step 40
+    monkeypatch.setattr(runtime.files, "open", _disk_full_at_checkpoint(2), raising=False)  # the checkpoint of step 40
     with pytest.raises(TrainError) as e:
         train(cfg, tmp_path / "full")
     message = str(e.value)
-    assert "\n" not in message and message.startswith(f"disk full writing {tmp_path / 'full' / RunDir.CHECKPOINT}.")
+    assert "\n" not in message and message.startswith(f"disk full writing {tmp_path / 'full' / RunDir.CHECKPOINT}: ")
     assert message.endswith("keeps its last complete checkpoint (temporaries removed); free space and relaunch the "
                             "same command to resume")
     assert not list((tmp_path / "full").rglob("*" + PARTIAL))
