@@ -71,7 +71,7 @@ from tqdm import tqdm
 
 from runtime.cpu import cpu_cores
 from runtime.errors import ToolkitError
-from runtime.files import remove_litter, write_atomic, write_json, write_text
+from runtime.files import read_text_file, remove_litter, write_atomic, write_json, write_text
 
 FORMAT = "switch-sae/activations"
 FORMAT_VERSION = 2  # 2: chunk checksums recorded; 1 (still read): none
@@ -886,9 +886,11 @@ class ActivationStore:
     def _check(self, i: int, name: str, where: str, data: memoryview | mmap.mmap) -> None:
         """Compare a chunk file's bytes with the size and CRC-32 recorded when it was committed."""
         try:
-            want = json.loads((self.path / CHECKSUMS / f"{i}.json").read_text())[name]
-        except (OSError, ValueError, KeyError, TypeError):
-            raise self._damaged(f"{where} has no readable checksum record ({CHECKSUMS}/{i}.json)") from None
+            want = json.loads(read_text_file(self.path / CHECKSUMS / f"{i}.json", max_bytes=1 << 16)).get(name)
+        except (OSError, ValueError, AttributeError):  # missing, not a file, not JSON, not an object
+            want = None
+        if not (isinstance(want, list) and len(want) == 2 and all(type(v) is int and v >= 0 for v in want)):
+            raise self._damaged(f"{where} has no readable checksum record ({CHECKSUMS}/{i}.json)")
         if len(data) != want[0]:
             raise self._wrong_size(where, len(data), want[0])
         if zlib.crc32(data) != want[1]:

@@ -109,6 +109,11 @@ def check_config(cfg: dict[str, Any], folder: str) -> None:
     missing = [key for key in required if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool)]
     if missing:
         raise SAELensImportError(f"{folder} is a SAELens {arch} SAE whose cfg.json lacks integer {', '.join(missing)}")
+    if arch == "switch":
+        n, s, m = cfg["n_experts"], cfg.get("shared_width", 0), cfg["d_sae"]
+        if s >= m or (m - s) % n:
+            raise SAELensImportError(f"{folder} has d_sae={m}, shared_width={s} and n_experts={n}: the {m - s} routed "
+                                     f"latents do not split into {n} experts of at least one latent each")
     mode = cfg["normalize_activations"]
     if mode != "none":
         why = NORMALISATIONS.get(mode, "an activation normalisation this toolkit does not know")

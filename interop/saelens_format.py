@@ -32,8 +32,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from runtime.config import FLAG, NULL, Rule, integer, show, text
 from runtime.errors import ToolkitError
-from runtime.files import write_atomic, write_json
+from runtime.files import read_text_file, write_atomic, write_json
 
 CONFIG = "cfg.json"  # SAELens's SAE_CFG_FILENAME
 WEIGHTS = "sae_weights.safetensors"  # SAELens's SAE_WEIGHTS_FILENAME
@@ -81,6 +82,27 @@ def is_folder(path: str | Path) -> bool:
     return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
 
 
+ABSENT = object()  # a field cfg.json does not have
+# every cfg.json field this toolkit reads (after `normalise_config`) and what it must be when present;
+# architecture-specific fields are required where they are used (import_saelens.check_config)
+FIELDS: dict[str, Rule] = {
+    "architecture": text("a SAELens architecture name"),
+    "apply_b_dec_to_input": FLAG,
+    "normalize_activations": text("a SAELens normalisation name"),
+    "reshape_activations": text("a SAELens reshape name"),
+    "rescale_acts_by_decoder_norm": FLAG | NULL,
+    "k": integer(1) | NULL,
+    "n_experts": integer(1) | NULL,
+    "active_experts": integer(1),
+    "shared_width": integer(0),
+    "shared_k": integer(0),
+    "router_bias": FLAG | NULL,
+    "metadata.hook_name": text("a hook name like blocks.8.hook_resid_post") | NULL,
+    "metadata.model_name": text("a model name") | NULL,
+    "metadata.hook_head_index": integer(0) | NULL,
+}
+
+
 def read_config(path: str | Path) -> dict[str, Any]:
     """cfg.json of the SAELens folder at `path`, in SAELens 6 form (`normalise_config`);
     SAELensFormatError if the folder is not a SAELens SAE."""
@@ -92,12 +114,23 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise SAELensFormatError(f"{path} is not a SAELens SAE folder: no {' and no '.join(missing)} "
                                  "(what SAELens's SAE.save_model writes)")
     try:
-        raw = json.loads((path / CONFIG).read_text())
-    except (ValueError, UnicodeDecodeError) as e:
+        raw = json.loads(read_text_file(path / CONFIG))
+    except OSError as e:
+        raise SAELensFormatError(f"{path / CONFIG} cannot be read ({e.strerror})") from None
+    except ValueError as e:
         raise SAELensFormatError(f"{path / CONFIG} is not JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(raw, dict) or not all(isinstance(raw.get(key), int) for key in ("d_in", "d_sae")):
-        raise SAELensFormatError(f"{path / CONFIG} is not a SAELens SAE config: it needs integer d_in and d_sae")
-    return normalise_config(raw)
+    if not isinstance(raw, dict) or not all(integer(1).ok(raw.get(key)) for key in ("d_in", "d_sae")):
+        raise SAELensFormatError(f"{path / CONFIG} is not a SAELens SAE config: it needs integer d_in and d_sae >= 1")
+    if not isinstance(raw.get("metadata", {}), (dict, type(None))):
+        raise SAELensFormatError(f"{path / CONFIG}: metadata must be a JSON object, got {show(raw['metadata'])}")
+    cfg = normalise_config(raw)
+    for key, rule in FIELDS.items():
+        node, *rest = key.split(".")
+        value = cfg.get(node, ABSENT) if not rest else cfg["metadata"].get(rest[0], ABSENT)
+        if value is not ABSENT and not rule.ok(value):
+            raise SAELensFormatError(f"{path / CONFIG}: {key} must be {rule.allowed}, got {show(value)}")
+    return cfg
+
 
 
 def normalise_config(raw: dict[str, Any]) -> dict[str, Any]:

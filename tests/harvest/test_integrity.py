@@ -282,3 +282,21 @@ def test_verify_refuses_bad_input_in_one_line(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("harvest.verify: error: ") and "\n" not in err
+
+
+RECORDS = [b'{"acts": "abc", "tokens": [1, 2], "contexts": [1, 2]}', b'{"acts": [1], "tokens": [1, 2]}',
+           b'{"acts": [1.5, 2], "tokens": [1, 2]}', b'{"acts": [true, 2], "tokens": [1, 2]}', b'{"acts": {"a": 1}}',
+           b'{"acts": null}', b'{"acts": [-1, 2]}', b"[1, 2]", b'"text"', b"3", b"null", b"", b"{", b"\xff"]
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=range(len(RECORDS)))
+def test_a_checksum_record_of_any_other_shape_names_the_chunk(copy, record, capsys):
+    """A record someone else wrote (any JSON type where [bytes, crc32] belongs, or no JSON): verify and
+    every reader name chunk 2 as damaged in one line; it never crashes or reads the chunk unchecked."""
+    path = copy[0]
+    (path / store.CHECKSUMS / "2.json").write_bytes(record)
+    assert verify_main([f"store={path}"]) == 1
+    out = capsys.readouterr().out
+    assert "chunk 2" in out and "has no readable checksum record (checksums/2.json)" in out
+    with pytest.raises(DamagedStore, match=r"acts chunk 2 \(acts/c/2/0\) has no readable checksum record"):
+        ActivationStore(path).read_chunk(2)

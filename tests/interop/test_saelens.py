@@ -440,3 +440,49 @@ def test_an_import_into_a_run_being_trained_is_refused_and_the_run_resumes_exact
     train(cfg, run)  # resumes from its last checkpoint
     train(cfg, tmp_path / "straight")
     assert_same_weights(tmp_path / "straight" / RunDir.SAE, run / RunDir.SAE)
+
+
+FIELD_VALUES = [1.5, "text", [1], {"a": 1}, True, -3]  # a value of every JSON type (and a negative number)
+
+
+def _malformed_fields():
+    """(field, value) pairs: every field the import reads given every value its rule refuses."""
+    from interop.saelens_format import FIELDS
+
+    for key, rule in FIELDS.items():
+        for value in FIELD_VALUES:
+            if not rule.ok(value):
+                yield key, value
+
+
+@pytest.mark.parametrize(("key", "value"), list(_malformed_fields()), ids=lambda v: repr(v))
+def test_every_cfg_json_field_of_the_wrong_type_is_one_line(key, value, store, tmp_path, monkeypatch, capsys):
+    """cfg.json is parsed into typed fields at the boundary: a value of the wrong type for any field
+    the import reads is refused in one line naming the file and the field, nothing written."""
+    folder = lens_folder(tmp_path / "lens", store, model_name=Path(ActivationStore(store).model).name)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    node, *rest = key.split(".")
+    (cfg["metadata"] if rest else cfg)[rest[0] if rest else node] = value
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    monkeypatch.chdir(tmp_path)
+    before = files(tmp_path)
+    code, err = run_in_process("interop.import_saelens", [f"sae={folder}", f"store={store}", f"out={tmp_path / 'run'}",
+                                                          f"eval_frac={EVAL_FRAC}"], capsys)
+    check_one_line(code, err, "import_saelens", f"{folder / 'cfg.json'}: {key} must be ")
+    assert files(tmp_path) == before
+
+
+@pytest.mark.parametrize(("changes", "expect"), [
+    (dict(n_experts=0), "n_experts must be an integer >= 1 or null, got 0"),
+    (dict(n_experts=4, shared_width=48), "has d_sae=48, shared_width=48 and n_experts=4: the 0 routed latents"),
+    (dict(n_experts=5), "has d_sae=48, shared_width=0 and n_experts=5: the 48 routed latents do not split"),
+], ids=["zero-experts", "shared-too-wide", "uneven"])
+def test_switch_sizes_that_do_not_fit_are_one_line(changes, expect, store, tmp_path, monkeypatch, capsys):
+    folder = lens_folder(tmp_path / "lens", store, model_name=Path(ActivationStore(store).model).name,
+                         architecture="switch", **changes)
+    monkeypatch.chdir(tmp_path)
+    before = files(tmp_path)
+    code, err = run_in_process("interop.import_saelens", [f"sae={folder}", f"store={store}", f"out={tmp_path / 'run'}",
+                                                          f"eval_frac={EVAL_FRAC}"], capsys)
+    check_one_line(code, err, "import_saelens", expect)
+    assert files(tmp_path) == before
