@@ -140,6 +140,7 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
     ctx = Contexts(run.store, tokenizer, cfg.left, cfg.right)
     pages = [feature(f, firings, ctx, cfg, getattr(run.sae, "expert_width", None)) for f in chosen]
     source = f"{run_dir} ({run.sae.arch}, {m} latents)"
+    run.dir.writer_lock(f"run {run.dir}", DashboardError).check()  # not while a launch replaces its weights
     for p in pages:
         (out / p.filename).write_text(feature_page(p, source, len(firings.seen)), encoding="utf-8")
     alive = len(np.unique(firings.latents))

@@ -401,6 +401,7 @@ def analyse(t: Target, cfg: GeometryConfig, base: Target | None, device: torch.d
                   notes=["cosines of rows scaled to unit norm; a feature's own row is excluded",
                          f"dup_frac: fraction of features whose nearest neighbour has cosine > {cfg.threshold:g}"])
     result = _clean(result)
+    RunDir(t.dir).writer_lock(f"run {t.dir}", GeometryError).check()  # not while a launch replaces its weights
     t.out.mkdir(parents=True, exist_ok=True)
     write_text(t.out / RunDir.GEOMETRY, json.dumps(result, indent=2) + "\n")
     return result, nns

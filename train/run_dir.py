@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 
 from harvest.store import ActivationStore
 from runtime.errors import ToolkitError
-from runtime.files import write_atomic, write_json, write_text
+from runtime.files import read_text_file, write_atomic, write_json, write_text
 from runtime.lock import WriterLock
 from train.loader import eval_rows, norm_cut
 from train.saes import SAE, load, nonfinite, save
@@ -120,8 +120,20 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
 
     def read_config(self) -> dict[str, Any]:
-        """The saved training config as plain containers."""
-        return json.loads(json.dumps(OmegaConf.to_container(OmegaConf.load(self.path / self.CONFIG))))
+        """The saved training (or import) config as plain containers: a mapping whose `model` names its
+        arch and whose `data` names its store; RunError naming the file otherwise."""
+        f = self.path / self.CONFIG
+        try:
+            config = json.loads(json.dumps(OmegaConf.to_container(OmegaConf.create(read_text_file(f)))))
+        except FileNotFoundError:
+            raise RunError(f"{self} has no {self.CONFIG}: not a run folder") from None
+        except Exception as e:  # unreadable, not YAML, or YAML that is not a mapping
+            raise RunError(f"{f} is not a run config ({type(e).__name__}: {_first_line(e)})") from None
+        model, data = (config.get(key) if isinstance(config, dict) else None for key in ("model", "data"))
+        if not (isinstance(model, dict) and isinstance(model.get("arch"), str) and isinstance(data, dict)
+                and isinstance(data.get("store"), str)):
+            raise RunError(f"{f} is not a run config: it needs model.arch and data.store")
+        return config
 
     def write_config(self, config: dict[str, Any]) -> None:
         write_text(self.path / self.CONFIG, OmegaConf.to_yaml(config))
@@ -129,7 +141,7 @@ class RunDir:
     def read_store(self) -> dict[str, Any] | None:
         """The identity of the store the run trained on, or None if not recorded."""
         f = self.path / self.STORE
-        return json.loads(f.read_text()) if f.exists() else None
+        return self._read_object(self.STORE, "a store identity") if f.exists() else None
 
     def write_store(self, store: ActivationStore) -> None:
         write_json(self.path / self.STORE, store.identity())
@@ -201,7 +213,7 @@ class RunDir:
     def read_tracker(self) -> dict[str, Any] | None:
         """The tracked run recorded by the last tracked launch (TRACKER), or None."""
         f = self.path / self.TRACKER
-        return json.loads(f.read_text()) if f.exists() else None
+        return self._read_object(self.TRACKER, "a tracker record") if f.exists() else None
 
     def write_tracker(self, state: dict[str, Any] | None) -> None:
         """Record the launch's tracked run (nothing for None: logger=none keeps an earlier record)."""
@@ -243,7 +255,7 @@ class RunDir:
 
     def sae_config(self) -> dict[str, Any]:
         """sae.json: the architecture and its constructor arguments, without loading weights."""
-        return json.loads((self.path / self.SAE / "sae.json").read_text())
+        return self._read_object(f"{self.SAE}/sae.json", "an SAE description")
 
     def sae_mtime(self) -> float:
         """When the SAE's weights were written (results older than that are stale)."""
@@ -254,7 +266,7 @@ class RunDir:
 
     def done(self) -> dict[str, Any]:
         """done.json ({step, tokens, world_size}), or {} while unfinished."""
-        return json.loads((self.path / self.DONE).read_text()) if self.finished else {}
+        return self._read_object(self.DONE, "a record of a finished run") if self.finished else {}
 
     # ------------------------------------------------------------------ results of later stages
 
@@ -271,7 +283,20 @@ class RunDir:
         return WriterLock(self.path / self.LOCK, what, error)
 
     def read_result(self, name: str) -> dict[str, Any]:
-        return json.loads((self.path / name).read_text())
+        return self._read_object(name, "a result")
+
+    def _read_object(self, name: str, what: str) -> dict[str, Any]:
+        """The JSON object in the run's file `name`; RunError naming the file when it is anything else."""
+        f = self.path / name
+        try:
+            value = json.loads(read_text_file(f))
+        except OSError as e:
+            raise RunError(f"{f} cannot be read ({e.strerror})") from None
+        except ValueError as e:
+            raise RunError(f"{f} is not {what}: not JSON ({_first_line(e)})") from None
+        if not isinstance(value, dict):
+            raise RunError(f"{f} is not {what}: a JSON object was expected")
+        return value
 
     def result_is_fresh(self, name: str) -> bool:
         """The result exists and is newer than the SAE."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -455,23 +456,33 @@ def _malformed_fields():
                 yield key, value
 
 
-@pytest.mark.parametrize(("key", "value"), list(_malformed_fields()), ids=lambda v: repr(v))
-def test_every_cfg_json_field_of_the_wrong_type_is_one_line(key, value, store, tmp_path, monkeypatch, capsys):
-    """cfg.json is parsed into typed fields at the boundary: a value of the wrong type for any field
-    the import reads is refused in one line naming the file and the field, nothing written."""
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # runpy: the module was imported before
+def test_every_cfg_json_field_of_the_wrong_type_is_refused_naming_it(store, tmp_path, monkeypatch, capsys):
+    """cfg.json is parsed into typed fields at the boundary (`read_config`): a value of the wrong type
+    for any field the import reads is refused naming the file and the field; one of them also through
+    the CLI, in one line with nothing written."""
+    from interop.saelens_format import SAELensFormatError, read_config
+
     folder = lens_folder(tmp_path / "lens", store, model_name=Path(ActivationStore(store).model).name)
-    cfg = json.loads((folder / "cfg.json").read_text())
-    node, *rest = key.split(".")
-    (cfg["metadata"] if rest else cfg)[rest[0] if rest else node] = value
-    (folder / "cfg.json").write_text(json.dumps(cfg))
+    good = json.loads((folder / "cfg.json").read_text())
+    cases = list(_malformed_fields())
+    assert len(cases) > 60
+    for key, value in cases:
+        cfg = json.loads(json.dumps(good))
+        node, *rest = key.split(".")
+        (cfg["metadata"] if rest else cfg)[rest[0] if rest else node] = value
+        (folder / "cfg.json").write_text(json.dumps(cfg))
+        with pytest.raises(SAELensFormatError, match=f"^{re.escape(str(folder / 'cfg.json'))}: {re.escape(key)} must be "):
+            read_config(folder)
     monkeypatch.chdir(tmp_path)
     before = files(tmp_path)
     code, err = run_in_process("interop.import_saelens", [f"sae={folder}", f"store={store}", f"out={tmp_path / 'run'}",
                                                           f"eval_frac={EVAL_FRAC}"], capsys)
-    check_one_line(code, err, "import_saelens", f"{folder / 'cfg.json'}: {key} must be ")
+    check_one_line(code, err, "import_saelens", f"{folder / 'cfg.json'}: {cases[-1][0]} must be ")
     assert files(tmp_path) == before
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # runpy: the module was imported before
 @pytest.mark.parametrize(("changes", "expect"), [
     (dict(n_experts=0), "n_experts must be an integer >= 1 or null, got 0"),
     (dict(n_experts=4, shared_width=48), "has d_sae=48, shared_width=48 and n_experts=4: the 0 routed latents"),

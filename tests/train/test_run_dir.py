@@ -16,8 +16,9 @@ def test_files_round_trip(tmp_path):
     run = RunDir(tmp_path / "r")
     run.create()
     assert not (run.has_config or run.has_sae or run.finished or run.has_checkpoint)
-    run.write_config({"a": {"b": 1}, "lr": None})
-    assert run.read_config() == {"a": {"b": 1}, "lr": None}
+    config = {"data": {"store": "s", "eval_frac": 0.05}, "model": {"arch": "topk", "width": 16}, "lr": None}
+    run.write_config(config)
+    assert run.read_config() == config
     for log in (run.METRICS, run.VALIDATION):
         with run.open_log(log) as f:
             f.write("".join(f'{{"step": {s}}}\n' for s in (0, 10, 20, 30)))
@@ -102,3 +103,24 @@ def test_results_are_refused_while_a_launch_writes_the_run(tmp_path):
         holder.wait()
     run.write_result(RunDir.EVAL, {"mse": 1.0})  # the holder died: its lock is stale
     assert run.read_result(RunDir.EVAL) == {"mse": 1.0}
+
+
+SHAPES = [b"[1, 2]", b'"text"', b"3", b"null", b"true", b"", b"{", b"\xff\xfe"]
+READERS = {RunDir.STORE: RunDir.read_store, RunDir.DONE: RunDir.done, RunDir.TRACKER: RunDir.read_tracker,
+           "sae/sae.json": RunDir.sae_config, RunDir.EVAL: lambda run: run.read_result(RunDir.EVAL),
+           RunDir.CONFIG: RunDir.read_config}
+
+
+@pytest.mark.parametrize("content", SHAPES + [b"model: 3", b"{model: {arch: topk}, data: [1]}"])
+@pytest.mark.parametrize("name", list(READERS))
+def test_a_run_file_of_another_shape_is_named_in_one_line(name, content, tmp_path):
+    """Every JSON (and YAML) file of a run folder that someone else may have written is parsed at the
+    boundary: anything but the object it should hold is one RunError naming the file, never a traceback."""
+    run = RunDir(tmp_path / "r")
+    run.create()
+    run.save_sae(build("topk", d=8, width=16, k=2))
+    run.mark_done({"step": 1})
+    (run.path / name).write_bytes(content)
+    with pytest.raises(RunError) as e:
+        READERS[name](run)
+    assert str(e.value).startswith(f"{run.path / name} ") and "\n" not in str(e.value)
