@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from train.saes import build, load, save
+from train.saes import REGISTRY, build, load, save
 from train.saes.base import Codes
 
 
@@ -167,3 +167,24 @@ def test_codes_nonzero_and_fired_of_a_switch_sae():
     assert torch.equal(codes.fired(64), (full > 0).any(0)) and not codes.fired(64).all()
     assert torch.equal(codes.fired(64, n_rows=5), (full[:5] > 0).any(0))
     assert torch.equal(r, r.sort().values)  # ordered by row
+
+
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_an_sae_built_from_python_with_only_its_sizes_is_the_yaml_one(arch):
+    """Defaults live in conf/train/model/<arch>.yaml only: a constructor requires nothing but sizes, and
+    what it builds from them is what `model=<arch>` trains (TopKSAE(d, width, k) once trained with
+    aux_coeff 0 where the YAML says 1/32)."""
+    import inspect
+
+    from train.saes.base import model_yaml
+
+    cls = REGISTRY[arch]
+    model = {key: value for key, value in model_yaml(arch).items() if key != "arch"}
+    model.update({key: small for key, small in (("width", 64), ("k", 4), ("n_experts", 4)) if key in model})
+    kwargs = cls.constructor_kwargs(model, 16)
+    required = [name for name, p in inspect.signature(cls.__init__).parameters.items()
+                if name != "self" and p.default is inspect.Parameter.empty]
+    assert set(required) <= {"d", *cls.size_args}, required
+    from_python = cls(**{name: kwargs[name] for name in required})
+    assert from_python.config() == build(arch, **kwargs).config()
+    assert all(model_yaml(arch)[name] == value for name, value in cls.size_defaults.items())

@@ -11,6 +11,7 @@ which feature directions eval compares; no other module lists architectures.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from runtime.config import Rule, check_values
+from runtime.config import CONF, Rule, check_values
 
 if TYPE_CHECKING:
     from train.saes.flops import Cost
@@ -107,6 +108,15 @@ class SAE(nn.Module):
         super().__init__()
         self.d = d
         self.b_pre = nn.Parameter(torch.zeros(d))
+
+    @classmethod
+    def defaults(cls, **given: Any) -> list[Any]:
+        """The constructor arguments `given`, each left at None replaced by its value in
+        conf/train/model/<arch>.yaml: defaults live in the YAML only, so an SAE built from Python with
+        only its sizes is the one `model=<arch>` trains. `SAE.defaults(aux_k=None, aux_coeff=0.1)`
+        -> [0, 0.1] for topk."""
+        yaml = model_yaml(cls.arch)
+        return [yaml[name] if value is None else value for name, value in given.items()]
 
     @classmethod
     def check_model(cls, model: Mapping[str, Any]) -> None:
@@ -212,6 +222,14 @@ def sq_error(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
 
 
 REGISTRY: dict[str, type[SAE]] = {}
+
+
+@functools.cache
+def model_yaml(arch: str) -> dict[str, Any]:
+    """conf/train/model/<arch>.yaml as a dict: the architecture's documented keys and their defaults."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(CONF / "train" / "model" / f"{arch}.yaml"))
 
 
 def register(cls: type[SAE]) -> type[SAE]:

@@ -163,8 +163,10 @@ class BatchTopKSAE(SAE):
     # set by train.dist.DataParallel with several ranks: the mean over ranks of a per-rank statistic
     global_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def __init__(self, d: int, width: int, k: int, theta_decay: float, aux_k: int = 0, aux_coeff: float = 0.0):
+    def __init__(self, d: int, width: int, k: int, theta_decay: float | None = None, aux_k: int | None = None,
+                 aux_coeff: float | None = None):
         super().__init__(d)
+        theta_decay, aux_k, aux_coeff = self.defaults(theta_decay=theta_decay, aux_k=aux_k, aux_coeff=aux_coeff)
         if not 0 < k <= width:
             raise ValueError(f"k={k} must be between 1 and the width {width}")
         if not 0 <= theta_decay <= 1:

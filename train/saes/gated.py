@@ -29,8 +29,9 @@ class GatedSAE(SAE):
     size_args = ("width",)
     model_rules = {"width": integer(1), "l1_coeff": number(0)}
 
-    def __init__(self, d: int, width: int, l1_coeff: float):
+    def __init__(self, d: int, width: int, l1_coeff: float | None = None):
         super().__init__(d)
+        l1_coeff, = self.defaults(l1_coeff=l1_coeff)
         self.width, self.l1_coeff = width, l1_coeff
         self.W_gate = nn.Parameter(torch.empty(width, d))
         self.b_gate = nn.Parameter(torch.zeros(width))

@@ -123,9 +123,11 @@ class JumpReLUSAE(SAE):
     model_rules = {"width": integer(1), "l0_coeff": number(0), "warmup_frac": number(0, 1),
                    "bandwidth": number(0, lo_open=True), "threshold_init": number(0, lo_open=True)}
 
-    def __init__(self, d: int, width: int, l0_coeff: float, warmup_frac: float, bandwidth: float,
-                 threshold_init: float):
+    def __init__(self, d: int, width: int, l0_coeff: float | None = None, warmup_frac: float | None = None,
+                 bandwidth: float | None = None, threshold_init: float | None = None):
         super().__init__(d)
+        l0_coeff, warmup_frac, bandwidth, threshold_init = self.defaults(
+            l0_coeff=l0_coeff, warmup_frac=warmup_frac, bandwidth=bandwidth, threshold_init=threshold_init)
         self.width, self.l0_coeff, self.warmup_frac = width, l0_coeff, warmup_frac
         self.bandwidth, self.threshold_init = bandwidth, threshold_init
         self.W_enc = nn.Parameter(torch.empty(width, d))

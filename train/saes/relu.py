@@ -28,8 +28,9 @@ class ReLUSAE(SAE):
     size_args = ("width",)
     model_rules = {"width": integer(1), "l1_coeff": number(0), "warmup_frac": number(0, 1)}
 
-    def __init__(self, d: int, width: int, l1_coeff: float, warmup_frac: float):
+    def __init__(self, d: int, width: int, l1_coeff: float | None = None, warmup_frac: float | None = None):
         super().__init__(d)
+        l1_coeff, warmup_frac = self.defaults(l1_coeff=l1_coeff, warmup_frac=warmup_frac)
         self.width, self.l1_coeff, self.warmup_frac = width, l1_coeff, warmup_frac
         self.W_enc = nn.Parameter(torch.empty(width, d))
         self.b_enc = nn.Parameter(torch.zeros(width))

@@ -61,10 +61,14 @@ class SwitchSAE(SAE):
     # and P_i are statistics of every rank's tokens and the aux loss is the one of the global batch.
     global_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def __init__(self, d: int, n_experts: int, expert_width: int, k: int, alpha: float, active_experts: int = 1,
-                 shared_width: int = 0, shared_k: int = 0, balance: str = "aux_loss", bias_rate: float = 0.0,
-                 aux_k: int = 0, aux_coeff: float = 0.0):
+    def __init__(self, d: int, n_experts: int, expert_width: int, k: int, alpha: float | None = None,
+                 active_experts: int | None = None, shared_width: int | None = None, shared_k: int | None = None,
+                 balance: str | None = None, bias_rate: float | None = None, aux_k: int | None = None,
+                 aux_coeff: float | None = None):
         super().__init__(d)
+        alpha, active_experts, shared_width, shared_k, balance, bias_rate, aux_k, aux_coeff = self.defaults(
+            alpha=alpha, active_experts=active_experts, shared_width=shared_width, shared_k=shared_k, balance=balance,
+            bias_rate=bias_rate, aux_k=aux_k, aux_coeff=aux_coeff)
         problem = _split_problem(n_experts, expert_width, k, active_experts, shared_width, shared_k)
         if problem:
             raise ValueError(problem)

@@ -23,8 +23,9 @@ class TopKSAE(SAE):
     size_args = ("width", "k")
     sparse_codes = True
 
-    def __init__(self, d: int, width: int, k: int, aux_k: int = 0, aux_coeff: float = 0.0):
+    def __init__(self, d: int, width: int, k: int, aux_k: int | None = None, aux_coeff: float | None = None):
         super().__init__(d)
+        aux_k, aux_coeff = self.defaults(aux_k=aux_k, aux_coeff=aux_coeff)
         if not 0 < k <= width:
             raise ValueError(f"k={k} must be between 1 and the width {width}")
         self.width, self.k, self.aux_k, self.aux_coeff = width, k, aux_k, aux_coeff
