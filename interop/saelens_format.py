@@ -132,7 +132,6 @@ def read_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
-
 def normalise_config(raw: dict[str, Any]) -> dict[str, Any]:
     """A cfg.json dict in SAELens 6 form: configs without a SAELens >= 6 version get the renames and
     defaults SAELens 6 gives them (hook_point -> hook_name, architecture standard, apply_b_dec_to_input

@@ -148,6 +148,8 @@ def list_of(item: Rule, allowed: str, length: int | None = None) -> Rule:
 
 
 NULL = Rule(lambda v: v is None, "null")
+
+
 def _env_name(value: Any) -> bool:
     """The NAME of an environment variable, never its value (a pasted API key would end up in saved
     configs): an UPPER_CASE name, set or not, or a name of any case that is set in this environment.

@@ -72,7 +72,7 @@ from train.recipe import init_tied_
 from train.saes.auxk import auxk_losses
 from train.saes.base import SAE, Codes, Output, register, sq_error
 from train.saes.flops import Cost
-from train.saes.kernels import runs_sparse, sum_by_latent
+from train.saes.kernels import bag, runs_sparse, sum_by_latent
 from train.saes.topk import TopKSAE
 
 
@@ -138,7 +138,7 @@ class _BatchTopK(torch.autograd.Function):
         g_xc = g_w = g_b = None
         if ctx.sparse:
             if need_xc:  # sum over each row's kept latents of g * W_enc[latent]: an embedding bag
-                g_xc = F.embedding_bag(cols, w.detach(), _offsets(rows, n)[1], mode="sum", per_sample_weights=g)
+                g_xc = bag(cols, w, g, _offsets(rows, n)[1])
             if need_w:  # S^T xc with S [B, M] holding g at the kept entries
                 g_w = sum_by_latent(cols, rows, g, xc.detach().to(w.dtype), m)
         else:
@@ -273,9 +273,9 @@ class BatchTopKSAE(SAE):
 
     def _decode_kept(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_rows: int) -> torch.Tensor:
         """sum over each row's codes of value * W_dec[latent], + b_pre: one embedding bag, 2d per code."""
-        bag = F.embedding_bag(cols, self.W_dec, _offsets(rows, n_rows)[1], mode="sum",
-                              per_sample_weights=vals.to(self.W_dec.dtype))
-        return bag + self.b_pre
+        summed = F.embedding_bag(cols, self.W_dec, _offsets(rows, n_rows)[1], mode="sum",
+                                 per_sample_weights=vals.to(self.W_dec.dtype))
+        return summed + self.b_pre
 
     def encode(self, x: torch.Tensor) -> Codes:
         """x [B, d] -> idx, vals [B, kmax]: the batch rule in training mode, the threshold in eval mode."""

@@ -159,18 +159,10 @@ def _bag_backward(grad, indices, *args: Any, **kwargs: Any) -> int:
     return 2 * indices[0] * grad[1]
 
 
-def _sparse_addmm(out, sparse, dense, *args: Any, **kwargs: Any) -> int:
-    """aten._sparse_addmm (the sparse encoder backward's grad W = S^T xc): one multiply-add per stored
-    value and column. Reads the tensors themselves (`_get_raw`): the count depends on nnz, not shapes."""
-    return 2 * sparse._nnz() * dense.shape[1]
-
-
-_sparse_addmm._get_raw = True  # type: ignore[attr-defined]
-
-
 def _sampled_addmm(mask, a, *args: Any, **kwargs: Any) -> int:
     """aten.sparse_sampled_addmm (the sparse decoder's grad of the code values): one dot product of
-    a's width per stored entry of the mask. Reads the tensors themselves, like `_sparse_addmm`."""
+    a's width per stored entry of the mask. Reads the tensors themselves (`_get_raw`): the count
+    depends on nnz, not shapes."""
     return 2 * mask._nnz() * a.shape[1]
 
 
@@ -192,8 +184,8 @@ def _grouped_mm(a, b, *args: Any, **kwargs: Any) -> int:
 def counter_mapping() -> dict:
     """`FlopCounterMode(custom_mapping=counter_mapping())`: teaches torch's counter the embedding-bag
     ops of our sparse decoder and encoder backward (bags of rows, and the weight gradients as bags per
-    latent), the sampled dot products of the decoder's value gradient (each 2kd per token as above),
-    the sparse matmul and the grouped matmul of Switch experts (it counts them as 0 otherwise)."""
+    latent), the sampled dot products of the decoder's value gradient (each 2kd per token as above)
+    and the grouped matmul of Switch experts (it counts them as 0 otherwise)."""
     import torch
 
     aten = torch.ops.aten
@@ -202,5 +194,4 @@ def counter_mapping() -> dict:
             aten.sparse_sampled_addmm: _sampled_addmm,
             aten._embedding_bag_per_sample_weights_backward: _bag_weights_backward,
             aten._embedding_bag_backward: _bag_backward,
-            aten._sparse_addmm: _sparse_addmm,
             aten._grouped_mm: _grouped_mm}

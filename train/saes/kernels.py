@@ -137,7 +137,7 @@ class TopKEncode(torch.autograd.Function):
         if ctx.sparse:  # in the compute dtype, like the matmuls they replace
             g_c = g.to(ctx.dt)
             if need_xc:
-                g_xc = _bag(idx, w_c.reshape(-1, d), g_c).to(xc.dtype)
+                g_xc = bag(idx, w_c.reshape(-1, d), g_c).to(xc.dtype)
             if need_w:
                 g_w = sum_by_latent(idx.reshape(-1), token_rows(idx), g_c.reshape(-1), xc.to(ctx.dt), n_experts * e)
                 g_w = g_w.to(ctx.w_dtype).view(n_experts, e, d)
@@ -198,7 +198,7 @@ class RowsDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, idx: torch.Tensor, vals: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(idx, vals, w)
-        return _bag(idx, w, vals.to(w.dtype))
+        return bag(idx, w, vals.to(w.dtype))
 
     @staticmethod
     def backward(ctx, g_out: torch.Tensor):
@@ -212,7 +212,7 @@ class RowsDecode(torch.autograd.Function):
         return None, g_vals, g_w
 
 
-def _bag(idx: torch.Tensor, w: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | None = None
+def bag(idx: torch.Tensor, w: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor | None = None
          ) -> torch.Tensor:
     """F.embedding_bag(mode="sum") of detached tensors, for use inside autograd Functions: given a
     tensor that requires grad, torch runs the variant that also records what its own backward needs
@@ -232,7 +232,7 @@ def sum_by_latent(latents: torch.Tensor, rows: torch.Tensor, g: torch.Tensor, x:
     order = latents.argsort()
     starts = torch.zeros(n_latents, dtype=torch.long, device=latents.device)
     starts[1:] = torch.bincount(latents, minlength=n_latents)[:-1].cumsum(0)
-    return _bag(rows[order], x, g[order], starts)
+    return bag(rows[order], x, g[order], starts)
 
 
 def token_rows(idx: torch.Tensor) -> torch.Tensor:
