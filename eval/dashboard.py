@@ -6,7 +6,7 @@ activation) triple (only those of the asked-for features when `features` is a li
 F ~ rows x L0. From them, per feature: density (fraction of evaluated tokens where it fires), the
 top activating contexts, random samples from each decile of its non-zero activations (deciles by
 rank, eval/firings.py `deciles`), random contexts where it does not fire, a histogram, and for Switch
-SAEs its expert (feature // expert_width). Contexts are windows of the rows' own sequences, decoded
+SAEs its expert (the SAE layout's `expert_of`). Contexts are windows of the rows' own sequences, decoded
 with the store's tokenizer; every token of a window is shaded by the feature's activation there.
 Rendering: eval/dashboard_html.py.
 """
@@ -31,6 +31,7 @@ from runtime.errors import ToolkitError, one_line_errors, reraise_as
 if TYPE_CHECKING:  # torch, transformers and the store load only once the input is checked
     from eval.dashboard_html import Context, FeaturePage
     from harvest.store import ActivationStore
+    from train.saes.base import Layout
 
 SELECTIONS = ("random", "top_density")
 
@@ -94,7 +95,7 @@ class Contexts:
         return Context([self.decode(int(t)) for t in ids], acts.tolist(), center, float(acts[center]), int(row))
 
 
-def feature(f: int, firings: Firings, ctx: Contexts, cfg: DashboardConfig, expert_width: int | None) -> FeaturePage:
+def feature(f: int, firings: Firings, ctx: Contexts, cfg: DashboardConfig, layout: Layout) -> FeaturePage:
     """The dashboard_html.FeaturePage of feature f."""
     from eval.dashboard_html import FeaturePage
 
@@ -112,7 +113,7 @@ def feature(f: int, firings: Firings, ctx: Contexts, cfg: DashboardConfig, exper
     max_act = float(acts.max()) if len(acts) else 0.0
     counts, edges = np.histogram(acts, bins=cfg.bins, range=(0.0, max_act or 1.0))
     n = max(len(firings.seen), 1)
-    return FeaturePage(f, f // expert_width if expert_width else None, len(rows) / n, len(rows), max_act, strongest,
+    return FeaturePage(f, layout.expert_of(f), len(rows) / n, len(rows), max_act, strongest,
                        samples, [ctx(r, rows, acts) for r in zero], counts.tolist(), edges.tolist())
 
 
@@ -138,7 +139,7 @@ def build_dashboard(cfg: DashboardConfig) -> Path:
                    only=cfg.features if isinstance(cfg.features, list) else None, progress=cfg.progress)
     chosen = choose(firings.counts, cfg.features, cfg.n_features, cfg.seed)
     ctx = Contexts(run.store, tokenizer, cfg.left, cfg.right)
-    pages = [feature(f, firings, ctx, cfg, getattr(run.sae, "expert_width", None)) for f in chosen]
+    pages = [feature(f, firings, ctx, cfg, run.sae.layout()) for f in chosen]
     source = f"{run_dir} ({run.sae.arch}, {m} latents)"
     run.dir.writer_lock(f"run {run.dir}", DashboardError).check()  # not while a launch replaces its weights
     for p in pages:

@@ -58,7 +58,7 @@ class FeaturePage:
     """Everything one feature's page shows."""
 
     index: int
-    expert: int | None  # Switch: feature // expert_width; None for other architectures
+    expert: int | None  # the expert that owns the feature (SAE layout); None without a router or in none
     density: float  # fraction of evaluated tokens where the feature fires
     fires: int
     max_act: float

@@ -95,10 +95,10 @@ def cross_expert_max(gmax: torch.Tensor) -> torch.Tensor:
     return gmax.scatter(1, own[:, None], -torch.inf).amax(1)
 
 
-def feature_vectors(sae: SAE) -> dict[str, torch.Tensor]:
-    """{"decoder": W_dec, "encoder": the architecture's encoder directions (W_enc, W_gate for gated)},
-    each [M, d], or [N, e, d] for switch."""
-    return {"decoder": sae.W_dec, "encoder": sae.encoder_directions()}
+def feature_vectors(sae: SAE, m: int) -> dict[str, torch.Tensor]:
+    """{"decoder": the decoder directions, "encoder": the encoder directions (W_gate's rows for gated)},
+    each the first m rows [m, d] of the architecture's [M, d] (the SAE contract, train/saes/base.py)."""
+    return {"decoder": sae.decoder_directions()[:m], "encoder": sae.encoder_directions()[:m]}
 
 
 def summary(nn: torch.Tensor, threshold: float) -> dict[str, Any]:
@@ -183,7 +183,8 @@ RULES: dict[str, Rule] = {
 
 @dataclass
 class Target:
-    """One run to analyse: where it is, where its outputs go and its SAE's shape (from sae.json)."""
+    """One run to analyse: where it is, where its outputs go and its SAE's shape (its layout, from sae.json):
+    m latents analysed (with experts the N e routed ones, else all M), d, N experts (None: no router)."""
 
     dir: Path
     out: Path
@@ -202,16 +203,18 @@ def _read_run(path: str, what: str) -> Target:
     with reraise_as(GeometryError):
         run.check_trained(what)
     meta_file = p / RunDir.SAE / "sae.json"
-    try:
-        meta = run.sae_config()
-        arch, d = meta["arch"], int(meta["d"])
-        n = int(meta["n_experts"]) if "n_experts" in meta else None
-        m = n * int(meta["expert_width"]) if n is not None else int(meta["width"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise GeometryError(f"{meta_file} is not a valid sae.json ({type(e).__name__}: {e})") from None
+    with reraise_as(GeometryError):
+        config = run.sae_config()
+    arch = config.pop("arch", None)
     if arch not in REGISTRY:
         raise GeometryError(f"{meta_file}: unknown arch {arch!r}; expected one of {', '.join(sorted(REGISTRY))}")
-    return Target(p, p, arch, m, d, n)
+    try:
+        layout = REGISTRY[arch].layout_of(config)
+    except (ValueError, TypeError) as e:
+        raise GeometryError(f"{meta_file} is not a valid sae.json ({type(e).__name__}: {e})") from None
+    # with experts, the routed latents (a shared expert's are in none); else every latent
+    m = layout.routed or layout.n_latents
+    return Target(p, p, arch, m, layout.d, layout.n_experts or None)
 
 
 def plan(cfg: GeometryConfig) -> tuple[list[Target], Target | None, Path | None]:
@@ -234,11 +237,11 @@ def plan(cfg: GeometryConfig) -> tuple[list[Target], Target | None, Path | None]
             t.out = Path(cfg.out) / name if len(targets) > 1 else Path(cfg.out)
     base = _read_run(cfg.topk_run, "topk_run") if cfg.topk_run is not None else None
     if base is not None:
-        if REGISTRY[base.arch].has_experts:
+        if base.n_experts:
             raise GeometryError(f"topk_run {base.dir} is a {base.arch} run; the baseline needs a single-dictionary "
                                 "SAE (topk)")
         for t in targets:
-            if REGISTRY[t.arch].has_experts and (t.m, t.d) != (base.m, base.d):
+            if t.n_experts and (t.m, t.d) != (base.m, base.d):
                 raise GeometryError(f"topk_run {base.dir} has M={base.m}, d={base.d} but {t.arch} run {t.dir} has "
                                     f"M={t.m}, d={t.d}: the baseline needs the same total width and d")
     compare = None
@@ -343,7 +346,7 @@ def _baseline(base: Target | None, n: int, e: int, d: int, cfg: GeometryConfig,
     if base is None:
         w, label = torch.randn(n * e, d, generator=g), "random unit vectors (no topk_run given)"
     else:
-        w = RunDir(base.dir).load_sae("cpu").W_dec.detach()
+        w = RunDir(base.dir).load_sae("cpu").decoder_directions().detach()
         w, label = w[torch.randperm(len(w), generator=g)], f"random blocks of {base.arch} run {base.dir.name}"
     return label, expert_similarity(w.to(device).view(n, e, d), cfg.block)
 
@@ -354,7 +357,7 @@ def analyse(t: Target, cfg: GeometryConfig, base: Target | None, device: torch.d
             ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Everything for one run: writes its PNGs and geometry.json; returns (the json dict, nn cosines)."""
     sae = RunDir(t.dir).load_sae(device)
-    vecs = feature_vectors(sae)
+    vecs = feature_vectors(sae, t.m)
     result: dict[str, Any] = {"run": str(t.dir), "arch": t.arch, "n_latents": t.m, "d": t.d, "n_experts": t.n_experts,
                               "threshold": cfg.threshold}
     nns: dict[str, np.ndarray] = {}

@@ -85,6 +85,7 @@ def recon_and_cost(run: TrainedRun, cfg: EvalConfig) -> dict[str, Any]:
                                      dtype=getattr(torch, cfg.dtype))
     model = run.config["model"]
     done = run.dir.done()
+    layout = run.sae.layout()
     cost = algorithmic_cost(run.sae)  # sparse backward for topk and switch, whatever kernels the trainer ran
     dense = sae_cost(run.sae, sparse_backward=False)
     train_tokens = done.get("tokens", 0)
@@ -97,7 +98,7 @@ def recon_and_cost(run: TrainedRun, cfg: EvalConfig) -> dict[str, Any]:
     ]
     return {
         "run": str(run.dir), "store": str(run.store.path), "arch": model["arch"], "match": model.get("match"),
-        "d": run.sae.d, "n_latents": run.sae.n_latents, "k": model.get("k"), "n_experts": model.get("n_experts"),
+        "d": layout.d, "n_latents": layout.n_latents, "k": layout.k, "n_experts": layout.n_experts or None,
         "sae": run.sae.config(), "train_steps": done.get("step"), "train_tokens": train_tokens,
         **metrics,
         "outlier_frac": counts["dropped"] / max(1, counts["read"]), "norm_cut": run.cut,

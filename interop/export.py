@@ -2,8 +2,11 @@
 
 Writes `<out>/cfg.json` and `<out>/sae_weights.safetensors` (default out: `<run>/saelens`), which
 `sae_lens.SAE.load_from_disk(out)` loads with the same codes and reconstructions as our SAE (the
-weight maps: interop/saelens_arch.py). A Switch SAE is written as the architecture "switch", which
-SAELens knows once interop/saelens_switch.py is imported (plugin=false refuses Switch runs instead).
+weight maps: each architecture's `to_saelens`, dispatched by interop/saelens_arch.py). A Switch SAE is
+written as the architecture "switch", which SAELens knows once our plugin is imported: the export writes
+the plugin module itself beside cfg.json (`<out>/saelens_switch.py`, a copy of interop/saelens_switch.py,
+which needs only torch and sae_lens), so the folder loads with SAELens alone (plugin=false refuses
+Switch runs instead).
 Keys: conf/interop/export.yaml. What cfg.json holds:
 
     d_in, d_sae, dtype          the SAE's input width, latents, float32
@@ -37,7 +40,7 @@ from runtime.errors import ToolkitError, one_line_errors, reraise_as
 
 FORMATS = ("saelens",)
 DEFAULT_OUT = "saelens"  # <run>/saelens when out is null
-PLUGIN = "interop/saelens_switch.py"
+PLUGIN = Path(__file__).with_name("saelens_switch.py")  # written beside cfg.json for SAEs that need it
 
 RULES = {
     "run": text("a path"),
@@ -79,6 +82,7 @@ class Export:
     config: dict[str, Any]
     tensors: dict[str, Any]
     message: str
+    plugin: bool = False  # write the SAELens plugin module beside cfg.json
 
 
 def store_identity(run: Any) -> dict[str, Any]:
@@ -132,7 +136,7 @@ def plan(cfg: ExportConfig) -> Export:
         exported = to_saelens(sae)
     if exported.needs_plugin and not cfg.plugin:
         raise ExportError(f"run {run.path} is a {sae.display_name} SAE, which stock SAELens cannot load: plugin=true "
-                          f"writes it for the SAELens plugin {PLUGIN} (import it before SAE.load_from_disk)")
+                          f"writes it with our SAELens plugin module {PLUGIN.name} beside it")
     out = Path(cfg.out) if cfg.out else run.path / DEFAULT_OUT
     if out.exists() and not out.is_dir():
         raise ExportError(f"out {out} is a file, not a folder")
@@ -142,16 +146,23 @@ def plan(cfg: ExportConfig) -> Export:
     message = (f"wrote {out}: SAELens architecture {exported.architecture!r} (ours: {sae.arch}), hook {hook}; "
                f"load it with {load}")
     if exported.needs_plugin:
-        message += f" after importing the plugin {PLUGIN} (`import interop.saelens_switch`), which registers 'switch'"
-    return Export(out, saelens_config(exported, sae, identity, hook, run), exported.tensors, message)
+        message += (f" after importing the plugin module written beside it, {out / PLUGIN.name} "
+                    f"(`sys.path.insert(0, {str(out)!r}); import {PLUGIN.stem}`), which registers "
+                    f"{exported.architecture!r}")
+    return Export(out, saelens_config(exported, sae, identity, hook, run), exported.tensors, message,
+                  exported.needs_plugin)
 
 
 def export(cfg: ExportConfig) -> Export:
     """Check everything (`plan`), then write the folder; returns what was written."""
     from interop.saelens_format import write_folder
+    from runtime.files import write_atomic
 
     done = plan(cfg)
     write_folder(done.out, done.config, done.tensors)
+    if done.plugin:
+        code = PLUGIN.read_bytes()
+        write_atomic(done.out / PLUGIN.name, lambda f: f.write(code))
     return done
 
 

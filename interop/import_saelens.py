@@ -2,8 +2,9 @@
 as one of our runs, which eval, geometry and dashboards take unchanged.
 
 The folder's cfg.json and weights are read directly (saelens_format; sae_lens itself is not imported)
-and mapped onto our architecture (saelens_arch: topk -> topk, standard -> relu, gated -> gated,
-jumprelu -> jumprelu, or batchtopk for a folder we exported from one, switch -> switch), exactly: where
+and mapped onto our architecture (each architecture declares the SAELens ones it takes; saelens_arch
+dispatches: topk -> topk, standard -> relu, gated -> gated, jumprelu -> jumprelu, or batchtopk for a
+folder we exported from one, switch -> switch), exactly: where
 SAELens subtracts b_dec before the encoder and ours does not (or the reverse), the difference is
 folded into the encoder bias. The run directory written (train/run_dir.py writes every file):
 
@@ -99,21 +100,13 @@ class Import:
 
 def check_config(cfg: dict[str, Any], folder: str) -> None:
     """SAELensImportError unless our architectures can reproduce the SAELens config's SAE exactly."""
-    from interop.saelens_arch import OUR_ARCH
+    from interop.saelens_arch import ArchError
+    from interop.saelens_arch import check_config as check_architecture
 
-    arch = cfg.get("architecture")
-    if arch not in OUR_ARCH:
-        raise SAELensImportError(f"{folder} is a SAELens {arch!r} SAE, which has no counterpart here (importable: "
-                                 f"{', '.join(OUR_ARCH)})")
-    required = {"topk": ("k",), "switch": ("n_experts", "k")}.get(arch, ())
-    missing = [key for key in required if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool)]
-    if missing:
-        raise SAELensImportError(f"{folder} is a SAELens {arch} SAE whose cfg.json lacks integer {', '.join(missing)}")
-    if arch == "switch":
-        n, s, m = cfg["n_experts"], cfg.get("shared_width", 0), cfg["d_sae"]
-        if s >= m or (m - s) % n:
-            raise SAELensImportError(f"{folder} has d_sae={m}, shared_width={s} and n_experts={n}: the {m - s} routed "
-                                     f"latents do not split into {n} experts of at least one latent each")
+    try:
+        check_architecture(cfg)
+    except ArchError as e:
+        raise SAELensImportError(f"{folder} {e}") from None
     mode = cfg["normalize_activations"]
     if mode != "none":
         why = NORMALISATIONS.get(mode, "an activation normalisation this toolkit does not know")

@@ -88,8 +88,8 @@ def reconstruction_metrics(sae: SAE, rows: Iterable[torch.Tensor], *, batch_size
                            dtype: torch.dtype) -> dict[str, Any]:
     """Run the SAE over `rows` (tensors [n, d], any n) and return the metrics of the module docstring."""
     device = next(sae.parameters()).device
-    n_experts = getattr(sae, "n_experts", None)
-    acc = ReconMetrics(sae.d, sae.n_latents, n_experts, dead_window)
+    layout = sae.layout()
+    acc = ReconMetrics(layout.d, layout.n_latents, layout.n_experts or None, dead_window)
     for chunk in rows:
         for x in chunk.split(batch_size):
             x = x.to(device)

@@ -53,7 +53,8 @@ class Validator:
     def __call__(self, sae: SAE) -> dict[str, Any]:
         """encode + decode of every sample row (no losses, so no collective even in a data-parallel
         Switch) -> the metrics of `train.metrics.ReconMetrics` with `eval_tokens` the rows used."""
-        acc = ReconMetrics(sae.d, sae.n_latents, getattr(sae, "n_experts", None), dead_window=None)
+        layout = sae.layout()
+        acc = ReconMetrics(layout.d, layout.n_latents, layout.n_experts or None, dead_window=None)
         training = sae.training
         sae.eval()  # the inference rule, as eval will measure it (BatchTopK's threshold)
         try:

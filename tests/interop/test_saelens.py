@@ -342,8 +342,8 @@ def test_export_refuses_in_one_line(exported, tmp_path, monkeypatch, capsys):
     odd = make_run(tmp_path / "odd", randomise(build("topk", d=D, width=64, k=4), 0), synthetic)
     cases = [
         ([f"run={switch_run}", "plugin=false", f"out={tmp_path / 'x'}"],
-         ("is a Switch SAE, which stock SAELens cannot load: plugin=true writes it for the SAELens plugin "
-          "interop/saelens_switch.py")),
+         ("is a Switch SAE, which stock SAELens cannot load: plugin=true writes it with our SAELens plugin module "
+          "saelens_switch.py beside it")),
         ([f"run={odd}", f"out={tmp_path / 'x'}"], "site 'none' has no TransformerLens hook name"),
         ([f"run={tmp_path / 'nowhere'}"], f"run {tmp_path / 'nowhere'} does not exist"),
         ([f"run={topk_run}"], f"out {topk_run / 'saelens'} is not empty; overwrite=true"),
@@ -363,16 +363,34 @@ def test_export_refuses_in_one_line(exported, tmp_path, monkeypatch, capsys):
     assert lens_load(odd / "saelens").cfg.metadata.hook_name == "blocks.0.hook_resid_post"
 
 
-def test_the_real_export_cli_names_the_plugin(exported, tmp_path):
-    """`python -m interop.export` as a process on a Switch run: writes the folder, says to import the plugin."""
+def test_the_real_export_cli_writes_the_plugin_and_saelens_alone_loads_it(exported, tmp_path):
+    """`python -m interop.export` as a process on a Switch run writes the folder with the plugin module beside
+    cfg.json; a separate interpreter that imports only that module and sae_lens (none of this project)
+    loads the SAE and encodes k latents per token."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", "interop.export", f"run={exported['switch'][1]}", "format=saelens",
                           f"out={tmp_path / 'sw'}"], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "import interop.saelens_switch" in out.stdout and "'switch'" in out.stdout
-    assert sorted(p.name for p in (tmp_path / "sw").iterdir()) == ["cfg.json", "sae_weights.safetensors"]
+    assert "import saelens_switch" in out.stdout and "'switch'" in out.stdout
+    folder = tmp_path / "sw"
+    assert sorted(p.name for p in folder.iterdir()) == ["cfg.json", "sae_weights.safetensors", "saelens_switch.py"]
+    assert (folder / "saelens_switch.py").read_bytes() == (ROOT / "interop" / "saelens_switch.py").read_bytes()
     assert not (tmp_path / "outputs").exists() and not (tmp_path / ".hydra").exists()
+    user = tmp_path / "elsewhere"
+    user.mkdir()
+    script = (f"import sys; sys.path.insert(0, {str(folder)!r}); import saelens_switch, torch; "
+              f"from sae_lens import SAE; sae = SAE.load_from_disk({str(folder)!r}); "
+              "codes = sae.encode(torch.randn(5, sae.cfg.d_in)); "
+              "ours = [m for m in sys.modules if m.split('.')[0] in ('interop', 'train', 'eval', 'harvest', 'runtime')]; "
+              "import json; print(json.dumps([ours, (codes != 0).sum(-1).tolist()]))")
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    loaded = subprocess.run([sys.executable, "-c", script], cwd=user, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    k = json.loads((folder / "cfg.json").read_text())["k"]
+    ours, active = json.loads(loaded.stdout)
+    assert ours == [] and len(active) == 5 and all(1 <= a <= k for a in active), loaded.stdout
 
 
 def test_the_plugin_is_self_contained():

@@ -4,9 +4,18 @@ Shapes: B tokens, d input dims, M total latents, k active latents per token (Top
 Decoder directions are stored as ROWS ([M, d]), so decoding k latents is a gather of k rows.
 
 An architecture is one module (its `SAE` subclass, `@register`ed) and one YAML
-(conf/train/model/<arch>.yaml). The class carries everything the other stages need to know about it:
-its name in reports, how the YAML's keys become constructor arguments, its parameter and FLOP counts,
-which feature directions eval compares; no other module lists architectures.
+(conf/train/model/<arch>.yaml). The class carries everything the other stages need to know about it
+(the contract, checked for every registered architecture by tests/train/test_contract.py):
+
+  naming        arch, display_name
+  config        model_rules, check_model, constructor_kwargs (the YAML's keys -> constructor arguments)
+  cost          size_args, size_defaults, cost_formula (parameters and FLOPs per token)
+  shape         layout(): d, M, k, N experts and which expert owns a latent; decoder_directions(),
+                encoder_directions() [M, d] (what metrics, geometry and dashboards read)
+  SAELens       saelens_architecture (None: no counterpart, saelens_refusal says why), to_saelens(),
+                saelens_imports, check_saelens_config(), from_saelens() (the exact weight maps)
+
+Stages read an architecture only through these; none branches on an architecture's name.
 """
 
 from __future__ import annotations
@@ -66,6 +75,57 @@ class Codes:
             return active.any(dim=0)
         hits = torch.zeros(n_latents, dtype=torch.int32, device=active.device)  # non-zero codes per latent
         return hits.index_add_(0, self.idx[:n_rows].flatten(), active.flatten().int()) > 0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an SAE's latents are laid out: what metrics, geometry and dashboards read instead of an
+    architecture's size attributes.
+
+    d             input width
+    n_latents     M, every latent
+    k             active latents per token the architecture is built for (None: set by a penalty, as in
+                  ReLU; BatchTopK: the batch mean)
+    n_experts     N routed experts; 0 for an SAE without a router
+    expert_width  e: expert i owns latents i e .. (i+1) e - 1; latents from N e on (a shared expert) are
+                  in no expert
+    """
+
+    d: int
+    n_latents: int
+    k: int | None = None
+    n_experts: int = 0
+    expert_width: int = 0
+
+    @property
+    def routed(self) -> int:
+        """N e, the latents that belong to an expert (0 without a router)."""
+        return self.n_experts * self.expert_width
+
+    def expert_of(self, latent: int) -> int | None:
+        """The expert that owns `latent` (0..M-1), None when it is in no expert."""
+        return latent // self.expert_width if latent < self.routed else None
+
+
+@dataclass
+class SAELensForm:
+    """An SAE in SAELens's terms: the SAELens architecture, its config fields besides d_in, d_sae, dtype
+    and metadata (apply_b_dec_to_input, k, ...), the weights under SAELens's names, and whether stock
+    SAELens loads it (needs_plugin: only with interop/saelens_switch.py imported)."""
+
+    architecture: str
+    fields: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    needs_plugin: bool = False
+
+
+@dataclass
+class FromSAELens:
+    """A SAELens SAE in our terms: its size keys (conf/train/model/<arch>.yaml keys) and the entries of
+    our state dict it sets (the others keep their constructed values)."""
+
+    sizes: dict[str, Any]
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -148,8 +208,8 @@ class SAE(nn.Module):
     @classmethod
     def cost_formula(cls, d: int, *, sparse_backward: bool = False, dense_decoder: bool = False,
                      **sizes: int) -> Cost:
-        """Parameters and FLOPs per token for inputs of width d and the `size_args` in `sizes`, all
-        positive integers, the two flags only where the class attributes allow them (train.saes.flops
+        """Parameters and FLOPs per token for inputs of width d and the `size_args` in `sizes` (positive
+        integers, or tuples of them where a size is a list), the two flags only where the class attributes allow them (train.saes.flops
         checks all that first, and documents the conventions); ValueError for sizes that do not fit."""
         raise NotImplementedError
 
@@ -158,10 +218,50 @@ class SAE(nn.Module):
         """M, the total number of latents (sets the default learning rate)."""
         raise NotImplementedError
 
+    def layout(self) -> Layout:
+        """d, M, k, experts: the shape every stage reads (module docstring). Default: no k, no experts."""
+        return Layout(self.d, self.n_latents)
+
+    @classmethod
+    def layout_of(cls, config: Mapping[str, Any]) -> Layout:
+        """The layout of the SAE that `config()` = `config` describes (sae.json without "arch"), without
+        allocating its weights (built on the meta device)."""
+        with torch.device("meta"):
+            return cls(**config).layout()
+
+    def decoder_directions(self) -> torch.Tensor:
+        """The decoder's feature directions, one row per latent in latent order: [M, d]."""
+        return self.W_dec
+
     def encoder_directions(self) -> torch.Tensor:
-        """The encoder-side feature directions, one row per latent: [M, d], or [N, e, d] with experts.
-        Default: the rows of W_enc."""
+        """The encoder-side feature directions, one row per latent in latent order: [M, d]. Default: the
+        rows of W_enc."""
         return self.W_enc
+
+    # ---- SAELens (interop/saelens_arch.py dispatches through these; stated by every architecture)
+    # the SAELens architecture `to_saelens` writes; None: no counterpart (`saelens_refusal` says why)
+    saelens_architecture: ClassVar[str | None]
+    saelens_refusal: ClassVar[str] = ""
+    # the SAELens architectures `from_saelens` may take (empty: none is imported as this one)
+    saelens_imports: ClassVar[tuple[str, ...]] = ()
+
+    def to_saelens(self) -> SAELensForm:
+        """This SAE (eval mode) in SAELens's terms, exactly: same codes and reconstructions."""
+        raise NotImplementedError(f"{self.arch} declares no SAELens export")
+
+    @classmethod
+    def check_saelens_config(cls, cfg: Mapping[str, Any]) -> None:
+        """ValueError when a SAELens config (cfg.json, normalised) of one of `saelens_imports` lacks what
+        `from_saelens` needs; run before any weight is read. Default: nothing to check."""
+
+    @classmethod
+    def from_saelens(cls, cfg: Mapping[str, Any], tensors: dict[str, torch.Tensor],
+                     ours: Mapping[str, Any]) -> FromSAELens | None:
+        """A SAELens SAE (config, float32 weights under SAELens's names, and what we recorded in its
+        metadata when we exported it, else {}) as this architecture; None when the folder is not one
+        this architecture takes (another with the same SAELens name may); ValueError when it cannot be
+        reproduced exactly."""
+        return None
 
     def config(self) -> dict[str, Any]:
         """Constructor arguments: `build(arch, **config())` rebuilds the same architecture."""
@@ -213,6 +313,35 @@ class SAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Output:
         raise NotImplementedError
+
+
+def saelens_weights(cfg: Mapping[str, Any], tensors: dict[str, torch.Tensor], names: set[str],
+                    shapes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+    """ValueError unless `tensors` are exactly `names`, each of its shape: W_enc [d_in, d_sae], W_dec
+    [d_sae, d_in], b_dec [d_in], the rest [d_sae] unless `shapes` says otherwise."""
+    d, m = cfg["d_in"], cfg["d_sae"]
+    if set(tensors) != names:
+        raise ValueError(f"the weights are {', '.join(sorted(tensors))} but a SAELens {cfg['architecture']} SAE has "
+                         f"{', '.join(sorted(names))}")
+    want = {"W_enc": (d, m), "W_dec": (m, d), "b_dec": (d,), **(shapes or {})}
+    for name, t in tensors.items():
+        shape = want.get(name, (m,))
+        if tuple(t.shape) != shape:
+            raise ValueError(f"weight {name} has shape {list(t.shape)} where d_in={d}, d_sae={m} give {list(shape)}")
+
+
+def saelens_ints(cfg: Mapping[str, Any], *keys: str) -> None:
+    """ValueError unless every one of `keys` is an integer in the SAELens config."""
+    missing = [key for key in keys if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool)]
+    if missing:
+        raise ValueError(f"its cfg.json lacks integer {', '.join(missing)}")
+
+
+def input_shift(w_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """W_enc [d, M], b_dec [d] -> b_dec W_enc [M]: what subtracting b_dec before the encoder subtracts
+    (folded into the encoder bias where SAELens's apply_b_dec_to_input and ours differ:
+    W_enc (x - b_dec) + b_enc = W_enc x + (b_enc - W_enc b_dec))."""
+    return (b_dec.double() @ w_enc.double()).float()
 
 
 def sq_error(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:

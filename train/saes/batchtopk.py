@@ -70,7 +70,8 @@ from torch.nn import functional as F
 from runtime.config import integer, number
 from train.recipe import init_tied_
 from train.saes.auxk import auxk_losses
-from train.saes.base import SAE, Codes, Output, register, sq_error
+from train.saes.base import (SAE, Codes, FromSAELens, Layout, SAELensForm, saelens_weights, Output, register,
+                             sq_error)
 from train.saes.flops import Cost
 from train.saes.kernels import bag, runs_sparse, sum_by_latent
 from train.saes.topk import TopKSAE
@@ -207,6 +208,33 @@ class BatchTopKSAE(SAE):
     @property
     def n_latents(self) -> int:
         return self.width
+
+    def layout(self) -> Layout:
+        return Layout(self.d, self.width, self.k)
+
+    saelens_architecture = "jumprelu"
+    saelens_imports = ("jumprelu",)
+
+    def to_saelens(self) -> SAELensForm:
+        """Its inference rule pre 1[pre > max(theta, 0)], pre = W_enc (x - b_pre) + b_enc, is SAELens's
+        jumprelu with apply_b_dec_to_input and every threshold max(theta, 0)."""
+        threshold = self.theta.clamp_min(0).expand(self.width)
+        return SAELensForm("jumprelu", {"apply_b_dec_to_input": True},
+                           {"W_enc": self.W_enc.T, "b_enc": self.b_enc, "threshold": threshold, "W_dec": self.W_dec,
+                            "b_dec": self.b_pre})
+
+    @classmethod
+    def from_saelens(cls, cfg: Mapping[str, Any], tensors: dict[str, torch.Tensor],
+                     ours: Mapping[str, Any]) -> FromSAELens | None:
+        """Only a folder we exported from a BatchTopK run (its metadata says so, b_dec is subtracted and every
+        threshold is the same); k, a training mean, comes from the metadata."""
+        saelens_weights(cfg, tensors, {"W_enc", "b_enc", "threshold", "W_dec", "b_dec"})
+        threshold = tensors["threshold"].clamp_min(0)
+        if ours.get("arch") != cls.arch or not cfg["apply_b_dec_to_input"] or not bool((threshold == threshold[0]).all()):
+            return None
+        t = tensors
+        return FromSAELens({"width": cfg["d_sae"]}, {"W_enc": t["W_enc"].T, "b_enc": t["b_enc"], "W_dec": t["W_dec"],
+                                                     "b_pre": t["b_dec"], "theta": threshold[0].clone()})
 
     def config(self) -> dict[str, Any]:
         return {"d": self.d, "width": self.width, "k": self.k, "theta_decay": self.theta_decay,

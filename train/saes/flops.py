@@ -81,6 +81,15 @@ def _positive(name: str, value: Any) -> int:
     return v
 
 
+def _size(name: str, value: Any) -> int | tuple[int, ...]:
+    """A size argument: a positive integer, or a non-empty list of them (e.g. nested prefix widths) as a tuple."""
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(f"{name} must be a positive integer or a non-empty list of them, got {value!r}")
+        return tuple(_positive(f"{name}[{i}]", v) for i, v in enumerate(value))
+    return _positive(name, value)
+
+
 def _unknown(arch: Any) -> ValueError:
     return ValueError(f"unknown SAE architecture {arch!r}; choose one of {', '.join(REGISTRY)}")
 
@@ -92,12 +101,12 @@ def _archs_with(attribute: str) -> str:
 
 
 def cost(arch: str, d: int, *, sparse_backward: bool = False, dense_decoder: bool = False,
-         **sizes: int | None) -> Cost:
+         **sizes: int | list[int] | None) -> Cost:
     """Parameters and FLOPs per token of an `arch` SAE on d-dimensional inputs (see the module doc).
 
-    `sizes` are the architecture's `size_args`, all required: topk width (M), k; switch n_experts
-    (N), expert_width (e), k; relu, gated width (M). Raises ValueError for an unknown arch, a
-    missing, non-positive or inapplicable argument, k larger than the (expert) width,
+    `sizes` are the architecture's `size_args` (each a positive integer, or a list of them for an
+    architecture whose size is one, such as nested prefix widths), all required but those in its
+    `size_defaults`. Raises ValueError for an unknown arch, a missing, non-positive or inapplicable argument, k larger than the (expert) width,
     sparse_backward with dense codes (relu, gated), or dense_decoder without experts.
     """
     if arch not in REGISTRY:
@@ -111,7 +120,7 @@ def cost(arch: str, d: int, *, sparse_backward: bool = False, dense_decoder: boo
     if missing:
         raise ValueError(f"{arch} needs {', '.join(missing)}")
     d = _positive("d", d)
-    a = {name: 0 if cls.size_defaults.get(name) == 0 and given[name] == 0 else _positive(name, given[name])
+    a = {name: 0 if cls.size_defaults.get(name) == 0 and given[name] == 0 else _size(name, given[name])
          for name in cls.size_args}
     if sparse_backward and not cls.sparse_codes:
         raise ValueError(f"sparse_backward applies to {_archs_with('sparse_codes')} only; {arch} has dense codes")

@@ -11,6 +11,7 @@ Decoder rows are held at unit norm; W_gate starts tied to W_dec, r_mag, b_gate, 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -18,7 +19,8 @@ from torch import nn
 
 from runtime.config import integer, number
 from train.recipe import init_tied_
-from train.saes.base import SAE, Codes, Output, register, sq_error
+from train.saes.base import (SAE, Codes, FromSAELens, SAELensForm, input_shift, saelens_weights, Output, register,
+                             sq_error)
 from train.saes.flops import Cost
 
 
@@ -65,6 +67,27 @@ class GatedSAE(SAE):
     def encoder_directions(self) -> torch.Tensor:
         """The gate's rows W_gate [M, d] (the magnitude path shares them, rescaled per latent)."""
         return self.W_gate
+
+    saelens_architecture = "gated"
+    saelens_imports = ("gated",)
+
+    def to_saelens(self) -> SAELensForm:
+        """SAELens gated with apply_b_dec_to_input; its W_enc is our gate W_gate, transposed."""
+        return SAELensForm("gated", {"apply_b_dec_to_input": True},
+                           {"W_enc": self.W_gate.T, "b_gate": self.b_gate, "r_mag": self.r_mag, "b_mag": self.b_mag,
+                            "W_dec": self.W_dec, "b_dec": self.b_pre})
+
+    @classmethod
+    def from_saelens(cls, cfg: Mapping[str, Any], tensors: dict[str, torch.Tensor],
+                     ours: Mapping[str, Any]) -> FromSAELens:
+        saelens_weights(cfg, tensors, {"W_enc", "b_gate", "r_mag", "b_mag", "W_dec", "b_dec"})
+        t = tensors
+        b_gate, b_mag = t["b_gate"], t["b_mag"]
+        if not cfg["apply_b_dec_to_input"]:  # ours gates x - b_pre; the magnitude path scales by e^r_mag
+            shift = input_shift(t["W_enc"], t["b_dec"])
+            b_gate, b_mag = b_gate + shift, b_mag + shift * t["r_mag"].exp()
+        return FromSAELens({"width": cfg["d_sae"]}, {"W_gate": t["W_enc"].T, "b_gate": b_gate, "r_mag": t["r_mag"],
+                                                     "b_mag": b_mag, "W_dec": t["W_dec"], "b_pre": t["b_dec"]})
 
     def config(self) -> dict[str, Any]:
         return {"d": self.d, "width": self.width, "l1_coeff": self.l1_coeff}

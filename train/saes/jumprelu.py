@@ -50,6 +50,7 @@ Choices (each a reading of the paper, or a deviation from it, stated):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -57,7 +58,8 @@ from torch import nn
 
 from runtime.config import integer, number
 from train.recipe import init_tied_
-from train.saes.base import SAE, Codes, Output, register, sq_error
+from train.saes.base import (SAE, Codes, FromSAELens, SAELensForm, input_shift, saelens_weights, Output, register,
+                             sq_error)
 from train.saes.flops import Cost
 
 
@@ -155,6 +157,30 @@ class JumpReLUSAE(SAE):
     @property
     def n_latents(self) -> int:
         return self.width
+
+    saelens_architecture = "jumprelu"
+    saelens_imports = ("jumprelu",)
+
+    def to_saelens(self) -> SAELensForm:
+        """SAELens jumprelu without apply_b_dec_to_input. SAELens's JumpReLU is ReLU(pre) 1[pre > threshold],
+        ours for thresholds >= 0 (ours are exp(log_theta) > 0). The `scale` buffer sets only the units of
+        the training hyper-parameters (the encoder does not rescale inputs): nothing of it is exported."""
+        return SAELensForm("jumprelu", {"apply_b_dec_to_input": False},
+                           {"W_enc": self.W_enc.T, "b_enc": self.b_enc, "threshold": self.theta,
+                            "W_dec": self.W_dec, "b_dec": self.b_pre})
+
+    @classmethod
+    def from_saelens(cls, cfg: Mapping[str, Any], tensors: dict[str, torch.Tensor],
+                     ours: Mapping[str, Any]) -> FromSAELens:
+        """A SAELens threshold below 0 acts as 0 (the ReLU): clamped to 0 (log_theta = -inf, theta = 0 exactly)."""
+        saelens_weights(cfg, tensors, {"W_enc", "b_enc", "threshold", "W_dec", "b_dec"})
+        t = tensors
+        b_enc = t["b_enc"]
+        if cfg["apply_b_dec_to_input"]:  # ours encodes x itself
+            b_enc = b_enc - input_shift(t["W_enc"], t["b_dec"])
+        return FromSAELens({"width": cfg["d_sae"]},
+                           {"W_enc": t["W_enc"].T, "b_enc": b_enc, "log_theta": t["threshold"].clamp_min(0).log(),
+                            "W_dec": t["W_dec"], "b_pre": t["b_dec"]})
 
     def config(self) -> dict[str, Any]:
         return {"d": self.d, "width": self.width, "l0_coeff": self.l0_coeff, "warmup_frac": self.warmup_frac,

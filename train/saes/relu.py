@@ -10,6 +10,7 @@ encoder tied to them, b_enc = 0.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,7 +18,8 @@ from torch import nn
 
 from runtime.config import integer, number
 from train.recipe import normalize_rows_
-from train.saes.base import SAE, Codes, Output, register, sq_error
+from train.saes.base import (SAE, Codes, FromSAELens, SAELensForm, input_shift, saelens_weights, Output, register,
+                             sq_error)
 from train.saes.flops import Cost
 
 
@@ -58,6 +60,24 @@ class ReLUSAE(SAE):
     @property
     def n_latents(self) -> int:
         return self.width
+
+    saelens_architecture = "standard"
+    saelens_imports = ("standard",)
+
+    def to_saelens(self) -> SAELensForm:
+        """SAELens standard without apply_b_dec_to_input (ours encodes x itself)."""
+        return SAELensForm("standard", {"apply_b_dec_to_input": False},
+                           {"W_enc": self.W_enc.T, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_pre})
+
+    @classmethod
+    def from_saelens(cls, cfg: Mapping[str, Any], tensors: dict[str, torch.Tensor],
+                     ours: Mapping[str, Any]) -> FromSAELens:
+        saelens_weights(cfg, tensors, {"W_enc", "b_enc", "W_dec", "b_dec"})
+        b_enc = tensors["b_enc"]
+        if cfg["apply_b_dec_to_input"]:  # ours encodes x itself
+            b_enc = b_enc - input_shift(tensors["W_enc"], tensors["b_dec"])
+        return FromSAELens({"width": cfg["d_sae"]}, {"W_enc": tensors["W_enc"].T, "b_enc": b_enc,
+                                                     "W_dec": tensors["W_dec"], "b_pre": tensors["b_dec"]})
 
     def config(self) -> dict[str, Any]:
         return {"d": self.d, "width": self.width, "l1_coeff": self.l1_coeff, "warmup_frac": self.warmup_frac}

@@ -41,7 +41,8 @@ from torch import nn
 from runtime.config import integer, number, one_of
 from train.recipe import geometric_median, init_tied_
 from train.saes.auxk import auxk_error
-from train.saes.base import SAE, Codes, Output, register, sq_error
+from train.saes.base import (SAE, Codes, FromSAELens, Layout, SAELensForm, saelens_ints, saelens_weights, Output, register,
+                             sq_error)
 from train.saes.flops import Cost
 from train.saes.kernels import decode_grouped, decode_rows, runs_sparse, topk_encode, topk_encode_reference
 
@@ -178,6 +179,65 @@ class SwitchSAE(SAE):
     def n_routed(self) -> int:
         """N e: the routed experts' latents, numbered 0..N e - 1 (the shared expert's come after)."""
         return self.n_experts * self.expert_width
+
+    def layout(self) -> Layout:
+        return Layout(self.d, self.n_latents, self.k, self.n_experts, self.expert_width)
+
+    def decoder_directions(self) -> torch.Tensor:
+        """[M, d]: the experts' rows (expert i's latents i e .. (i+1) e - 1), then the shared expert's."""
+        rows = self.W_dec.reshape(-1, self.d)
+        return torch.cat([rows, self.W_dec_shared]) if self.shared_width else rows
+
+    def encoder_directions(self) -> torch.Tensor:
+        rows = self.W_enc.reshape(-1, self.d)
+        return torch.cat([rows, self.W_enc_shared]) if self.shared_width else rows
+
+    saelens_architecture = "switch"
+    saelens_imports = ("switch",)
+
+    def to_saelens(self) -> SAELensForm:
+        """The architecture "switch" of our SAELens plugin (interop/saelens_switch.py, whose docstring has
+        the equations): W_enc, W_dec as [M, d] rows in latent order, W_enc transposed."""
+        tensors = {"W_enc": self.encoder_directions().T, "W_dec": self.decoder_directions(), "b_dec": self.b_pre,
+                   "W_router": self.W_router.T, "b_router": self.b_router}
+        biased = self.balance_by == "bias"
+        if biased:
+            tensors["router_bias"] = self.router_bias
+        fields = {"apply_b_dec_to_input": True, "n_experts": self.n_experts, "k": self.k,
+                  "active_experts": self.active_experts, "shared_width": self.shared_width, "shared_k": self.shared_k,
+                  "router_bias": biased}
+        return SAELensForm("switch", fields, tensors, needs_plugin=True)
+
+    @classmethod
+    def check_saelens_config(cls, cfg: Mapping[str, Any]) -> None:
+        saelens_ints(cfg, "n_experts", "k")
+        n, s, m = cfg["n_experts"], cfg.get("shared_width", 0), cfg["d_sae"]
+        if n < 1 or s >= m or (m - s) % n:
+            raise ValueError(f"it has d_sae={m}, shared_width={s} and n_experts={n}: the {m - s} routed latents do "
+                             f"not split into {n} experts of at least one latent each")
+
+    @classmethod
+    def from_saelens(cls, cfg: Mapping[str, Any], tensors: dict[str, torch.Tensor],
+                     ours: Mapping[str, Any]) -> FromSAELens:
+        n, s, d = cfg["n_experts"], cfg.get("shared_width", 0), cfg["d_in"]
+        shapes = {"W_router": (d, n), "b_router": (d,), "router_bias": (n,)}
+        names = {"W_enc", "W_dec", "b_dec", "W_router", "b_router"} | ({"router_bias"} if cfg.get("router_bias") else set())
+        saelens_weights(cfg, tensors, names, shapes)
+        if not cfg["apply_b_dec_to_input"]:
+            raise ValueError("a switch SAE without apply_b_dec_to_input has no counterpart here: our experts have no "
+                             "encoder bias to fold b_dec into")
+        e = (cfg["d_sae"] - s) // n
+        enc, dec = tensors["W_enc"].T, tensors["W_dec"]  # [M, d] rows
+        state = {"W_enc": enc[: n * e].reshape(n, e, d), "W_dec": dec[: n * e].reshape(n, e, d),
+                 "b_pre": tensors["b_dec"], "W_router": tensors["W_router"].T, "b_router": tensors["b_router"]}
+        if s:
+            state.update(W_enc_shared=enc[n * e:], W_dec_shared=dec[n * e:])
+        if cfg.get("router_bias"):
+            state["router_bias"] = tensors["router_bias"]
+        sizes = {"n_experts": n, "match": "width", "width": n * e, "k": cfg["k"],
+                 "active_experts": cfg.get("active_experts", 1), "shared_width": s, "shared_k": cfg.get("shared_k", 0),
+                 "balance": "bias" if cfg.get("router_bias") else "aux_loss"}
+        return FromSAELens(sizes, state)
 
     def config(self) -> dict[str, Any]:
         return {"d": self.d, "n_experts": self.n_experts, "expert_width": self.expert_width,

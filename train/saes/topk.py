@@ -11,7 +11,8 @@ from torch import nn
 from runtime.config import integer, number
 from train.recipe import init_tied_
 from train.saes.auxk import auxk_losses
-from train.saes.base import SAE, Codes, Output, register, sq_error
+from train.saes.base import (SAE, Codes, FromSAELens, Layout, SAELensForm, input_shift, saelens_ints, saelens_weights, Output, register,
+                             sq_error)
 from train.saes.flops import Cost
 from train.saes.kernels import decode_rows, runs_sparse, topk_encode, topk_encode_reference
 
@@ -72,6 +73,37 @@ class TopKSAE(SAE):
     @property
     def n_latents(self) -> int:
         return self.width
+
+    def layout(self) -> Layout:
+        return Layout(self.d, self.width, self.k)
+
+    saelens_architecture = "topk"
+    saelens_imports = ("topk",)
+
+    def to_saelens(self) -> SAELensForm:
+        """SAELens topk with apply_b_dec_to_input: the same encoder, W_enc transposed, b_pre as b_dec."""
+        return SAELensForm("topk", {"apply_b_dec_to_input": True, "k": self.k, "rescale_acts_by_decoder_norm": False},
+                           {"W_enc": self.W_enc.T, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_pre})
+
+    @classmethod
+    def check_saelens_config(cls, cfg: Mapping[str, Any]) -> None:
+        saelens_ints(cfg, "k")
+
+    @classmethod
+    def from_saelens(cls, cfg: Mapping[str, Any], tensors: dict[str, torch.Tensor],
+                     ours: Mapping[str, Any]) -> FromSAELens:
+        """rescale_acts_by_decoder_norm (rank and code by pre ||W_dec,i||, decode by code / ||W_dec,i||) is
+        folded in: W_enc,i and b_enc,i times ||W_dec,i||, W_dec,i over it; without apply_b_dec_to_input
+        the b_dec ours subtracts is added back to b_enc."""
+        saelens_weights(cfg, tensors, {"W_enc", "b_enc", "W_dec", "b_dec"})
+        w_enc, b_enc, w_dec = tensors["W_enc"], tensors["b_enc"], tensors["W_dec"]
+        if cfg.get("rescale_acts_by_decoder_norm"):
+            norm = w_dec.norm(dim=-1)  # [M]
+            w_enc, b_enc, w_dec = w_enc * norm, b_enc * norm, w_dec / norm[:, None]
+        if not cfg["apply_b_dec_to_input"]:
+            b_enc = b_enc + input_shift(w_enc, tensors["b_dec"])
+        return FromSAELens({"width": cfg["d_sae"], "k": cfg["k"]},
+                           {"W_enc": w_enc.T, "b_enc": b_enc, "W_dec": w_dec, "b_pre": tensors["b_dec"]})
 
     def config(self) -> dict[str, Any]:
         return {"d": self.d, "width": self.width, "k": self.k, "aux_k": self.aux_k, "aux_coeff": self.aux_coeff}
