@@ -37,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from runtime.errors import ToolkitError
+
 RETRY_STATUS = frozenset({408, 429})  # and every 5xx
 MAX_WAIT_S = 60.0
 MAX_ERRORS_KEPT = 5
@@ -45,7 +47,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-class LLMError(Exception):
+class LLMError(ToolkitError):
     """A call that failed for good (after its retries, or at once on a non-retryable answer)."""
 
 

@@ -20,7 +20,6 @@ Every eval.json is read and checked before anything is written; bad input raises
 from __future__ import annotations
 
 import csv
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +31,12 @@ from omegaconf import DictConfig
 from eval import compute
 from eval.plots import figure, save_png
 from runtime.cli import launch
+from eval.result import EvalResult
 from runtime.config import NULL, Rule, text, typed_config
-from runtime.errors import ToolkitError, one_line_errors
+from runtime.errors import ToolkitError, one_line_errors, reraise_as
 from train.run_dir import RunDir
 from train.saes import REGISTRY, SAE
 
-REQUIRED = ("arch", "n_latents", "l0", "mse")
-INT_KEYS = ("n_latents", "k", "n_experts", "d", "train_steps", "train_tokens", "params", "eval_tokens", "ce_tokens")
-FLOAT_KEYS = ("mse", "nmse", "fve", "l0", "dead_frac", "expert_entropy", "flops_forward_per_token",
-              "flops_train_per_token", "train_flops", "ce_clean", "ce_sae", "ce_zero", "loss_recovered",
-              "delta_ce", "kl", "outlier_frac")
 MISSING = "—"
 
 
@@ -51,14 +46,15 @@ class ReportError(ToolkitError):
 
 @dataclass(frozen=True)
 class EvaluatedRun:
-    """One evaluated run: its label (folder relative to the sweep), the contents of its eval.json and
-    its validation curve (validation.jsonl records; empty when trained without validation)."""
+    """One evaluated run: its label (folder relative to the sweep), its eval.json and its validation
+    curve (validation.jsonl records; empty when trained without validation)."""
 
     label: str
-    data: dict[str, Any]
+    data: EvalResult
     curve: tuple[dict[str, Any], ...] = ()
 
     def get(self, key: str) -> Any:
+        """The eval.json field `key` (EvalResult.get)."""
         return self.data.get(key)
 
     @property
@@ -80,42 +76,16 @@ class EvaluatedRun:
 
 # --------------------------------------------------------------------------------------- input
 
-def _check(path: Path, data: Any) -> dict[str, Any]:
-    """Return `data` if it follows the eval.json schema closely enough to report; else ReportError."""
-    if not isinstance(data, dict):
-        raise ReportError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    missing = [k for k in REQUIRED if data.get(k) is None]
-    if missing:
-        raise ReportError(f"{path}: missing {', '.join(missing)}")
-    if not isinstance(data["arch"], str) or data["arch"] not in REGISTRY:
-        raise ReportError(f"{path}: arch must be one of {', '.join(REGISTRY)}, got {data['arch']!r}")
-    for key in INT_KEYS + FLOAT_KEYS:
-        value = data.get(key)
-        ok = (int,) if key in INT_KEYS else (int, float)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, ok)):
-            raise ReportError(f"{path}: {key} must be a number or null, got {value!r}")
-    if data.get("match") not in (None, "width", "flops"):
-        raise ReportError(f"{path}: match must be width, flops or null, got {data['match']!r}")
-    if REGISTRY[data["arch"]].has_experts and data.get("n_experts") is None:
-        raise ReportError(f"{path}: a {data['arch']} run needs n_experts")
-    notes = data.get("notes") or []
-    if not isinstance(notes, list) or not all(isinstance(n, str) for n in notes):
-        raise ReportError(f"{path}: notes must be a list of strings")
-    return data
-
-
 def load_runs(sweep: Path) -> list[EvaluatedRun]:
     """Every eval.json under `sweep`, checked, sorted by (arch, match, N, n_latents, k)."""
     if not sweep.is_dir():
         raise ReportError(f"sweep folder {sweep} does not exist")
     runs = []
     for path in sorted(sweep.rglob(RunDir.EVAL)):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise ReportError(f"{path}: not valid JSON ({e})") from None
-        curve = tuple(RunDir(path.parent).read_validation())
-        runs.append(EvaluatedRun(path.parent.relative_to(sweep).as_posix(), _check(path, data), curve))
+        run = RunDir(path.parent)
+        with reraise_as(ReportError):
+            result = EvalResult.read(run)
+        runs.append(EvaluatedRun(path.parent.relative_to(sweep).as_posix(), result, tuple(run.read_validation())))
     if not runs:
         raise ReportError(f"no eval.json found under {sweep}")
     return sorted(runs, key=lambda r: r.sort_key)

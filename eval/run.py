@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from eval.ce import ce_metrics
 from train.metrics import reconstruction_metrics
 from eval.options import HeldOutOptions
+from eval.result import EvalResult
 from harvest.lm import load_config, load_lm
 from runtime.config import FLAG, NULL, Rule, integer, one_of
 from runtime.device import pick_device
@@ -114,7 +115,7 @@ def held_out_contexts(run: TrainedRun, n_seqs: int) -> torch.Tensor:
     return torch.from_numpy(run.store.sequences_of(run.held, n_seqs))
 
 
-def evaluate(cfg: EvalConfig) -> list[dict[str, Any]]:
+def evaluate(cfg: EvalConfig) -> list[EvalResult]:
     """Evaluate every run `cfg.run` names; returns their results (also written to <run>/eval.json)."""
     with reraise_as(EvalError):
         device = pick_device(cfg.device)
@@ -134,14 +135,15 @@ def evaluate(cfg: EvalConfig) -> list[dict[str, Any]]:
     results = {r.dir.path: recon_and_cost(r, cfg) for r in runs}
     if cfg.ce:
         _add_ce(runs, results, cfg, device)
-    for r in runs:
-        r.dir.write_result(RunDir.EVAL, results[r.dir.path])
+    final = [EvalResult(**results[r.dir.path]) for r in runs]
+    for r, result in zip(runs, final, strict=True):
+        result.write(r.dir)
         if cfg.track:
-            track_result(r.dir, results[r.dir.path])
-    return [results[r.dir.path] for r in runs]
+            track_result(r.dir, result)
+    return final
 
 
-def track_result(run: RunDir, result: dict[str, Any]) -> None:
+def track_result(run: RunDir, result: EvalResult) -> None:
     """eval.json's numbers into the tracked run the training recorded (RunDir.TRACKER), if any, under
     eval/: the W&B run's summary (resumed by its id), or TensorBoard scalars at the last training step.
     A tracker that cannot be opened (its package missing, W&B unreachable) costs one warning line on
@@ -151,7 +153,7 @@ def track_result(run: RunDir, result: dict[str, Any]) -> None:
         return
     try:
         with reopen(state, run.path) as tracker:
-            tracker.summarize(result, result.get("train_steps") or 0, "eval")
+            tracker.summarize(result.to_json(), result.train_steps or 0, "eval")
     except Exception as e:  # ToolkitError from runtime.tracking, or whatever the tracker's package raises
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         print(f"eval: warning: {run}: eval.json not logged to its {state.get('kind')} run ({why})", file=sys.stderr)
@@ -191,14 +193,14 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def table(results: list[dict[str, Any]]) -> str:
+def table(results: list[EvalResult]) -> str:
     """Metrics as text: one row per key, one column per run."""
-    names = [Path(r["run"]).name for r in results]
+    names = [Path(r.run).name for r in results]
     cols = [[_fmt(r.get(k)) for k in TABLE_KEYS] for r in results]
     width = max(len(k) for k in TABLE_KEYS)
     colw = [max(len(n), *(len(c) for c in col)) for n, col in zip(names, cols, strict=True)]
     lines = [" " * width + "  " + "  ".join(n.rjust(w) for n, w in zip(names, colw, strict=True))]
     for i, k in enumerate(TABLE_KEYS):
         lines.append(k.ljust(width) + "  " + "  ".join(col[i].rjust(w) for col, w in zip(cols, colw, strict=True)))
-    notes = sorted({n for r in results for n in r["notes"]})
+    notes = sorted({n for r in results for n in r.notes})
     return "\n".join(lines + ["notes:"] + [f"  - {n}" for n in notes])

@@ -17,14 +17,16 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pipeline.demo import run_demo
+from eval.result import EvalResult
 from runtime.config import compose_app
 from runtime.errors import one_line_errors
 from train.run_dir import RunDir
+from train.saes import REGISTRY
 
 
 def row(name: str, run: Path) -> dict[str, Any]:
     """What the table shows of one run, from its eval.json, geometry.json and sae.json."""
-    e = json.loads((run / RunDir.EVAL).read_text())
+    e = EvalResult.read(RunDir(run))
     g = json.loads((run / RunDir.GEOMETRY).read_text())
     sae = RunDir(run).sae_config()
     options = {k: v for k, v in sae.items() if k in ("active_experts", "shared_width", "shared_k", "balance", "aux_k")
@@ -32,7 +34,7 @@ def row(name: str, run: Path) -> dict[str, Any]:
     return {"run": name, "arch": e["arch"], "options": ", ".join(f"{k}={v}" for k, v in options.items()),
             "n_latents": e["n_latents"], "params": e["params"], "train_tokens": e["train_tokens"],
             "train_flops": e["train_flops"], "l0": e["l0"], "mse": e["mse"], "fve": e["fve"],
-            "loss_recovered": e.get("loss_recovered"), "dead_frac": e["dead_frac"], "dup_frac": g["dup_frac"],
+            "loss_recovered": e.loss_recovered, "dead_frac": e["dead_frac"], "dup_frac": g["dup_frac"],
             "cross_expert_dup_frac": g.get("cross_expert_dup_frac")}
 
 
@@ -60,7 +62,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for r in rows:
             if r[key] is None:
                 continue
-            marker = "s" if r["arch"] == "switch" else "o"
+            marker = "s" if REGISTRY[r["arch"]].has_experts else "o"
             ax.scatter(r["l0"], r[key], marker=marker)
             ax.annotate(r["run"], (r["l0"], r[key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel("L0 (held out)")

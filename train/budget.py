@@ -22,11 +22,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from runtime.errors import ToolkitError
+
 KINDS = ("steps", "tokens", "flops", "seconds")
 
 
-class BudgetError(ValueError):
-    """A budget that cannot be read or that cannot hold one step."""
+class BudgetError(ToolkitError, ValueError):
+    """A budget that cannot be read or that cannot hold one step (a ValueError too: a bad value)."""
 
 
 @dataclass(frozen=True)

@@ -149,12 +149,7 @@ class TrainConfig:
             raise TrainError(str(e)) from None
         ep = self.expert_parallel
         if ep != 1:
-            got = f"model={arch}" + (f", n_experts={self.model['n_experts']}" if sae.has_experts else "")
-            if not sae.has_experts or self.model["n_experts"] % ep:
-                sharded = " or ".join(name for name, cls in REGISTRY.items() if cls.has_experts)
-                raise TrainError(f"expert_parallel={ep} needs model={sharded} with n_experts divisible by it "
-                                 f"(got {got})")
-            problem = sae.expert_parallel_problem(self._model_keys())
+            problem = sae.expert_parallel_problem(self._model_keys(), ep)
             if problem:
                 raise TrainError(problem)
             if self.compile:

@@ -225,6 +225,7 @@ def test_a_sweep_with_validation_curves_gets_curves_a_table_and_findings(tmp_pat
 
 def test_a_sweep_without_curves_says_so():
     from eval.report import EvaluatedRun, equal_compute_section
+    from eval.result import EvalResult
 
-    line = equal_compute_section([EvaluatedRun("a", _run("topk", 64, 4, 4.0, 1.0))])[0]
+    line = equal_compute_section([EvaluatedRun("a", EvalResult(**_run("topk", 64, 4, 4.0, 1.0)))])[0]
     assert line.startswith("No run has a validation curve")

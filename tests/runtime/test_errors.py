@@ -40,3 +40,24 @@ def test_reraise_as_keeps_the_message_and_names_the_app():
     with pytest.raises(ValueError):  # not one of ours: untouched
         with reraise_as(AppError):
             raise ValueError("bug")
+
+
+def test_every_error_the_toolkit_defines_is_a_toolkit_error():
+    """An error class of ours outside ToolkitError would escape `one_line_errors` as a traceback (private
+    ones, such as harvest.lm's _Stop that ends a forward pass early, never leave their module)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from tests.conftest import ROOT
+
+    mine = []
+    for package in ("runtime", "harvest", "train", "eval", "interop", "pipeline", "bench"):
+        for info in pkgutil.walk_packages([str(ROOT / package)], prefix=f"{package}."):
+            if info.name.endswith("__main__"):
+                continue
+            module = importlib.import_module(info.name)
+            mine += [cls for _, cls in inspect.getmembers(module, inspect.isclass)
+                     if issubclass(cls, BaseException) and cls.__module__ == info.name and not cls.__name__.startswith("_")]
+    assert len(mine) > 10
+    assert [cls.__qualname__ for cls in mine if not issubclass(cls, ToolkitError)] == []

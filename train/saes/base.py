@@ -192,10 +192,11 @@ class SAE(nn.Module):
         check_values({"model": dict(model)}, rules, ValueError, f"conf/train/model/{cls.arch}.yaml")
 
     @classmethod
-    def expert_parallel_problem(cls, model: Mapping[str, Any]) -> str | None:
-        """Why expert parallelism cannot run this model configuration (None: it can, or the
-        architecture has no experts, which the train config refuses on its own)."""
-        return None
+    def expert_parallel_problem(cls, model: Mapping[str, Any], groups: int) -> str | None:
+        """Why expert parallelism over `groups` ranks (train/expert_parallel.py) cannot run this model
+        configuration, None when it can. Default: the architecture has no experts to shard."""
+        sharded = " or ".join(arch for arch, c in REGISTRY.items() if c.has_experts)
+        return f"expert_parallel={groups} needs model={sharded} with n_experts divisible by it (got model={cls.arch})"
 
     @classmethod
     def constructor_kwargs(cls, model: Mapping[str, Any], d: int) -> dict[str, Any]:

@@ -112,9 +112,13 @@ class SwitchSAE(SAE):
             raise ValueError("model.balance=bias needs model.bias_rate > 0 (how far each step moves the router bias)")
 
     @classmethod
-    def expert_parallel_problem(cls, model: Mapping[str, Any]) -> str | None:
-        """Why expert parallelism (train/expert_parallel.py) cannot run this configuration, or None:
-        it exchanges one expert per token and knows neither a shared expert nor a router bias."""
+    def expert_parallel_problem(cls, model: Mapping[str, Any], groups: int) -> str | None:
+        """Why expert parallelism over `groups` ranks (train/expert_parallel.py) cannot run this
+        configuration, or None: the ranks hold n_experts / groups experts each, and it exchanges one
+        expert per token and knows neither a shared expert nor a router bias."""
+        if model["n_experts"] % groups:
+            return (f"expert_parallel={groups} needs model={cls.arch} with n_experts divisible by it (got "
+                    f"model={cls.arch}, n_experts={model['n_experts']})")
         variants = [f"model.{key}={model[key]}" for key, plain in
                     (("active_experts", 1), ("shared_width", 0), ("balance", "aux_loss"), ("aux_k", 0))
                     if model[key] != plain]
