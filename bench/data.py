@@ -39,9 +39,10 @@ import numpy as np
 import torch
 
 from bench import copy_store, store_like, write_results
+from harvest.held_out import norm_cut, split_chunks
 from harvest.store import ActivationStore, is_store, write_chunks
 from runtime.cpu import cpu_cores
-from train.loader import Batches, norm_cut
+from train.loader import Batches
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, WINDOW = 8192, 8
@@ -170,7 +171,7 @@ def measure_loaders(src: ActivationStore, tmp: Path, n_chunks: int, rounds: int,
 
 def measure_memory(src: ActivationStore, n_batches: int) -> dict:
     """Heap peak of the loader on 16 chunks and on every training chunk of the store (compressed)."""
-    train_ids, _ = src.split(0.05)
+    train_ids, _ = split_chunks(src.n_chunks, 0.05)
     cut = norm_cut(src, 10.0)
     out = {}
     for ids in (train_ids[:16], train_ids):

@@ -57,13 +57,14 @@ def step_times(steps: int) -> dict:
 
 def fed_by_the_loader(steps: int) -> dict:
     """Full training steps on loader batches; the GPU's idle gaps between steps (CUDA events) / total."""
+    from harvest.held_out import norm_cut, split_chunks
     from harvest.store import ActivationStore
-    from train.loader import Batches, norm_cut
+    from train.loader import Batches
     from train.recipe import apply_update, make_optimizer
     from train.saes import build
 
     store = ActivationStore(STORE)
-    train_ids, _ = store.split(0.05)
+    train_ids, _ = split_chunks(store.n_chunks, 0.05)
     d, out = store.d_model, {}
     for name, kwargs in {"topk": dict(width=24576, k=32),
                          "switch_n16": dict(n_experts=16, expert_width=24576 // 16, k=32, alpha=SWITCH_ALPHA)}.items():

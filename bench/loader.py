@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from bench import copy_store, write_results
-from harvest.store import ActivationStore, split_chunks
+from harvest.held_out import split_chunks
+from harvest.store import ActivationStore
 from train.loader import Batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,12 +54,13 @@ from pathlib import Path
 from runtime.config import compose_app
 from train.config import TrainConfig
 from train.loop import train
+from train.run_dir import RunDir
 store, run, steps, *model = sys.argv[1:]
 cfg = TrainConfig.from_omegaconf(compose_app('train', [f'data.store={store}', f'budget=steps:{steps}', 'batch_size=8192',
                                                        'log_every=1', 'progress=false', f'checkpoint_every={10**9}',
                                                        *model]))
 train(cfg, Path(run))
-rates = [json.loads(l)['tokens_per_s'] for l in (Path(run) / 'metrics.jsonl').read_text().splitlines()][1:]
+rates = [r['tokens_per_s'] for r in RunDir(run).read_metrics()][1:]
 print(json.dumps([sum(rates) / len(rates), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024]))
 """
 

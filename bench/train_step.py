@@ -36,7 +36,6 @@ final training losses and of the final held-out MSEs.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -203,10 +202,12 @@ def bf16_loss_check(steps: int = 200) -> list[dict] | None:
     expert flips: one seed's difference says little. None when the store is missing."""
     import tempfile
 
+    from harvest.store import is_store
     from train.config import TrainConfig
     from train.loop import train
+    from train.run_dir import RunDir
 
-    if not Path(compose_app("train", []).data.store, "zarr.json").exists():
+    if not is_store(compose_app("train", []).data.store):
         return None
     rows = []
     for arch, model in LOSS_CHECK.items():
@@ -220,9 +221,9 @@ def bf16_loss_check(steps: int = 200) -> list[dict] | None:
                     t = time.perf_counter()
                     train(TrainConfig.from_omegaconf(compose_app("train", overrides)), Path(tmp))
                     runs[dtype]["seconds"].append(time.perf_counter() - t)
-                    runs[dtype]["loss"].append(json.loads((Path(tmp) / "metrics.jsonl").read_text().splitlines()[-1])["loss"])
-                    last = json.loads((Path(tmp) / "validation.jsonl").read_text().splitlines()[-1])
-                    runs[dtype]["heldout_mse"].append(last["mse"])
+                    run = RunDir(tmp)
+                    runs[dtype]["loss"].append(run.read_metrics()[-1]["loss"])
+                    runs[dtype]["heldout_mse"].append(run.read_validation()[-1]["mse"])
         diff = {key: statistics.mean(runs["bfloat16"][key]) / statistics.mean(runs["float32"][key]) - 1
                 for key in ("loss", "heldout_mse")}
         rows.append({"arch": "bf16_loss_check", "sae": arch, "model": model, "steps": steps, "batch_size": 1024,

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from bench import write_results
+from harvest.store import is_store
 from runtime.config import compose_app
 from train.config import TrainConfig
 from train.loop import train
@@ -43,7 +44,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "results" / "bench" / "validation.json"))
     args = parser.parse_args()
-    if not Path(compose_app("train", []).data.store, "zarr.json").exists():
+    if not is_store(compose_app("train", []).data.store):
         raise SystemExit("bench-validation: error: no demo store (make demo, or make harvest preset=demo, builds it)")
     settings = " ".join(compose_app("demo", []).train)
     rows = []

@@ -376,7 +376,7 @@ def run_autointerp(cfg: AutointerpConfig) -> dict[str, Any]:
     unparseable = sum(r["unparseable"] for r in results)
     out = {
         "run": str(run.dir), "store": str(run.store.path), "n_latents": run.sae.n_latents,
-        "arch": run.config["model"]["arch"], "scanned_rows": n_rows,
+        "arch": run.config.arch, "scanned_rows": n_rows,
         "config": asdict(cfg), "server": server, "n_scored": sum(r["status"] == "ok" for r in results),
         "aggregate": agg, "counters": {**counters.as_dict(), "unparseable": unparseable},
         "parsing": parsing(results),

@@ -67,9 +67,8 @@ def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
 
 def scan(run: TrainedRun, device: torch.device, *, max_tokens: int, batch_size: int, whole_chunks: bool,
          only: list[int] | None = None, progress: bool = False) -> Firings:
-    """Encode the run's held-out chunks in order, rows above the run's norm cut left out, and keep the
-    firings of the latents `only` (None: every latent; []: none, counting only). `run` is a run opened
-    for analysis: its `sae`, `store`, held-out chunk ids `held` and norm cut `cut` (None: keep all rows).
+    """Encode the run's held-out rows in order (`run.held.rows_with_ids`: outliers left out), and keep the
+    firings of the latents `only` (None: every latent; []: none, counting only).
 
     whole_chunks=False reads exactly the first max_tokens kept rows (eval's token count);
     whole_chunks=True reads whole chunks until at least max_tokens rows (outliers included) were read,
@@ -79,21 +78,13 @@ def scan(run: TrainedRun, device: torch.device, *, max_tokens: int, batch_size: 
     import torch
     from tqdm import tqdm
 
-    from train.loader import outliers
-
-    store, C, M = run.store, run.store.chunk_rows, run.sae.n_latents
+    C, M = run.store.chunk_rows, run.sae.n_latents
     keep = None if only is None else torch.tensor(sorted(set(only)), dtype=torch.long, device=device)
     counts = torch.zeros(M, dtype=torch.long, device=device)
     rows_l, latents_l, acts_l, seen_l = [], [], [], []
-    n = read = 0
-    bar = tqdm(total=min(max_tokens, len(run.held) * C), unit="tok", desc="encode", disable=not progress)
-    for i, raw in zip(run.held, store.read_chunks(run.held)):
-        if (read if whole_chunks else n) >= max_tokens:
-            break
-        x = store.as_float(raw)
-        ids = i * C + np.flatnonzero(~outliers(raw, run.cut))
-        ids = ids if whole_chunks else ids[: max_tokens - n]
-        x = x[ids - i * C]
+    n = 0
+    bar = tqdm(total=min(max_tokens, len(run.held.chunks) * C), unit="tok", desc="encode", disable=not progress)
+    for ids, x in run.held.rows_with_ids(max_tokens, whole_chunks):
         for s in range(0, len(x), batch_size):
             xb = torch.from_numpy(x[s : s + batch_size]).to(device)
             with torch.inference_mode():
@@ -107,7 +98,7 @@ def scan(run: TrainedRun, device: torch.device, *, max_tokens: int, batch_size: 
             acts_l.append(v.float().cpu().numpy())
             bar.update(len(xb))
         seen_l.append(ids)
-        n, read = n + len(ids), read + C
+        n += len(ids)
     bar.total = n  # outlier rows left out
     bar.refresh()
     bar.close()

@@ -81,10 +81,9 @@ def find_runs(path: Path) -> list[RunDir]:
 def recon_and_cost(run: TrainedRun, cfg: EvalConfig) -> dict[str, Any]:
     """Everything in eval.json except the CE metrics."""
     counts: dict[str, int] = {}
-    rows = run.held_out_rows(cfg.max_tokens, counts)
+    rows = run.held.rows(cfg.max_tokens, counts)
     metrics = reconstruction_metrics(run.sae, rows, batch_size=cfg.batch_size, dead_window=cfg.dead_window,
                                      dtype=getattr(torch, cfg.dtype))
-    model = run.config["model"]
     done = run.dir.done()
     layout = run.sae.layout()
     cost = algorithmic_cost(run.sae)  # sparse backward for topk and switch, whatever kernels the trainer ran
@@ -93,16 +92,16 @@ def recon_and_cost(run: TrainedRun, cfg: EvalConfig) -> dict[str, Any]:
     notes = [
         "position 0 excluded from training, metrics and CE (dropped by the harvest)" if run.store.first_pos
         else "position 0 included (harvested with keep_pos0=true)",
-        f"rows with norm > {run.factor} x the median row norm left out of training and metrics and kept clean in CE"
-        if run.cut is not None else "no outlier rows left out",
+        f"rows with norm > {run.held.factor} x the median row norm left out of training and metrics and kept clean in CE"
+        if run.held.cut is not None else "no outlier rows left out",
         "fve = 1 - sum_j Var(x_j - x_hat_j) / sum_j Var(x_j), variances over held-out tokens",
     ]
     return {
-        "run": str(run.dir), "store": str(run.store.path), "arch": model["arch"], "match": model.get("match"),
+        "run": str(run.dir), "store": str(run.store.path), "arch": run.sae.arch, "match": run.config.model.get("match"),
         "d": layout.d, "n_latents": layout.n_latents, "k": layout.k, "n_experts": layout.n_experts or None,
         "sae": run.sae.config(), "train_steps": done.get("step"), "train_tokens": train_tokens,
         **metrics,
-        "outlier_frac": counts["dropped"] / max(1, counts["read"]), "norm_cut": run.cut,
+        "outlier_frac": counts["dropped"] / max(1, counts["read"]), "norm_cut": run.held.cut,
         "params": cost.params, "flops_forward_per_token": cost.forward, "flops_train_per_token": cost.train,
         "flops_train_dense_per_token": dense.train,
         "train_flops": cost.train * train_tokens,
@@ -112,7 +111,7 @@ def recon_and_cost(run: TrainedRun, cfg: EvalConfig) -> dict[str, Any]:
 
 def held_out_contexts(run: TrainedRun, n_seqs: int) -> torch.Tensor:
     """Token ids [n, ctx] of the first n sequences of the run's held-out chunks."""
-    return torch.from_numpy(run.store.sequences_of(run.held, n_seqs))
+    return torch.from_numpy(run.held.sequences(n_seqs))
 
 
 def evaluate(cfg: EvalConfig) -> list[EvalResult]:
@@ -164,7 +163,7 @@ def _add_ce(runs: list[TrainedRun], results: dict[Path, dict[str, Any]], cfg: Ev
     """CE metrics for every run; runs with the same store and cut share the clean and zero passes."""
     groups: dict[tuple, list[TrainedRun]] = {}
     for r in runs:
-        groups.setdefault((str(r.store.path.resolve()), r.cut), []).append(r)
+        groups.setdefault((str(r.store.path.resolve()), r.held.cut), []).append(r)
     for group in groups.values():
         store = group[0].store
         model, _ = load_lm(store.model, device)
@@ -172,7 +171,7 @@ def _add_ce(runs: list[TrainedRun], results: dict[Path, dict[str, Any]], cfg: Ev
         for start in range(0, len(group), CE_GROUP):
             part = group[start : start + CE_GROUP]
             out = ce_metrics(model, store.layer, store.site, {str(r.dir): r.sae for r in part}, contexts,
-                             store.first_pos, part[0].cut, cfg.ce_batch, getattr(torch, cfg.dtype), cfg.progress)
+                             store.first_pos, part[0].held.cut, cfg.ce_batch, getattr(torch, cfg.dtype), cfg.progress)
             for r in part:
                 results[r.dir.path].update(out[str(r.dir)])
                 results[r.dir.path]["notes"].append(f"CE over {out[str(r.dir)]['ce_tokens']:,} predictions of "

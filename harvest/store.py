@@ -214,23 +214,6 @@ class Layout:
         return self.n_chunks * self.chunk_rows
 
 
-def held_out_period(eval_frac: float) -> int:
-    """Every this-many-th chunk is held out at a held-out fraction eval_frac > 0."""
-    return max(2, round(1 / eval_frac))
-
-
-def split_chunks(n_chunks: int, eval_frac: float) -> tuple[list[int], list[int]]:
-    """(training chunk ids, held-out chunk ids) of a store with n_chunks chunks.
-
-    Held-out chunks are every `period`-th chunk, period = round(1 / eval_frac) (at least 2): spread
-    over the corpus, and the same when the store grows."""
-    if eval_frac <= 0:
-        return list(range(n_chunks)), []
-    period = held_out_period(eval_frac)
-    held = [i for i in range(n_chunks) if i % period == period - 1]
-    return [i for i in range(n_chunks) if i % period != period - 1], held
-
-
 def chunk_ids(n_chunks: int, rank: int = 0, world: int = 1) -> range:
     """Global ids of the chunks that rank `rank` of `world` writes: rank, rank + world, ... < n_chunks."""
     return range(rank, n_chunks, world)
@@ -678,9 +661,9 @@ def _attr(key: str, doc: str, default: Any = _REQUIRED) -> Any:
 
 
 class ActivationStore:
-    """Read-only view of a store: what it holds (model, site, layout), chunks as float32, the
-    held-out split, and the sequence and position behind any row. Every other module reads a store
-    through this class."""
+    """Read-only view of a store: what it holds (model, site, layout), chunks as float32, and the
+    sequence and position behind any row. Every other module reads a store through this class (the
+    held-out rows through harvest/held_out.py's view of it)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -765,10 +748,6 @@ class ActivationStore:
     def stored_bytes(self, name: str = "acts") -> int:
         """Bytes the array takes on disk (compressed chunk files)."""
         return sum(f.stat().st_size for f in (self.path / name).rglob("*") if f.is_file() and f.name != "zarr.json")
-
-    def split(self, eval_frac: float) -> tuple[list[int], list[int]]:
-        """(training chunk ids, held-out chunk ids) for a held-out fraction (`split_chunks`)."""
-        return split_chunks(self.n_chunks, eval_frac)
 
     # ------------------------------------------------------------------ reading rows
 

@@ -92,7 +92,7 @@ def store_identity(run: Any) -> dict[str, Any]:
     identity = run.read_store()
     if identity is not None:
         return identity
-    path = run.read_config().get("data", {}).get("store") if run.has_config else None
+    path = run.run_config().store if run.has_config else None
     try:
         return ActivationStore(path).identity()
     except (FileNotFoundError, TypeError):
@@ -105,9 +105,9 @@ def saelens_config(exported: Any, sae: Any, identity: dict[str, Any], hook: str,
     from interop.saelens_format import METADATA_KEY, format_version
 
     version = format_version()
-    config = run.read_config() if run.has_config else {}
-    ours = {"arch": sae.arch, "config": sae.config(), "model": config.get("model"), "run": str(run.path),
-            "store": identity, "outlier_factor": config.get("data", {}).get("outlier_factor"),
+    config = run.run_config() if run.has_config else None
+    ours = {"arch": sae.arch, "config": sae.config(), "model": config and config.model, "run": str(run.path),
+            "store": identity, "outlier_factor": config and config.outlier_factor,
             "exported_by": "python -m interop.export"}
     metadata = {"sae_lens_version": version, "sae_lens_training_version": version,
                 "model_name": identity["model"], "hook_name": hook, "hook_head_index": None,

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from runtime.cli import launch
-from runtime.config import CONF, FLAG, NULL, number, text, typed_config
+from runtime.config import FLAG, NULL, number, text, typed_config
 from runtime.errors import ToolkitError, one_line_errors, reraise_as
 
 RULES = {
@@ -87,11 +87,14 @@ class ImportConfig:
 
 @dataclass
 class Import:
-    """What `plan` built: our SAE, the run config, the store, where it goes and the SAELens architecture."""
+    """What `plan` built: where it goes, our SAE, its model keys, where it came from, the import's config,
+    the store and the SAELens architecture."""
 
     out: Path
     sae: Any
-    config: dict[str, Any]
+    model: dict[str, Any]
+    source: dict[str, Any]
+    cfg: ImportConfig
     store: Any
     saelens_arch: str
 
@@ -157,9 +160,9 @@ def model_keys(arch: str, sizes: dict[str, Any], meta: dict[str, Any]) -> dict[s
     SAE (metadata.switch_sae, same architecture only: its constructor config, then the run's model keys),
     for the keys the YAML has; then the sizes the weights fix."""
     from interop.saelens_format import METADATA_KEY
+    from train.saes.base import model_yaml
 
-    defaults = OmegaConf.to_container(OmegaConf.load(CONF / "train" / "model" / f"{arch}.yaml"))
-    keys = {key: value for key, value in defaults.items() if key != "arch"}
+    keys = {key: value for key, value in model_yaml(arch).items() if key != "arch"}
     ours = meta.get(METADATA_KEY) or {}
     if ours.get("arch") == arch:
         for exported in (ours.get("config"), ours.get("model")):
@@ -191,6 +194,7 @@ def build(imported: Any, model: dict[str, Any], d: int, folder: str) -> Any:
 
 def plan(cfg: ImportConfig) -> Import:
     """Every check and the conversion, nothing written."""
+    from harvest.held_out import split_chunks
     from harvest.store import ActivationStore
     from interop.saelens_arch import from_saelens
     from interop.saelens_format import WEIGHTS, read_config, read_weights
@@ -207,7 +211,7 @@ def plan(cfg: ImportConfig) -> Import:
         check_store(saelens, folder, store, cfg.match_model)
         out = Path(cfg.out)
         check_out(out, cfg.overwrite)
-        if not store.split(cfg.eval_frac)[1]:
+        if not split_chunks(store.n_chunks, cfg.eval_frac)[1]:
             raise SAELensImportError(f"store {cfg.store} has no held-out chunk at eval_frac={cfg.eval_frac} "
                                      f"({store.n_chunks} chunks): eval would have no rows")
         tensors = read_weights(folder)
@@ -220,9 +224,7 @@ def plan(cfg: ImportConfig) -> Import:
     source = {"format": "saelens", "folder": str(folder), "architecture": saelens["architecture"],
               "hook_name": saelens["metadata"].get("hook_name"), "model_name": saelens["metadata"].get("model_name"),
               "apply_b_dec_to_input": saelens["apply_b_dec_to_input"]}
-    config = {"data": {"store": str(cfg.store), "eval_frac": cfg.eval_frac, "outlier_factor": cfg.outlier_factor},
-              "model": model, "imported": source}
-    return Import(out, sae, config, store, saelens["architecture"])
+    return Import(out, sae, model, source, cfg, store, saelens["architecture"])
 
 
 def write_run(done: Import) -> None:
@@ -231,10 +233,10 @@ def write_run(done: Import) -> None:
 
     run = RunDir(done.out)
     run.create()
-    run.write_config(done.config)
+    run.write_import_config(str(done.cfg.store), done.cfg.eval_frac, done.cfg.outlier_factor, done.model, done.source)
     run.write_store(done.store)
     run.save_sae(done.sae)
-    run.mark_done({"step": 0, "tokens": 0, "world_size": 1, "imported_from": done.config["imported"]["folder"]})
+    run.mark_done({"step": 0, "tokens": 0, "world_size": 1, "imported_from": done.source["folder"]})
 
 
 def import_saelens(cfg: ImportConfig) -> Import:
@@ -254,7 +256,7 @@ def main(cfg: DictConfig) -> None:
     """Hydra entry point: one line `import_saelens: error: ...` and exit 2 on bad input."""
     with one_line_errors("import_saelens"):
         done = import_saelens(ImportConfig.from_omegaconf(cfg))
-    print(f"imported {done.config['imported']['folder']} (SAELens {done.saelens_arch}) as our {done.sae.arch} SAE into "
+    print(f"imported {done.source['folder']} (SAELens {done.saelens_arch}) as our {done.sae.arch} SAE into "
           f"{done.out}; evaluate it with `python -m eval run={done.out}`")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from harvest.config import HarvestConfig
-from harvest.store import held_out_period
+from harvest.held_out import held_out_period
 from runtime.config import compose_app
 from runtime.errors import ToolkitError, one_line_errors
 from train.config import TrainConfig

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from harvest.run import harvest
-from harvest.store import ActivationStore, split_chunks
+from harvest.held_out import norm_cut, split_chunks
+from harvest.store import ActivationStore
 from tests.conftest import compose, harvest_overrides
 from tests.train.test_loader import random_store
-from train.loader import Batches, norm_cut
+from train.loader import Batches
 
 pytestmark = pytest.mark.cuda
 

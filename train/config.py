@@ -171,7 +171,7 @@ WHOLE_KEYS = ("dead_window", "eval_tokens")  # token counts that may be written 
 # architecture's `model_rules`, the logger's runtime.tracking.RULES) and what its value must be
 RULES: dict[str, Rule] = {
     "data.store": text("a path"),
-    # held out: every round(1/eval_frac)-th chunk, at least every 2nd (harvest.store.held_out_period)
+    # held out: every round(1/eval_frac)-th chunk, at least every 2nd (harvest.held_out.held_out_period)
     "data.eval_frac": number(0, 0.5).saying("a number in [0, 0.5] (every round(1/eval_frac)-th chunk is held "
                                             "out, at most every 2nd)"),
     "data.window_chunks": integer(1),

@@ -11,7 +11,7 @@ Outlier rows: some LMs write a few activations with hundreds of times the typica
 activations: SmolLM2 at mid-sequence separators and early "." / "\\n" tokens, ~0.1% of rows, ~90% of
 the variance). With `cut` set, rows whose norm exceeds it are left out: each is replaced by another
 (seeded, random) row of the same window, so batches keep their size and the stream stays a pure
-function of the step. `norm_cut` gives the cut; eval uses the same one and reports what it dropped.
+function of the step. The cut is harvest/held_out.py's `norm_cut`, the one validation and eval use.
 
 How a batch is made. A window is never copied or permuted as a whole: its order is an index map
 [rows] into its chunks, and a batch is one gather of B rows through it.
@@ -29,8 +29,7 @@ How a batch is made. A window is never copied or permuted as a whole: its order 
 Memory: at most (2 + read_ahead) decoded windows (none for a memory-mapped store) and a few batches,
 independent of the store's size.
 
-Held-out chunks (for evaluation, never trained on) are the store's to say (`ActivationStore.split`);
-`eval_rows` reads them in order through the store's parallel reader.
+Which chunks are held out (for evaluation, never trained on), and how they are read: harvest/held_out.py.
 """
 
 from __future__ import annotations
@@ -48,42 +47,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from harvest.held_out import outliers, stored_tensor
 from harvest.store import ActivationStore
 from runtime.cpu import cpu_cores
-
-NORM_BLOCK = 1024  # rows widened to float32 at a time for their norms (stays in cache)
-
-
-def stored_tensor(rows: np.ndarray) -> torch.Tensor:
-    """Rows as stored (float16, or uint16 bfloat16 bits) or float32, as a torch tensor of the same bytes
-    (float16, bfloat16 or float32; no copy)."""
-    if rows.dtype == np.uint16:
-        return torch.from_numpy(rows.view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(rows)
-
-
-def row_norms(rows: np.ndarray) -> np.ndarray:
-    """rows [n, d] (float32, or as stored) -> float32 [n] Euclidean norms, computed in float32 by torch,
-    NORM_BLOCK rows at a time (each block widened to float32 while it is in cache). A row's norm does
-    not depend on the rows beside it, so every reader of a row gets the same bits."""
-    x = stored_tensor(rows)
-    return torch.cat([torch.linalg.vector_norm(x[s : s + NORM_BLOCK].float(), dim=1)
-                      for s in range(0, len(x), NORM_BLOCK)] or [torch.zeros(0)]).numpy()
-
-
-def norm_cut(store: ActivationStore, factor: float | None) -> float | None:
-    """factor x the median row norm of chunk 0 (always a training chunk), or None (keep every row)."""
-    if factor is None:
-        return None
-    return float(factor * np.median(row_norms(store.read_chunk_raw(0))))
-
-
-def outliers(rows: np.ndarray, cut: float | None) -> np.ndarray:
-    """rows [n, d] (float32 or as stored) -> bool [n]: which rows have a norm above the cut."""
-    if cut is None:
-        return np.zeros(len(rows), dtype=bool)
-    return row_norms(rows) > cut
-
 
 @dataclass
 class Window:
@@ -361,23 +327,3 @@ class _Device:
         main.wait_event(copied)
         on_device.record_stream(main)
         return on_device.view(self.view).float()
-
-
-def eval_rows(store: ActivationStore, chunk_ids: list[int], max_rows: int | None = None,
-              cut: float | None = None, counts: dict[str, int] | None = None) -> Iterator[torch.Tensor]:
-    """The held-out chunks in order, as float32 [rows, d] tensors without the rows above the norm
-    cut (at most max_rows rows in all). `counts`, if given, receives "read" and "dropped" row counts."""
-    counts = {} if counts is None else counts
-    counts.update(read=0, dropped=0)
-    seen = 0
-    for raw in store.read_chunks(chunk_ids):
-        counts["read"] += len(raw)
-        keep = ~outliers(raw, cut)
-        counts["dropped"] += int((~keep).sum())
-        rows = stored_tensor(raw[keep] if cut is not None else raw).float()
-        if max_rows is not None:
-            rows = rows[: max_rows - seen]
-        seen += len(rows)
-        yield rows
-        if max_rows is not None and seen >= max_rows:
-            return

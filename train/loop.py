@@ -33,7 +33,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from harvest.store import ActivationStore, held_out_period
+from harvest import held_out
+from harvest.held_out import HeldOut
+from harvest.store import ActivationStore
 from runtime.config import flatten
 from runtime.cpu import thread_count
 from runtime.device import autocast, pick_device
@@ -44,12 +46,12 @@ from train.budget import BudgetError, Length
 from train.config import RUNTIME_KEYS, TrainConfig, TrainError
 from train.dist import DataParallel, Dist, init
 from train.expert_parallel import ExpertParallel
-from train.loader import Batches, norm_cut
+from train.loader import Batches
 from train.recipe import apply_update, default_lr, lr_factor, make_optimizer
 from train.run_dir import RunDir
 from train.saes import SAE, Output, build
 from train.saes.flops import algorithmic_cost
-from train.validation import Validator, validation_rows
+from train.validation import Validator
 
 
 def open_store(cfg: TrainConfig) -> ActivationStore:
@@ -345,13 +347,14 @@ def open_tracker(cfg: TrainConfig, run: RunDir, step: int, logged: int | None, g
     return tracker
 
 
-def split_chunks(cfg: TrainConfig, store: ActivationStore, dist: Dist) -> tuple[list[int], list[int]]:
-    """(training chunk ids, held-out chunk ids). Refused: a store too small to hold a chunk out (at
-    data.eval_frac > 0), or too small to give every rank a chunk."""
-    train_ids, held = store.split(cfg.data.eval_frac)
-    if cfg.data.eval_frac > 0 and not held:
+def split_chunks(cfg: TrainConfig, store: ActivationStore, dist: Dist) -> tuple[list[int], HeldOut]:
+    """(training chunk ids, the held-out view: its chunks and the norm cut). Refused: a store too small to
+    hold a chunk out (at data.eval_frac > 0), or too small to give every rank a chunk."""
+    train_ids, _ = held_out.split_chunks(store.n_chunks, cfg.data.eval_frac)
+    held = HeldOut.of(store, cfg.data.eval_frac, cfg.data.outlier_factor)
+    if cfg.data.eval_frac > 0 and not held.chunks:
         raise TrainError(f"store {cfg.data.store} has {store.n_chunks} chunks, too few to hold one out for evaluation "
-                         f"at data.eval_frac={cfg.data.eval_frac} (every {held_out_period(cfg.data.eval_frac)}th "
+                         f"at data.eval_frac={cfg.data.eval_frac} (every {held_out.held_out_period(cfg.data.eval_frac)}th "
                          "chunk): harvest more tokens, or train without a held-out set with data.eval_frac=0 "
                          "eval_every=0 (and evaluate on another store)")
     if len(train_ids) < dist.world:
@@ -390,13 +393,11 @@ def optimizer(cfg: TrainConfig, sae: SAE, layout: DataParallel, state: dict | No
     return opt, base_lr
 
 
-def validator(cfg: TrainConfig, store: ActivationStore, held: list[int], dist: Dist, every: int,
-              cut: float | None) -> Validator | None:
-    """Rank 0's validation sample from the held-out chunks (train/validation.py), or None."""
+def validator(cfg: TrainConfig, held: HeldOut, dist: Dist, every: int) -> Validator | None:
+    """Rank 0's validation on the held-out view's fixed sample (train/validation.py), or None."""
     if not (every and dist.is_main):
         return None
-    rows = validation_rows(store, held, cfg.eval_tokens, cut)
-    return Validator(rows, cfg.batch_size, dist.device, getattr(torch, cfg.dtype))
+    return Validator(held.sample(cfg.eval_tokens), cfg.batch_size, dist.device, getattr(torch, cfg.dtype))
 
 
 def train(cfg: TrainConfig, run_dir: Path, group: str | None = None) -> Path:
@@ -445,8 +446,7 @@ def _train(cfg: TrainConfig, run: RunDir, store: ActivationStore, dist: Dist, gr
     step, state = resume(cfg, run, sae, dead, store, dist)
     logged = record_launch(cfg, run, store, step, dist)
 
-    cut = norm_cut(store, cfg.data.outlier_factor)
-    batches = training_batches(cfg, store, train_ids, dist, step, cut)
+    batches = training_batches(cfg, store, train_ids, dist, step, held.cut)
     first = next(batches)
     if step == 0 and dist.is_main:
         sae.init_from_batch(first)  # b_pre (and b_router) from (rank 0's) first training batch
@@ -455,6 +455,6 @@ def _train(cfg: TrainConfig, run: RunDir, store: ActivationStore, dist: Dist, gr
     with open_tracker(cfg, run, step, logged, group, dist) as tracker:  # closed (failed) if training stops
         trainer = Trainer(cfg, run, dist, layout, sae, opt, base_lr, length, itertools.chain([first], batches),
                           step, state.get("seconds", 0.0) if state else 0.0, dead, flops_per_token,
-                          validator(cfg, store, held, dist, every, cut), every, tracker)
+                          validator(cfg, held, dist, every), every, tracker)
         trainer.fit()
         return trainer.finish()

@@ -26,7 +26,6 @@ import json
 import pickle
 import re
 from collections import OrderedDict
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -35,11 +34,11 @@ import torch
 from omegaconf import OmegaConf
 from safetensors import SafetensorError
 
+from harvest.held_out import HeldOut
 from harvest.store import ActivationStore
 from runtime.errors import ToolkitError
 from runtime.files import read_text_file, write_atomic, write_json, write_text
 from runtime.lock import WriterLock
-from train.loader import eval_rows, norm_cut
 from train.saes import SAE, load, nonfinite, save
 
 
@@ -136,7 +135,27 @@ class RunDir:
         return config
 
     def write_config(self, config: dict[str, Any]) -> None:
+        """config.yaml: the resolved training config, as `python -m train` composed it."""
         write_text(self.path / self.CONFIG, OmegaConf.to_yaml(config))
+
+    def run_config(self) -> RunConfig:
+        """config.yaml as the later stages read it (RunConfig), every value they use checked; RunError
+        naming the file otherwise."""
+        config = self.read_config()
+        data, f = config["data"], self.path / self.CONFIG
+        frac, factor = data.get("eval_frac"), data.get("outlier_factor")
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 0.5:
+            raise RunError(f"{f}: data.eval_frac must be a number in [0, 0.5], got {frac!r}")
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1):
+            raise RunError(f"{f}: data.outlier_factor must be a number > 1 or null, got {factor!r}")
+        return RunConfig(dict(config["model"]), data["store"], float(frac), factor, config.get("imported"))
+
+    def write_import_config(self, store: str, eval_frac: float, outlier_factor: float | None,
+                            model: dict[str, Any], imported: dict[str, Any]) -> None:
+        """config.yaml of a run that was not trained here (interop/import_saelens.py): what eval reads
+        (data.store, eval_frac, outlier_factor; model with its arch) and where the SAE came from."""
+        self.write_config({"data": {"store": store, "eval_frac": eval_frac, "outlier_factor": outlier_factor},
+                           "model": model, "imported": imported})
 
     def read_store(self) -> dict[str, Any] | None:
         """The identity of the store the run trained on, or None if not recorded."""
@@ -320,8 +339,8 @@ class RunDir:
         self.check_trained()
         if not self.has_config:
             raise RunError(f"{self.path} has no {self.CONFIG}: not a training run directory")
-        config = self.read_config()
-        store_path = store or config["data"]["store"]
+        config = self.run_config()
+        store_path = store or config.store
         try:
             acts = ActivationStore(store_path)
         except FileNotFoundError:
@@ -337,13 +356,12 @@ class RunDir:
             if differ:
                 what = ", ".join(f"{k} {trained_on.get(k)!r} vs {now[k]!r}" for k in differ)
                 raise RunError(f"run {self.path} was trained on other activations than store {store_path} ({what})")
-        eval_frac = config["data"]["eval_frac"]
-        _, held = acts.split(eval_frac)
-        if not held:
+        factor = config.outlier_factor if outlier_factor == "run" else outlier_factor
+        held = HeldOut.of(acts, config.eval_frac, factor)
+        if not held.chunks:
             raise RunError(f"store {store_path} has no held-out chunks for run {self.path} (eval_frac="
-                           f"{eval_frac}, {acts.n_chunks} chunks)")
-        factor = config["data"].get("outlier_factor") if outlier_factor == "run" else outlier_factor
-        return TrainedRun(self, config, sae, acts, held, norm_cut(acts, factor), factor)
+                           f"{config.eval_frac}, {acts.n_chunks} chunks)")
+        return TrainedRun(self, config, sae, acts, held)
 
 
 PLAIN = (str, int, float, bool, type(None))  # what weights_only=True rebuilds, with tensors and the containers
@@ -376,19 +394,28 @@ def _first_line(e: BaseException) -> str:
     return lines[0][:200] if lines else type(e).__name__
 
 
+@dataclass(frozen=True)
+class RunConfig:
+    """What later stages read of a run's config.yaml (`RunDir.run_config`)."""
+
+    model: dict[str, Any]  # the model block: arch and the keys of conf/train/model/<arch>.yaml
+    store: str  # data.store: the activation store it trained on
+    eval_frac: float  # data.eval_frac: the held-out split it trained without
+    outlier_factor: float | None  # data.outlier_factor: the norm cut's factor (None: every row kept)
+    imported: dict[str, Any] | None = None  # where an imported SAE came from (None: trained here)
+
+    @property
+    def arch(self) -> str:
+        return self.model["arch"]
+
+
 @dataclass
 class TrainedRun:
-    """A finished run opened for analysis: its SAE (eval mode), its store, the store's held-out
-    chunks (the ones the run never trained on) and the norm cut for outlier rows (None: none)."""
+    """A finished run opened for analysis: its SAE (eval mode), its store, and the store's held-out view
+    (the chunks the run never trained on, the norm cut for outlier rows; harvest/held_out.py)."""
 
     dir: RunDir
-    config: dict[str, Any]
+    config: RunConfig
     sae: SAE
     store: ActivationStore
-    held: list[int]
-    cut: float | None
-    factor: float | None
-
-    def held_out_rows(self, max_rows: int, counts: dict[str, int] | None = None) -> Iterator[torch.Tensor]:
-        """The held-out rows in order, float32 [n, d] tensors, outliers left out (train.loader.eval_rows)."""
-        return eval_rows(self.store, self.held, max_rows, self.cut, counts)
+    held: HeldOut

@@ -1,11 +1,9 @@
 """Validation during training: the SAE's reconstruction of a fixed held-out sample, every
 `eval_every` steps, logged to the run's validation.jsonl (`RunDir.VALIDATION`).
 
-The sample is `eval_tokens` rows spread over the store's held-out chunks (never trained on): k =
-min(len(held), MAX_CHUNKS) chunks evenly spaced along the held-out list, and from each the same
-number of rows evenly spaced along the chunk; rows above the run's norm cut are then left out, as in
-eval. Runs on one store with the same `data.eval_frac`, `data.outlier_factor` and `eval_tokens` see
-the same rows. A line holds the step, the tokens and training FLOPs spent so far (FLOPs as eval
+The sample is `eval_tokens` rows spread over the store's held-out chunks (never trained on), outlier
+rows left out as in eval: `harvest.held_out.HeldOut.sample`. Runs on one store with the same
+`data.eval_frac`, `data.outlier_factor` and `eval_tokens` see the same rows. A line holds the step, the tokens and training FLOPs spent so far (FLOPs as eval
 counts them: `train.saes.flops.algorithmic_cost`), the seconds of training so far (validation
 passes not counted), and the metrics of `train.metrics` over the sample: mse, nmse, fve, l0, dead_frac
 (latents that fire on none of the sample's tokens), expert_load and expert_entropy (Switch).
@@ -21,26 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from harvest.store import ActivationStore
 from runtime.device import autocast
-from train.loader import outliers
 from train.metrics import ReconMetrics
 from train.saes import SAE
-
-MAX_CHUNKS = 8  # held-out chunks the sample is read from (bounds the start-up read on big stores)
-
-
-def validation_rows(store: ActivationStore, held: list[int], n_rows: int, cut: float | None) -> np.ndarray:
-    """The validation sample, float32 [<= n_rows, d]: see the module docstring."""
-    if not held:
-        raise ValueError("the store has no held-out chunk to validate on")
-    k = min(len(held), MAX_CHUNKS)
-    chunks = [held[i * len(held) // k] for i in range(k)]
-    per_chunk = min(store.chunk_rows, -(-n_rows // k))
-    offsets = np.linspace(0, store.chunk_rows - 1, per_chunk).round().astype(np.int64)
-    rows = np.concatenate([store.as_float(raw[offsets]) for raw in store.read_chunks(chunks)])[:n_rows]
-    return rows[~outliers(rows, cut)]
-
 
 class Validator:
     """Metrics of an SAE on the validation sample (kept on the training device)."""

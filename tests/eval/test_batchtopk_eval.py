@@ -38,7 +38,7 @@ def test_eval_reads_the_inference_rule(run):
 
     def metrics(training: bool) -> dict:
         opened.sae.train(training)
-        return reconstruction_metrics(opened.sae, opened.held_out_rows(10_000), batch_size=32, dead_window=None,
+        return reconstruction_metrics(opened.sae, opened.held.rows(10_000), batch_size=32, dead_window=None,
                                       dtype=torch.float32)
 
     threshold, batch = metrics(False), metrics(True)
@@ -50,7 +50,7 @@ def test_eval_reads_the_inference_rule(run):
 def test_dashboard_encoding_and_geometry_run(run):
     opened = RunDir(run).open(torch.device("cpu"))
     firings = scan(opened, torch.device("cpu"), max_tokens=10_000, batch_size=32, whole_chunks=False)
-    x = torch.cat(list(opened.held_out_rows(10_000)))
+    x = torch.cat(list(opened.held.rows(10_000)))
     with torch.no_grad():
         _, j, _ = opened.sae.encode(x).nonzero()  # eval mode: each token alone, so one batch or many agree
     assert len(firings.rows) == len(j) and firings.counts.tolist() == torch.bincount(j, minlength=64).tolist()

@@ -18,7 +18,7 @@ from harvest.run import harvest
 from harvest.store import ActivationStore
 from tests.conftest import CONF, ROOT, compose, harvest_overrides
 from tests.train.test_loop import make_cfg
-from harvest.store import split_chunks
+from harvest.held_out import split_chunks
 from train.loop import train
 from train.saes import load
 

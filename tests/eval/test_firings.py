@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from eval.firings import choose, deciles, scan, sequence_rows, top, values_at, window
+from harvest.held_out import HeldOut
 from train.saes.base import Codes
 
 
@@ -57,7 +58,8 @@ def fake_run(sparse: bool, cut=None):
     """3 chunks of 6 rows, d = 4; chunks 0 and 2 held out; row 13 (in chunk 2) is an outlier."""
     x = np.random.default_rng(0).normal(size=(18, 4)).astype(np.float32)
     x[13] *= 100
-    return SimpleNamespace(store=Store(x), sae=Relu(4, sparse), held=[0, 2], cut=cut), x
+    store = Store(x)
+    return SimpleNamespace(store=store, sae=Relu(4, sparse), held=HeldOut(store, (0, 2), cut, None)), x
 
 
 def expected(x: np.ndarray, rows: np.ndarray, sparse: bool) -> list[tuple[int, int, float]]:

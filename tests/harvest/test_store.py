@@ -5,6 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from harvest.held_out import split_chunks
 from harvest.run import harvest
 from harvest.store import ActivationStore, Layout, RunningStats, as_float
 from tests.conftest import compose, harvest_overrides
@@ -61,7 +62,7 @@ def test_store_api_answers_every_fact_later_stages_need(tiny_gpt2, corpus_jsonl,
     assert (s.context_size, s.first_pos, s.rows_per_seq, s.chunk_seqs, s.acts_dtype) == (16, 1, 15, 2, "float16")
     assert s.identity() == {"path": str(tmp_path / "s"), "model": str(tiny_gpt2), "layer": 2, "site": "resid_post",
                             "d_model": 32, "context_size": 16, "first_pos": 1}
-    assert s.harvest_config["tokens"] == 100 and s.split(0.5) == ([0, 2], [1, 3])
+    assert s.harvest_config["tokens"] == 100 and split_chunks(s.n_chunks, 0.5) == ([0, 2], [1, 3])
     assert s.layout == Layout(d_model=32, context_size=16, first_pos=1, chunk_seqs=2, n_chunks=4, acts_dtype="float16")
     contexts = s.contexts[:]
     for row in [0, 14, 15, 61, 119]:

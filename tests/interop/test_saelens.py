@@ -39,7 +39,7 @@ from interop.import_saelens import ImportConfig, import_saelens
 from tests.conftest import ROOT, eval_config
 from tests.test_bad_input import files, run_in_process
 from tests.train.test_loop import synthetic_store
-from train.loader import eval_rows
+from harvest.held_out import HeldOut
 from train.run_dir import RunDir
 from train.saes import Codes, build
 
@@ -81,7 +81,7 @@ def store(tiny_gpt2, tmp_path_factory) -> Path:
 def rows(store) -> torch.Tensor:
     """The store's held-out rows at EVAL_FRAC, float32 [32, d]: what eval reads of an imported run."""
     acts = ActivationStore(store)
-    return torch.cat(list(eval_rows(acts, acts.split(EVAL_FRAC)[1])))
+    return torch.cat(list(HeldOut.of(acts, EVAL_FRAC, None).rows()))
 
 
 @torch.no_grad()

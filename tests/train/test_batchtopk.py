@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from harvest.store import ActivationStore, split_chunks
+from harvest.held_out import HeldOut
+from harvest.store import ActivationStore
 from tests.train.test_loop import _resume_equals_straight, make_cfg, synthetic_store
-from train.loader import eval_rows
 from train.loop import train
 from train.saes import build, load, save
 from train.saes.base import Codes
@@ -172,7 +172,7 @@ def test_learns_a_known_sparse_dictionary_with_either_rule(store, tmp_path, one_
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["l0"] == 4 for r in lines)  # k per token on average, every step
     acts = ActivationStore(store)
-    x = torch.cat(list(eval_rows(acts, split_chunks(acts.n_chunks, 0.1)[1])))
+    x = torch.cat(list(HeldOut.of(acts, 0.1, None).rows()))
     sae = load(sae_dir)
     assert sae.theta_steps == 300 and 1 < sae.theta < 10
     for training in (True, False):

@@ -17,7 +17,7 @@ from train.loop import train
 from train.run_dir import RunDir
 from train.saes import build
 from train.saes.flops import algorithmic_cost
-from train.validation import validation_rows
+from harvest.held_out import HeldOut
 
 TOPK = ["model=topk", "model.width=64", "model.k=4", "lr=0.01", "log_every=1", "eval_every=0"]
 
@@ -108,12 +108,12 @@ def test_a_flop_budget_resumed_after_a_kill_equals_an_uninterrupted_run(store, t
 
 def test_validation_reads_the_same_held_out_rows_for_every_run(store, tmp_path):
     s = ActivationStore(store)
-    train_ids, held = s.split(0.1)
-    rows = validation_rows(s, held, 100, cut=None)
-    assert rows.shape == (100, 32) and np.array_equal(rows, validation_rows(s, held, 100, cut=None))
+    held = HeldOut.of(s, 0.1, None)
+    rows = held.sample(100)
+    assert rows.shape == (100, 32) and np.array_equal(rows, HeldOut.of(s, 0.1, None).sample(100))
     stored = {c: s.read_chunk(c) for c in range(s.n_chunks)}
     where = [{c for c, x in stored.items() if (x == r).all(axis=1).any()} for r in rows]
-    assert all(w and w <= set(held) for w in where)  # every row is a held-out row, none a training row
+    assert all(w and w <= set(held.chunks) for w in where)  # every row is a held-out row, none a training row
     for name, model in [("topk", TOPK[:3]), ("switch", ["model=switch", "model.width=64", "model.n_experts=4", "model.k=4"])]:
         train(make_cfg(store, *model, "budget=steps:20", "eval_every=10", "eval_tokens=100"), tmp_path / name)
     topk, switch = RunDir(tmp_path / "topk").read_validation(), RunDir(tmp_path / "switch").read_validation()

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from harvest.run import harvest
-from harvest.store import ActivationStore, StoreWriter, split_chunks
+from harvest.held_out import HeldOut, norm_cut, split_chunks
+from harvest.store import ActivationStore, StoreWriter
 from tests.conftest import compose, harvest_overrides
-from train.loader import Batches, eval_rows, norm_cut
+from train.loader import Batches
 
 
 @pytest.fixture(scope="module", params=["blosc_zstd", "none"])
@@ -56,9 +57,9 @@ def test_restart_at_any_step_gives_the_same_batches(store, start):
 
 def test_eval_rows_are_the_held_out_chunks(store):
     _, held = split_chunks(store.n_chunks, 0.1)
-    rows = torch.cat(list(eval_rows(store, held)))
+    rows = torch.cat(list(HeldOut(store, tuple(held), None, None).rows()))
     np.testing.assert_array_equal(rows.numpy(), np.concatenate([store.read_chunk(i) for i in held]))
-    assert len(torch.cat(list(eval_rows(store, held, max_rows=40)))) == 40
+    assert len(torch.cat(list(HeldOut(store, tuple(held), None, None).rows(max_rows=40)))) == 40
 
 
 def test_outlier_rows_are_replaced_in_training_and_dropped_in_eval(tmp_path):
@@ -83,7 +84,7 @@ def test_outlier_rows_are_replaced_in_training_and_dropped_in_eval(tmp_path):
     plain = iter(Batches(store, train, batch_size=32, seed=0, window_chunks=5))
     assert torch.cat([next(plain) for _ in range(len(train) * store.chunk_rows // 32)]).norm(dim=1).max() > cut
     counts = {}
-    kept = torch.cat(list(eval_rows(store, [2, 3], cut=cut, counts=counts)))
+    kept = torch.cat(list(HeldOut(store, (2, 3), cut, 10.0).rows(counts=counts)))
     assert counts == {"read": 2 * store.chunk_rows, "dropped": 3} and len(kept) == 2 * store.chunk_rows - 3
 
 
@@ -202,7 +203,7 @@ def test_a_damaged_chunk_is_named_on_every_read_path(tmp_path, codec_name, damag
     readers = {
         "batches": lambda: [b for _, b in zip(range(20), Batches(store, list(range(12)), 40, 0, 4, threads=2))],
         "read_chunks": lambda: list(store.read_chunks([3, 4, 5], threads=2)),
-        "eval_rows": lambda: list(eval_rows(store, [4])),
+        "the held-out rows": lambda: list(HeldOut(store, (4,), None, None).rows()),
         "norm_cut of chunk 4 read directly": lambda: store.read_chunk(4),
     }
     for name, read in readers.items():

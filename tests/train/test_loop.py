@@ -10,10 +10,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from harvest.store import ActivationStore, Layout, StoreWriter, split_chunks
+from harvest.held_out import HeldOut
+from harvest.store import ActivationStore, Layout, StoreWriter
 from tests.conftest import CONF, ROOT
 from train.config import TrainConfig, TrainError
-from train.loader import eval_rows
 from train.loop import train
 from train.saes import load
 
@@ -47,7 +47,7 @@ def make_cfg(store, *overrides) -> TrainConfig:
 
 def fve(store_path, sae_dir) -> float:
     store, sae = ActivationStore(store_path), load(sae_dir)
-    x = torch.cat(list(eval_rows(store, split_chunks(store.n_chunks, 0.1)[1])))
+    x = torch.cat(list(HeldOut.of(store, 0.1, None).rows()))
     with torch.no_grad():
         resid = x - sae(x).recon
     return 1 - (resid.var(0).sum() / x.var(0).sum()).item()

@@ -45,8 +45,8 @@ def test_open_checks_the_run_and_its_store(tmp_path):
     store = synthetic_store(tmp_path / "store", n_chunks=10, d=16)
     train(make_cfg(store, "budget=steps:4", "model.width=32", "model.k=2"), tmp_path / "run")
     trained = RunDir(tmp_path / "run").open(torch.device("cpu"))
-    assert trained.sae.d == 16 and trained.held == [9] and isinstance(trained.store, ActivationStore)
-    assert sum(len(x) for x in trained.held_out_rows(10_000)) == trained.store.chunk_rows
+    assert trained.sae.d == 16 and trained.held.chunks == (9,) and isinstance(trained.store, ActivationStore)
+    assert sum(len(x) for x in trained.held.rows(10_000)) == trained.store.chunk_rows
     other = synthetic_store(tmp_path / "narrow", n_chunks=4, d=8)
     with pytest.raises(RunError, match="d=16 activations but store"):
         RunDir(tmp_path / "run").open(torch.device("cpu"), store=str(other))

@@ -1,7 +1,7 @@
 """SAE architectures behind one interface (`base.SAE`), picked by name from a registry."""
 
-from train.saes.base import REGISTRY, SAE, Codes, Output, build, load, nonfinite, save
+from train.saes.base import REGISTRY, SAE, Codes, Layout, Output, build, load, nonfinite, save
 # registers them, in the order every listing of architectures (error messages, reports) follows
 from train.saes import topk as _topk, switch as _switch, relu as _relu, gated as _gated, jumprelu as _jumprelu, batchtopk as _batchtopk  # noqa: F401, E402, I001
 
-__all__ = ["REGISTRY", "SAE", "Codes", "Output", "build", "load", "save"]
+__all__ = ["REGISTRY", "SAE", "Codes", "Layout", "Output", "build", "load", "nonfinite", "save"]
