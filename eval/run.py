@@ -97,7 +97,8 @@ def recon_and_cost(run: TrainedRun, cfg: EvalConfig) -> dict[str, Any]:
         "fve = 1 - sum_j Var(x_j - x_hat_j) / sum_j Var(x_j), variances over held-out tokens",
     ]
     return {
-        "run": str(run.dir), "store": str(run.store.path), "arch": run.sae.arch, "match": run.config.model.get("match"),
+        "run": str(run.dir), "store": str(run.store.path), "arch": run.sae.arch,
+        "match": type(run.sae).width_match(run.config.model),
         "d": layout.d, "n_latents": layout.n_latents, "k": layout.k, "n_experts": layout.n_experts or None,
         "sae": run.sae.config(), "train_steps": done.get("step"), "train_tokens": train_tokens,
         **metrics,

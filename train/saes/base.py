@@ -8,7 +8,8 @@ An architecture is one module (its `SAE` subclass, `@register`ed) and one YAML
 (the contract, checked for every registered architecture by tests/train/test_contract.py):
 
   naming        arch, display_name
-  config        model_rules, check_model, constructor_kwargs (the YAML's keys -> constructor arguments)
+  config        model_rules, check_model, constructor_kwargs (the YAML's keys -> constructor arguments),
+                width_match, expert_parallel_problem
   cost          size_args, size_defaults, cost_formula (parameters and FLOPs per token)
   shape         layout(): d, M, k, N experts and which expert owns a latent; decoder_directions(),
                 encoder_directions() [M, d] (what metrics, geometry and dashboards read)
@@ -197,6 +198,13 @@ class SAE(nn.Module):
         configuration, None when it can. Default: the architecture has no experts to shard."""
         sharded = " or ".join(arch for arch, c in REGISTRY.items() if c.has_experts)
         return f"expert_parallel={groups} needs model={sharded} with n_experts divisible by it (got model={cls.arch})"
+
+    @classmethod
+    def width_match(cls, model: Mapping[str, Any]) -> str | None:
+        """How the model keys' width sized this SAE against a dense one of that width, "width" (the same
+        latents) or "flops" (the same FLOPs per token): the report's two series. None: the width is
+        the SAE's own (default)."""
+        return None
 
     @classmethod
     def constructor_kwargs(cls, model: Mapping[str, Any], d: int) -> dict[str, Any]:

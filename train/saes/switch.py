@@ -112,6 +112,11 @@ class SwitchSAE(SAE):
             raise ValueError("model.balance=bias needs model.bias_rate > 0 (how far each step moves the router bias)")
 
     @classmethod
+    def width_match(cls, model: Mapping[str, Any]) -> str | None:
+        """model.match: the experts split the width (width) or each is as wide as it (flops)."""
+        return model.get("match")
+
+    @classmethod
     def expert_parallel_problem(cls, model: Mapping[str, Any], groups: int) -> str | None:
         """Why expert parallelism over `groups` ranks (train/expert_parallel.py) cannot run this
         configuration, or None: the ranks hold n_experts / groups experts each, and it exchanges one
