@@ -5,14 +5,15 @@ PYTHON3 ?= python3
 ARGS    ?=
 # `make harvest preset=demo` picks a preset; anything else goes through ARGS='key=value ...'
 HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
-# nproc=R: harvest and train run as R processes under torchrun (one per GPU; README "Many processes")
+# nproc=R: harvest and train run as R processes under torchrun (one per GPU; docs/distributed.md)
 LAUNCH       := $(if $(nproc),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(nproc),$(PY))
 
-.PHONY: help setup test harvest bench-harvest train sweep bench-loader bench-data gpu-check eval report geometry dashboard autointerp autointerp-demo demo paper-cpu reproduce bench bench-dist bench-validation bench-store variants clean-venv
+.PHONY: help setup test docs harvest bench-harvest train sweep bench-loader bench-data gpu-check eval report geometry dashboard autointerp autointerp-demo demo paper-cpu reproduce bench bench-dist bench-validation bench-store variants clean-venv
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
 	@echo "make test                  run the test suite (offline)"
+	@echo "make docs                  build the manual (docs/) into site/, strict: any warning fails"
 	@echo "make harvest [preset=demo] [nproc=R] [ARGS='tokens=... store=...']   cache activations (stage 1), on R processes"
 	@echo "make bench-harvest         tokens/s of forward-to-block vs harvest vs full forward (demo model)"
 	@echo "make train [model=switch] [N=8] [nproc=R [ep=G]] [ARGS='budget=steps:... data.store=...']   train an SAE (stage 2)"
@@ -35,7 +36,7 @@ help:
 	@echo "make paper-cpu             Figures 1 and 3 at CPU scale, 1.95M offline tokens -> results/paper_cpu (~60 min, 2 CPUs)"
 	@echo "make export run=<dir> format=saelens [out=<dir>]   a run as a SAELens SAE folder (Switch: with our SAELens plugin)"
 	@echo "make import-saelens sae=<folder> store=<store> out=<run>   a SAELens SAE as a run that eval/geometry/dashboard take"
-	@echo "make reproduce             the paper's Figure 1 and 3 grids (GPT-2, OpenWebText, GPUs; see README)"
+	@echo "make reproduce             the paper's Figure 1 and 3 grids (GPT-2, OpenWebText, GPUs; see docs/results.md)"
 
 setup: .venv/.installed data/models/smollm2-135m/model.safetensors data/corpus/offline.jsonl
 
@@ -54,6 +55,10 @@ data/models/smollm2-135m/model.safetensors data/corpus/offline.jsonl &: .venv/.i
 test: .venv/.installed
 	$(PY) -m pytest -q
 
+# the manual; NO_MKDOCS_2_WARNING silences a banner Material prints about its own future
+docs: .venv/.installed
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict
+
 harvest: .venv/.installed
 	$(LAUNCH) -m harvest $(HARVEST_ARGS)
 
@@ -64,7 +69,7 @@ clean-venv:
 	rm -rf .venv
 
 # `make train model=switch N=8 ARGS='budget=steps:2000'`; on R processes (torchrun, one per GPU): nproc=R,
-# data parallel, or with ep=G the Switch experts split over G of them (train/dist.py, README)
+# data parallel, or with ep=G the Switch experts split over G of them (train/dist.py, docs/distributed.md)
 TRAIN_ARGS := $(if $(model),model=$(model)) $(if $(N),model.n_experts=$(N)) $(if $(ep),expert_parallel=$(ep)) $(ARGS)
 train: .venv/.installed
 	$(LAUNCH) -m train $(TRAIN_ARGS)
@@ -78,11 +83,11 @@ sweep: .venv/.installed
 bench-loader: .venv/.installed
 	$(PY) -m bench.loader $(ARGS)
 
-# The data path against what training consumes (README "The data path"); needs the demo store (make harvest preset=demo)
+# The data path against what training consumes (docs/benchmarks.md); needs the demo store (make harvest preset=demo)
 bench-data: setup
 	$(PY) -m bench.data $(ARGS)
 
-# The first thing to run on a GPU machine (README "On a GPU"): tests marked cuda, step times, loader wait, GPU harvest
+# The first thing to run on a GPU machine (docs/benchmarks.md): tests marked cuda, step times, loader wait, GPU harvest
 gpu-check: setup
 	$(PY) -m bench.gpu_check $(ARGS)
 
@@ -106,7 +111,7 @@ autointerp: .venv/.installed
 # Autointerp offline in one command: starts `transformers serve` on the demo model (a weak 135M explainer
 # and scorer) on a free loopback port, scores 5 features of a demo run (`make demo` first) with short
 # contexts, one context per scorer request, and stops the server. harvest.offline first builds the demo
-# model (or repairs one built before its config.json named its class). A few minutes on 2 CPUs (README).
+# model (or repairs one built before its config.json named its class). A few minutes on 2 CPUs (docs/interop.md).
 AUTOINTERP_DEMO_RUN  ?= results/demo/runs/switch8_2048
 AUTOINTERP_DEMO_ARGS ?= serve=demo serve_threads=1 n_features=5 n_explain=8 per_decile=2 n_negative=10 window=16 \
                         after=2 batch_contexts=1 concurrency=1 explainer.max_tokens=32 scorer.max_tokens=6 timeout_s=600
@@ -126,7 +131,7 @@ paper-cpu: setup
 	$(PY) -m pipeline.demo --config-name=paper_cpu $(ARGS)
 
 # The paper's Figure 1 and 3 grids at paper scale (conf/train/experiment/*.yaml): needs the hub for
-# the harvest and GPUs for the ~50 training runs (cost in the README). Re-running resumes everything.
+# the harvest and GPUs for the ~50 training runs (cost in docs/results.md). Re-running resumes everything.
 REPRODUCE_DIR   ?= multirun/reproduce
 REPRODUCE_GRIDS ?= fig3_topk fig3_switch_width fig3_switch_flops fig3_relu fig3_gated fig1_topk fig1_switch
 reproduce: .venv/.installed

@@ -109,7 +109,7 @@ class Entry:
     compiled: bool  # torch.compile (--compile)
 
 
-# The variants of issue [4 of 5] (README "Variants"): constructor arguments beside d. AuxK entries run
+# The variants of issue [4 of 5] (docs/benchmarks.md): constructor arguments beside d. AuxK entries run
 # with one latent in ten marked dead (`DEAD_EVERY`), so that its extra work is timed; their bound counts
 # only the SAE's own formula (AuxK's work depends on how many latents are dead).
 VARIANTS = {

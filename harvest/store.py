@@ -100,7 +100,7 @@ def _chunk_coords(name: str, i: int) -> tuple[int, ...]:
 
 
 def codec(name: str, level: int) -> list:
-    """zarr v3 bytes-to-bytes codecs for a codec name (README: measurements behind the default).
+    """zarr v3 bytes-to-bytes codecs for a codec name (docs/harvest.md: measurements behind the default).
 
     blosc_zstd byte-shuffles 256 KiB blocks (the high bytes of every float16, sign and exponent,
     ahead of the mantissa bytes) before zstd: 1.165x on float32-computed activations where plain

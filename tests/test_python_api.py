@@ -1,4 +1,4 @@
-"""The README's Python API example ("Interoperability"), run as written on a store and run of the test's own."""
+"""The manual's Python API example (docs/python-api.md), run as written on a store and run of the test's own."""
 
 from __future__ import annotations
 
@@ -14,16 +14,16 @@ from tests.conftest import compose, harvest_overrides
 from tests.train.test_loop import make_cfg
 from train.loop import train
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "python-api.md"
 DEMO_STORE = "data/activations/smollm2-135m_resid_post20"
 DEMO_SAE = "results/demo/runs/switch8_2048/sae"
 
 
-def readme_example() -> str:
+def manual_example() -> str:
     """The python block right after the `python-api-example` marker."""
-    text = README.read_text()
+    text = PAGE.read_text()
     found = re.search(r"<!-- python-api-example -->\n```python\n(.*?)```", text, re.S)
-    assert found, "README.md lost its Python API example"
+    assert found, "docs/python-api.md lost its Python API example"
     return found.group(1)
 
 
@@ -36,8 +36,8 @@ def store_and_sae(tiny_gpt2, corpus_jsonl, tmp_path_factory):
     return root / "store", root / "run" / "sae"
 
 
-def test_the_readme_python_example_runs_as_written(store_and_sae):
-    code = readme_example()
+def test_the_manuals_python_example_runs_as_written(store_and_sae):
+    code = manual_example()
     assert DEMO_STORE in code and DEMO_SAE in code  # the paths the test swaps for its own
     store, sae = store_and_sae
     out = io.StringIO()
