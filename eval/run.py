@@ -92,7 +92,8 @@ def recon_and_cost(run: TrainedRun, cfg: EvalConfig) -> dict[str, Any]:
     notes = [
         "position 0 excluded from training, metrics and CE (dropped by the harvest)" if run.store.first_pos
         else "position 0 included (harvested with keep_pos0=true)",
-        f"rows with norm > {run.held.factor} x the median row norm left out of training and metrics and kept clean in CE"
+        f"rows with norm > {run.held.factor} x the median row norm left out of training and metrics and kept clean "
+        "in CE"
         if run.held.cut is not None else "no outlier rows left out",
         "fve = 1 - sum_j Var(x_j - x_hat_j) / sum_j Var(x_j), variances over held-out tokens",
     ]

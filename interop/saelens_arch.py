@@ -42,8 +42,6 @@ from runtime.errors import ToolkitError
 from train.saes import REGISTRY, SAE
 from train.saes.base import SAELensForm
 
-Exported = SAELensForm
-
 
 class ArchError(ToolkitError):
     """An architecture with no counterpart on the other side, or weights that do not fit their config."""

@@ -354,7 +354,8 @@ def split_chunks(cfg: TrainConfig, store: ActivationStore, dist: Dist) -> tuple[
     held = HeldOut.of(store, cfg.data.eval_frac, cfg.data.outlier_factor)
     if cfg.data.eval_frac > 0 and not held.chunks:
         raise TrainError(f"store {cfg.data.store} has {store.n_chunks} chunks, too few to hold one out for evaluation "
-                         f"at data.eval_frac={cfg.data.eval_frac} (every {held_out.held_out_period(cfg.data.eval_frac)}th "
+                         f"at data.eval_frac={cfg.data.eval_frac} "
+                         f"(every {held_out.held_out_period(cfg.data.eval_frac)}th "
                          "chunk): harvest more tokens, or train without a held-out set with data.eval_frac=0 "
                          "eval_every=0 (and evaluate on another store)")
     if len(train_ids) < dist.world:

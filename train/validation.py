@@ -3,9 +3,10 @@
 
 The sample is `eval_tokens` rows spread over the store's held-out chunks (never trained on), outlier
 rows left out as in eval: `harvest.held_out.HeldOut.sample`. Runs on one store with the same
-`data.eval_frac`, `data.outlier_factor` and `eval_tokens` see the same rows. A line holds the step, the tokens and training FLOPs spent so far (FLOPs as eval
-counts them: `train.saes.flops.algorithmic_cost`), the seconds of training so far (validation
-passes not counted), and the metrics of `train.metrics` over the sample: mse, nmse, fve, l0, dead_frac
+`data.eval_frac`, `data.outlier_factor` and `eval_tokens` see the same rows. A line holds the step,
+the tokens and training FLOPs spent so far (FLOPs as eval counts them:
+`train.saes.flops.algorithmic_cost`), the seconds of training so far (validation passes not
+counted), and the metrics of `train.metrics` over the sample: mse, nmse, fve, l0, dead_frac
 (latents that fire on none of the sample's tokens), expert_load and expert_entropy (Switch).
 
 Cost: one encode + decode of the sample, about eval_tokens / (3 x batch_size) of a training step

@@ -5,7 +5,7 @@ Decoder directions are stored as ROWS ([M, d]), so decoding k latents is a gathe
 
 An architecture is one module (its `SAE` subclass, `@register`ed) and one YAML
 (conf/train/model/<arch>.yaml). The class carries everything the other stages need to know about it
-(the contract, checked for every registered architecture by tests/train/test_contract.py):
+(the contract, checked for every registered architecture by tests/test_contract.py):
 
   naming        arch, display_name
   config        model_rules, check_model, constructor_kwargs (the YAML's keys -> constructor arguments),
@@ -218,8 +218,9 @@ class SAE(nn.Module):
     def cost_formula(cls, d: int, *, sparse_backward: bool = False, dense_decoder: bool = False,
                      **sizes: int) -> Cost:
         """Parameters and FLOPs per token for inputs of width d and the `size_args` in `sizes` (positive
-        integers, or tuples of them where a size is a list), the two flags only where the class attributes allow them (train.saes.flops
-        checks all that first, and documents the conventions); ValueError for sizes that do not fit."""
+        integers, or tuples of them where a size is a list), the two flags only where the class
+        attributes allow them (train.saes.flops checks all that first, and documents the conventions);
+        ValueError for sizes that do not fit."""
         raise NotImplementedError
 
     @property

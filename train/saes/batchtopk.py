@@ -70,8 +70,7 @@ from torch.nn import functional as F
 from runtime.config import integer, number
 from train.recipe import init_tied_
 from train.saes.auxk import auxk_losses
-from train.saes.base import (SAE, Codes, FromSAELens, Layout, SAELensForm, saelens_weights, Output, register,
-                             sq_error)
+from train.saes.base import (Codes, FromSAELens, Layout, Output, SAE, SAELensForm, register, saelens_weights, sq_error)
 from train.saes.flops import Cost
 from train.saes.kernels import bag, runs_sparse, sum_by_latent
 from train.saes.topk import TopKSAE
@@ -230,7 +229,8 @@ class BatchTopKSAE(SAE):
         threshold is the same); k, a training mean, comes from the metadata."""
         saelens_weights(cfg, tensors, {"W_enc", "b_enc", "threshold", "W_dec", "b_dec"})
         threshold = tensors["threshold"].clamp_min(0)
-        if ours.get("arch") != cls.arch or not cfg["apply_b_dec_to_input"] or not bool((threshold == threshold[0]).all()):
+        same = bool((threshold == threshold[0]).all())
+        if ours.get("arch") != cls.arch or not cfg["apply_b_dec_to_input"] or not same:
             return None
         t = tensors
         return FromSAELens({"width": cfg["d_sae"]}, {"W_enc": t["W_enc"].T, "b_enc": t["b_enc"], "W_dec": t["W_dec"],

@@ -106,8 +106,9 @@ def cost(arch: str, d: int, *, sparse_backward: bool = False, dense_decoder: boo
 
     `sizes` are the architecture's `size_args` (each a positive integer, or a list of them for an
     architecture whose size is one, such as nested prefix widths), all required but those in its
-    `size_defaults`. Raises ValueError for an unknown arch, a missing, non-positive or inapplicable argument, k larger than the (expert) width,
-    sparse_backward with dense codes (relu, gated), or dense_decoder without experts.
+    `size_defaults`. Raises ValueError for an unknown arch, a missing, non-positive or inapplicable
+    argument, k larger than the (expert) width, sparse_backward with dense codes (relu, gated), or
+    dense_decoder without experts.
     """
     if arch not in REGISTRY:
         raise _unknown(arch)

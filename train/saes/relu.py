@@ -18,7 +18,7 @@ from torch import nn
 
 from runtime.config import integer, number
 from train.recipe import normalize_rows_
-from train.saes.base import (SAE, Codes, FromSAELens, SAELensForm, input_shift, saelens_weights, Output, register,
+from train.saes.base import (Codes, FromSAELens, Output, SAE, SAELensForm, input_shift, register, saelens_weights,
                              sq_error)
 from train.saes.flops import Cost
 

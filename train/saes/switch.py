@@ -41,8 +41,8 @@ from torch import nn
 from runtime.config import integer, number, one_of
 from train.recipe import geometric_median, init_tied_
 from train.saes.auxk import auxk_error
-from train.saes.base import (SAE, Codes, FromSAELens, Layout, SAELensForm, saelens_ints, saelens_weights, Output, register,
-                             sq_error)
+from train.saes.base import (Codes, FromSAELens, Layout, Output, SAE, SAELensForm, register, saelens_ints,
+                             saelens_weights, sq_error)
 from train.saes.flops import Cost
 from train.saes.kernels import decode_grouped, decode_rows, runs_sparse, topk_encode, topk_encode_reference
 
@@ -230,7 +230,9 @@ class SwitchSAE(SAE):
                      ours: Mapping[str, Any]) -> FromSAELens:
         n, s, d = cfg["n_experts"], cfg.get("shared_width", 0), cfg["d_in"]
         shapes = {"W_router": (d, n), "b_router": (d,), "router_bias": (n,)}
-        names = {"W_enc", "W_dec", "b_dec", "W_router", "b_router"} | ({"router_bias"} if cfg.get("router_bias") else set())
+        names = {"W_enc", "W_dec", "b_dec", "W_router", "b_router"}
+        if cfg.get("router_bias"):
+            names.add("router_bias")
         saelens_weights(cfg, tensors, names, shapes)
         if not cfg["apply_b_dec_to_input"]:
             raise ValueError("a switch SAE without apply_b_dec_to_input has no counterpart here: our experts have no "

@@ -11,8 +11,8 @@ from torch import nn
 from runtime.config import integer, number
 from train.recipe import init_tied_
 from train.saes.auxk import auxk_losses
-from train.saes.base import (SAE, Codes, FromSAELens, Layout, SAELensForm, input_shift, saelens_ints, saelens_weights, Output, register,
-                             sq_error)
+from train.saes.base import (Codes, FromSAELens, Layout, Output, SAE, SAELensForm, input_shift, register, saelens_ints,
+                             saelens_weights, sq_error)
 from train.saes.flops import Cost
 from train.saes.kernels import decode_rows, runs_sparse, topk_encode, topk_encode_reference
 
