@@ -405,7 +405,7 @@ def main(cfg: DictConfig) -> None:
     with one_line_errors("autointerp"):
         out = run_autointerp(AutointerpConfig.from_omegaconf(cfg))
     print(table(out))
-    print(f"written: {out['run']}/autointerp.json, {out['run']}/autointerp.png")
+    print(f"written: {out['run']}/{RunDir.AUTOINTERP}, {out['run']}/autointerp.png")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from runtime.errors import ToolkitError, one_line_errors, reraise_as
 from runtime.files import write_text
 from train.run_dir import RunDir
 from train.saes import REGISTRY, SAE
+from train.saes.base import CONFIG_FILE
 
 MATRICES = ("decoder", "encoder")
 
@@ -202,7 +203,7 @@ def _read_run(path: str, what: str) -> Target:
     run = RunDir(p)
     with reraise_as(GeometryError):
         run.check_trained(what)
-    meta_file = p / RunDir.SAE / "sae.json"
+    meta_file = p / RunDir.SAE / CONFIG_FILE
     with reraise_as(GeometryError):
         config = run.sae_config()
     arch = config.pop("arch", None)

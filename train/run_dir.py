@@ -40,6 +40,7 @@ from runtime.errors import ToolkitError
 from runtime.files import read_text_file, write_atomic, write_json, write_text
 from runtime.lock import WriterLock
 from train.saes import SAE, load, nonfinite, save
+from train.saes.base import CONFIG_FILE, WEIGHTS_FILE
 
 
 class RunError(ToolkitError):
@@ -95,7 +96,7 @@ class RunDir:
 
     @property
     def has_sae(self) -> bool:
-        return (self.path / self.SAE / "sae.json").exists()
+        return (self.path / self.SAE / CONFIG_FILE).exists()
 
     @property
     def finished(self) -> bool:
@@ -111,7 +112,7 @@ class RunDir:
         path = Path(path)
         if RunDir(path).has_sae:
             return [RunDir(path)]
-        return [RunDir(p.parent.parent) for p in sorted(path.rglob(f"{RunDir.SAE}/sae.json"))]
+        return [RunDir(p.parent.parent) for p in sorted(path.rglob(f"{RunDir.SAE}/{CONFIG_FILE}"))]
 
     # ------------------------------------------------------------------ written by training
 
@@ -258,27 +259,27 @@ class RunDir:
         try:
             sae = load(folder, device)
         except SafetensorError as e:
-            raise RunError(f"{folder / 'sae.safetensors'} is not loaded: it holds something other than tensors in "
+            raise RunError(f"{folder / WEIGHTS_FILE} is not loaded: it holds something other than tensors in "
                            f"safetensors format ({_first_line(e)})") from None
         except (ValueError, KeyError, TypeError) as e:  # a JSON syntax error is a ValueError
-            raise RunError(f"{folder / 'sae.json'} does not describe an SAE ({type(e).__name__}: "
+            raise RunError(f"{folder / CONFIG_FILE} does not describe an SAE ({type(e).__name__}: "
                            f"{_first_line(e)})") from None
         except RuntimeError as e:  # load_state_dict: other names or shapes
-            raise RunError(f"{folder / 'sae.safetensors'} does not hold the weights of the SAE its sae.json "
+            raise RunError(f"{folder / WEIGHTS_FILE} does not hold the weights of the SAE its sae.json "
                            f"describes ({_first_line(e)})") from None
         bad = nonfinite(sae.state_dict())
         if bad:
-            raise RunError(f"{folder / 'sae.safetensors'} holds non-finite weights: {bad}; nothing computed from "
+            raise RunError(f"{folder / WEIGHTS_FILE} holds non-finite weights: {bad}; nothing computed from "
                            "them would mean anything")
         return sae
 
     def sae_config(self) -> dict[str, Any]:
         """sae.json: the architecture and its constructor arguments, without loading weights."""
-        return self._read_object(f"{self.SAE}/sae.json", "an SAE description")
+        return self._read_object(f"{self.SAE}/{CONFIG_FILE}", "an SAE description")
 
     def sae_mtime(self) -> float:
         """When the SAE's weights were written (results older than that are stale)."""
-        return (self.path / self.SAE / "sae.safetensors").stat().st_mtime
+        return (self.path / self.SAE / WEIGHTS_FILE).stat().st_mtime
 
     def mark_done(self, info: dict[str, Any]) -> None:
         write_json(self.path / self.DONE, info, indent=None)
@@ -329,7 +330,7 @@ class RunDir:
         if not self.path.exists():
             raise RunError(f"{what} {self.path} does not exist")
         if not self.has_sae:
-            raise RunError(f"{what} {self.path} has no trained SAE: expected {self.path / self.SAE / 'sae.json'}")
+            raise RunError(f"{what} {self.path} has no trained SAE: expected {self.path / self.SAE / CONFIG_FILE}")
 
     def open(self, device: torch.device, store: str | None = None,
              outlier_factor: float | str | None = "run") -> TrainedRun:

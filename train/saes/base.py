@@ -361,6 +361,8 @@ def sq_error(x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
 
 
 REGISTRY: dict[str, type[SAE]] = {}
+# the two files of a saved SAE (`save`, `load`): its architecture and constructor arguments, its weights
+CONFIG_FILE, WEIGHTS_FILE = "sae.json", "sae.safetensors"
 
 
 @functools.cache
@@ -386,8 +388,8 @@ def save(sae: SAE, folder: str | Path) -> None:
     """`sae.safetensors` (weights) + `sae.json` (architecture and constructor arguments)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, folder / "sae.safetensors")
-    (folder / "sae.json").write_text(json.dumps({"arch": sae.arch, **sae.config()}, indent=2))
+    save_file({k: v.detach().contiguous().cpu() for k, v in sae.state_dict().items()}, folder / WEIGHTS_FILE)
+    (folder / CONFIG_FILE).write_text(json.dumps({"arch": sae.arch, **sae.config()}, indent=2))
 
 
 def nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
@@ -411,7 +413,7 @@ def load(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     """The SAE that `save` wrote, in one call, in eval mode (architectures whose inference rule differs
     from their training rule, such as BatchTopK's threshold, encode with the inference rule)."""
     folder = Path(folder)
-    config = json.loads((folder / "sae.json").read_text())
+    config = json.loads((folder / CONFIG_FILE).read_text())
     sae = build(config.pop("arch"), **config)
-    sae.load_state_dict(load_file(folder / "sae.safetensors"))
+    sae.load_state_dict(load_file(folder / WEIGHTS_FILE))
     return sae.to(device).eval()
