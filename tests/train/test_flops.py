@@ -295,3 +295,25 @@ def test_bad_d_and_bad_sae():
 
     with pytest.raises(ValueError, match="unknown SAE architecture"):
         sae_cost(Other())
+
+
+def test_a_size_may_be_a_list(monkeypatch):
+    """An architecture whose size is a list (nested prefix widths, say) is counted: each entry checked as
+    a positive integer, the list handed to its formula as a tuple."""
+    from train.saes import REGISTRY
+    from train.saes.base import SAE
+
+    class Nested(SAE):
+        arch, display_name, size_args = "nested", "Nested", ("widths",)
+
+        @classmethod
+        def cost_formula(cls, d, *, widths, sparse_backward=False, dense_decoder=False):
+            assert isinstance(widths, tuple)
+            return Cost(params=2 * widths[-1] * d, forward=float(sum(2 * d * w for w in widths)), train=0.0)
+
+    monkeypatch.setitem(REGISTRY, "nested", Nested)
+    assert cost("nested", 16, widths=[8, 32]).forward == 2 * 16 * 40
+    for bad, where in (([], "widths must be a positive integer or a non-empty list"), ([8, 0], "widths\\[1\\]"),
+                       ([8, 2.5], "widths\\[1\\]")):
+        with pytest.raises(ValueError, match=where):
+            cost("nested", 16, widths=bad)
