@@ -84,7 +84,7 @@ def test_running_out_of_text_says_what_to_do(tiny_gpt2, tmp_path):
     small = tmp_path / "small.jsonl"
     small.write_text("".join(json.dumps({"text": t}) + "\n" for t in documents(20)))
     with pytest.raises(HarvestError, match=r"ran out after .* pass tokens=(\d+) to mark this store complete") as e:
-        harvest(compose(harvest_overrides(tiny_gpt2, small, tmp_path / "s", tokens=10**6)))
+        harvest(compose(harvest_overrides(tiny_gpt2, small, tmp_path / "s", tokens=10**5)))
     s = ActivationStore(tmp_path / "s")
     assert not s.complete and s.n_rows > 0
     rows = int(re.search(r"tokens=(\d+) to mark", str(e.value)).group(1))
