@@ -3,6 +3,8 @@ PY      ?= .venv/bin/python
 PIP     := .venv/bin/pip
 PYTHON3 ?= python3
 ARGS    ?=
+# test processes of `make test` (pytest-xdist); the suite takes ~7 min on 2 cores with 2, ~12 with 1
+TEST_WORKERS ?= 2
 # `make harvest preset=demo` picks a preset; anything else goes through ARGS='key=value ...'
 HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
 # nproc=R: harvest and train run as R processes under torchrun (one per GPU; docs/distributed.md)
@@ -12,7 +14,7 @@ LAUNCH       := $(if $(nproc),$(PY) -m torch.distributed.run --standalone --npro
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
-	@echo "make test                  run the test suite (offline)"
+	@echo "make test [TEST_WORKERS=n] run the test suite (offline), on n processes (default 2)"
 	@echo "make docs                  build the manual (docs/) into site/, strict: any warning fails"
 	@echo "make harvest [preset=demo] [nproc=R] [ARGS='tokens=... store=...']   cache activations (stage 1), on R processes"
 	@echo "make bench-harvest         tokens/s of forward-to-block vs harvest vs full forward (demo model)"
@@ -53,7 +55,7 @@ data/models/smollm2-135m/model.safetensors data/corpus/offline.jsonl &: .venv/.i
 	$(PY) -m harvest.offline --data data
 
 test: .venv/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # the manual; NO_MKDOCS_2_WARNING silences a banner Material prints about its own future
 docs: .venv/.installed

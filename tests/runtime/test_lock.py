@@ -30,7 +30,7 @@ def aged(path, seconds: float) -> None:
     os.utime(path, (then, then), follow_symlinks=False)
 
 
-@pytest.mark.parametrize("content", SHAPES)
+@pytest.mark.parametrize("content", SHAPES, ids=[f"shape{i}" for i in range(len(SHAPES))])  # the pid varies
 def test_a_lock_file_of_any_other_shape_is_taken_over_once_stale(content, tmp_path, capsys):
     lock = tmp_path / "x.lock"
     lock.write_text(content)
@@ -41,7 +41,7 @@ def test_a_lock_file_of_any_other_shape_is_taken_over_once_stale(content, tmp_pa
     assert "taking over a stale lock" in capsys.readouterr().err and not lock.exists()
 
 
-@pytest.mark.parametrize("content", SHAPES[:3] + SHAPES[-4:])
+@pytest.mark.parametrize("content", SHAPES[:3] + SHAPES[-4:], ids=[f"shape{i}" for i in range(7)])  # the pid varies
 def test_a_lock_file_of_another_shape_just_written_refuses_a_launch(content, tmp_path):
     lock = tmp_path / "x.lock"
     lock.write_text(content)
