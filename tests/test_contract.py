@@ -15,17 +15,17 @@ import warnings
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from harvest.run import harvest
 from harvest.store import ActivationStore
 from runtime.config import compose_app
 from tests.conftest import compose, eval_config, harvest_overrides
+from tests.train.test_flops import counted
 from tests.train.test_loop import assert_same_weights, make_cfg, train_killed_at
 from train.run_dir import RunDir
 from train.saes import REGISTRY, build
 from train.saes.base import Layout, model_yaml
-from train.saes.flops import counter_mapping, sae_cost
+from train.saes.flops import sae_cost
 
 # model keys shrunk for a store of d=32, wherever an architecture's YAML has them; every other key stays
 # at the YAML's value
@@ -44,12 +44,6 @@ def store(tiny_gpt2, corpus_jsonl, tmp_path_factory):
 def model_overrides(arch: str) -> list[str]:
     yaml = model_yaml(arch)
     return [f"model={arch}", *(f"model.{key}={value}" for key, value in SMALL.items() if key in yaml)]
-
-
-def counted(fn) -> int:
-    with FlopCounterMode(display=False, custom_mapping=counter_mapping()) as counter:
-        fn()
-    return counter.get_total_flops()
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
