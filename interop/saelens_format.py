@@ -84,7 +84,8 @@ def is_folder(path: str | Path) -> bool:
 
 ABSENT = object()  # a field cfg.json does not have
 # every cfg.json field this toolkit reads (after `normalise_config`) and what it must be when present;
-# architecture-specific fields are required where they are used (import_saelens.check_config)
+# architecture-specific fields are required where they are used (each architecture's
+# `check_saelens_config`)
 FIELDS: dict[str, Rule] = {
     "architecture": text("a SAELens architecture name"),
     "apply_b_dec_to_input": FLAG,

@@ -347,12 +347,11 @@ def open_tracker(cfg: TrainConfig, run: RunDir, step: int, logged: int | None, g
     return tracker
 
 
-def split_chunks(cfg: TrainConfig, store: ActivationStore, dist: Dist) -> tuple[list[int], HeldOut]:
-    """(training chunk ids, the held-out view: its chunks and the norm cut). Refused: a store too small to
-    hold a chunk out (at data.eval_frac > 0), or too small to give every rank a chunk."""
-    train_ids, _ = held_out.split_chunks(store.n_chunks, cfg.data.eval_frac)
-    held = HeldOut.of(store, cfg.data.eval_frac, cfg.data.outlier_factor)
-    if cfg.data.eval_frac > 0 and not held.chunks:
+def split_chunks(cfg: TrainConfig, store: ActivationStore, dist: Dist) -> tuple[list[int], list[int]]:
+    """(training chunk ids, held-out chunk ids). Refused: a store too small to hold a chunk out (at
+    data.eval_frac > 0), or too small to give every rank a chunk."""
+    train_ids, held = held_out.split_chunks(store.n_chunks, cfg.data.eval_frac)
+    if cfg.data.eval_frac > 0 and not held:
         raise TrainError(f"store {cfg.data.store} has {store.n_chunks} chunks, too few to hold one out for evaluation "
                          f"at data.eval_frac={cfg.data.eval_frac} "
                          f"(every {held_out.held_out_period(cfg.data.eval_frac)}th "
@@ -437,7 +436,7 @@ def _train(cfg: TrainConfig, run: RunDir, store: ActivationStore, dist: Dist, gr
     if cfg.batch_size % dist.world:
         raise TrainError(f"batch_size {cfg.batch_size} is not divisible by the number of ranks {dist.world}")
     layout = ExpertParallel(dist, cfg.expert_parallel) if cfg.expert_parallel > 1 else DataParallel(dist)
-    train_ids, held = split_chunks(cfg, store, dist)
+    train_ids, _ = split_chunks(cfg, store, dist)
 
     torch.manual_seed(cfg.seed)
     sae = _build(cfg, store.d_model).to(dist.device)  # the whole SAE, sharded by layout.prepare below
@@ -447,6 +446,7 @@ def _train(cfg: TrainConfig, run: RunDir, store: ActivationStore, dist: Dist, gr
     step, state = resume(cfg, run, sae, dead, store, dist)
     logged = record_launch(cfg, run, store, step, dist)
 
+    held = HeldOut.of(store, cfg.data.eval_frac, cfg.data.outlier_factor)  # the norm cut reads chunk 0
     batches = training_batches(cfg, store, train_ids, dist, step, held.cut)
     first = next(batches)
     if step == 0 and dist.is_main:

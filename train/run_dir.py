@@ -39,6 +39,7 @@ from harvest.store import ActivationStore
 from runtime.errors import ToolkitError
 from runtime.files import read_text_file, write_atomic, write_json, write_text
 from runtime.lock import WriterLock
+from train.config import RULES
 from train.saes import SAE, load, nonfinite, save
 from train.saes.base import CONFIG_FILE, WEIGHTS_FILE
 
@@ -143,13 +144,12 @@ class RunDir:
         """config.yaml as the later stages read it (RunConfig), every value they use checked; RunError
         naming the file otherwise."""
         config = self.read_config()
-        data, f = config["data"], self.path / self.CONFIG
-        frac, factor = data.get("eval_frac"), data.get("outlier_factor")
-        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 <= frac <= 0.5:
-            raise RunError(f"{f}: data.eval_frac must be a number in [0, 0.5], got {frac!r}")
-        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1):
-            raise RunError(f"{f}: data.outlier_factor must be a number > 1 or null, got {factor!r}")
-        return RunConfig(dict(config["model"]), data["store"], float(frac), factor, config.get("imported"))
+        data = config["data"]
+        for key in ("eval_frac", "outlier_factor"):
+            rule = RULES[f"data.{key}"]
+            if not rule.ok(data.get(key)):
+                raise RunError(f"{self.path / self.CONFIG}: data.{key} must be {rule.allowed}, got {data.get(key)!r}")
+        return RunConfig(dict(config["model"]), data["store"], float(data["eval_frac"]), data.get("outlier_factor"))
 
     def write_import_config(self, store: str, eval_frac: float, outlier_factor: float | None,
                             model: dict[str, Any], imported: dict[str, Any]) -> None:
@@ -403,7 +403,6 @@ class RunConfig:
     store: str  # data.store: the activation store it trained on
     eval_frac: float  # data.eval_frac: the held-out split it trained without
     outlier_factor: float | None  # data.outlier_factor: the norm cut's factor (None: every row kept)
-    imported: dict[str, Any] | None = None  # where an imported SAE came from (None: trained here)
 
     @property
     def arch(self) -> str:

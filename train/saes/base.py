@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from runtime.config import CONF, Rule, check_values
+from runtime.config import CONF, Rule, check_values, integer
 
 if TYPE_CHECKING:
     from train.saes.flops import Cost
@@ -342,7 +342,7 @@ def saelens_weights(cfg: Mapping[str, Any], tensors: dict[str, torch.Tensor], na
 
 def saelens_ints(cfg: Mapping[str, Any], *keys: str) -> None:
     """ValueError unless every one of `keys` is an integer in the SAELens config."""
-    missing = [key for key in keys if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool)]
+    missing = [key for key in keys if not integer(1).ok(cfg.get(key))]
     if missing:
         raise ValueError(f"its cfg.json lacks integer {', '.join(missing)}")
 
