@@ -165,7 +165,7 @@ def _add_ce(runs: list[TrainedRun], results: dict[Path, dict[str, Any]], cfg: Ev
     """CE metrics for every run; runs with the same store and cut share the clean and zero passes."""
     groups: dict[tuple, list[TrainedRun]] = {}
     for r in runs:
-        groups.setdefault((str(r.store.path.resolve()), r.held.cut), []).append(r)
+        groups.setdefault((r.store.location.identity, r.held.cut), []).append(r)
     for group in groups.values():
         store = group[0].store
         model, _ = load_lm(store.model, device)

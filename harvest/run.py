@@ -35,7 +35,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -46,6 +45,7 @@ from harvest.config import HarvestConfig, HarvestError
 from runtime.cpu import thread_count
 from runtime.device import pick_device, pick_dtype
 from runtime.files import disk_full
+from runtime.location import LocalLocation, Location
 from runtime.lock import WriterLock
 from runtime.ranks import Ranks, barrier, join
 
@@ -104,14 +104,19 @@ def preflight(cfg: HarvestConfig) -> list[Plan]:
 
 def _check_store(cfg: HarvestConfig, world: int) -> store.Progress | None:
     """The progress of a resumable store with this config; None for a new store. Raises if the path
-    cannot be used, or if the store needs more chunks from another number of processes than `world`."""
-    path = Path(cfg.store)
+    cannot be used, or if the store needs more chunks from another number of processes than `world`.
+    A store at an URL is reached once here, so that missing credentials or an endpoint that does not
+    answer are refused before any work."""
+    path = Location.of(cfg.store)
+    path.check_writable()
     if path.exists():
         if cfg.overwrite and store.looks_like_store(path):
             return None
         if not store.is_store(path):
-            if path.is_dir() and not any(path.iterdir()):
+            if path.is_dir() and not path.listdir():
                 return None  # an empty folder: fine to harvest into
+            if store.unfinished_creation(path):
+                return None  # what a creation killed on object storage left: the next one clears it
             if store.looks_like_store(path):
                 raise HarvestError(f"store {path} is damaged beyond repair: its zarr.json (the store's attributes "
                                    "and progress) is lost; harvest it again with overwrite=true")
@@ -136,7 +141,9 @@ def _check_store(cfg: HarvestConfig, world: int) -> store.Progress | None:
         return progress
     if cfg.repair:
         raise HarvestError(f"repair=true needs an existing store: there is none at {path}")
-    ancestor = path.parent
+    if not isinstance(path, LocalLocation):
+        return None
+    ancestor = path.file().parent
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
@@ -150,14 +157,14 @@ def _check_store(cfg: HarvestConfig, world: int) -> store.Progress | None:
 
 @dataclass
 class Result:
-    stores: list[Path]  # one per (layer, site), in the config's order
+    stores: list[Location]  # one per (layer, site), in the config's order
     rows: int  # rows written by this call (by all ranks), per store
     seconds: float  # wall time of the chunk loop (model loading excluded)
     write_seconds: float  # of which spent writing this rank's chunks (overlapped with the forward passes)
     rank: int = 0  # the process that returns it (0: the one that prints)
 
     @property
-    def store(self) -> Path:
+    def store(self) -> Location:
         """The store of a single-site harvest."""
         return self.stores[0]
 
@@ -167,7 +174,7 @@ def harvest(cfg: HarvestConfig) -> Result:
     from one pass of the LM); under torchrun, this rank's part of it."""
     plans = preflight(cfg)
     ranks = plans[0].ranks
-    locks = [WriterLock(store.lock_path(p.cfg.store), f"store {p.cfg.store}", HarvestError) for p in plans]
+    locks = [WriterLock(store.lock_location(p.cfg.store), f"store {p.cfg.store}", HarvestError) for p in plans]
     for lock in locks:
         lock.check()  # on every rank, so that all refuse together; rank 0 takes them once all have looked
     barrier(ranks)
@@ -176,7 +183,7 @@ def harvest(cfg: HarvestConfig) -> Result:
             for lock in locks:
                 held.enter_context(lock)
         try:
-            return _harvest(plans)
+            return _harvest(plans, guard=lambda: [lock.ensure() for lock in locks])
         except OSError as e:
             if not disk_full(e):
                 raise
@@ -196,7 +203,9 @@ def _disk_full(e: OSError, plans: list[Plan]) -> str:
     return f"disk full writing {e.filename or plans[0].cfg.store}: {intact}; free space and rerun the same command to resume"
 
 
-def _harvest(plans: list[Plan]) -> Result:
+def _harvest(plans: list[Plan], guard: Callable[[], object]) -> Result:
+    """The harvest proper; `guard()` is called before every commit and raises if this process no longer
+    holds the stores' locks (a lease on object storage can be lost)."""
     first, ranks, L = plans[0], plans[0].ranks, plans[0].layout
     before = [sum(p.progress.done) if p.progress else 0 for p in plans]
     barrier(ranks)  # every rank has read the stores before rank 0 changes them
@@ -213,8 +222,10 @@ def _harvest(plans: list[Plan]) -> Result:
             barrier(ranks)
     todo = [p for p in plans if not p.finished]
     if not todo:
-        return Result([Path(p.cfg.store) for p in plans], 0, 0.0, 0.0, ranks.rank)
+        return Result([Location.of(p.cfg.store) for p in plans], 0, 0.0, 0.0, ranks.rank)
     writers = [_open_writer(p) for p in todo]
+    for writer in writers:
+        writer.guard = guard
     cfg = todo[0].cfg
     model, tokenizer = lm.load_lm(cfg.model, first.device, keep_layers=max(p.cfg.layer for p in todo) + 1)
     reader = lm.SitesReader(model, [(p.cfg.layer, p.cfg.site) for p in todo], getattr(torch, cfg.dtype))
@@ -225,7 +236,7 @@ def _harvest(plans: list[Plan]) -> Result:
         text.PackState(**behind.pack_state), packing=cfg.dataset.packing,
     )
     share = f" (rank 0 of {ranks.world})" if ranks.world > 1 else ""
-    name = Path(cfg.store).name if len(todo) == 1 else f"{len(todo)} stores"
+    name = Location.of(cfg.store).name if len(todo) == 1 else f"{len(todo)} stores"
     bar = tqdm(total=len(behind.chunk_ids) * L.chunk_rows, initial=behind.chunks_done * L.chunk_rows, unit="tok",
                unit_scale=True, desc=f"harvest {name}{share}", disable=not (cfg.progress and ranks.is_main),
                smoothing=0.1)
@@ -246,7 +257,7 @@ def _harvest(plans: list[Plan]) -> Result:
         for plan in todo:
             store.finish(plan.cfg.store, L, plan.meta)
     barrier(ranks)  # the stores are complete on every rank's return
-    return Result([Path(p.cfg.store) for p in plans], max(rows), seconds, write_seconds, ranks.rank)
+    return Result([Location.of(p.cfg.store) for p in plans], max(rows), seconds, write_seconds, ranks.rank)
 
 
 def repair(plan: Plan) -> list[int]:
@@ -270,7 +281,7 @@ def repair(plan: Plan) -> list[int]:
     progress = store.read_progress(cfg.store)
     target = store.read_attrs(cfg.store)["n_chunks_target"]
     changed = []
-    bar = tqdm(total=len(bad), unit="chunk", desc=f"repair {Path(cfg.store).name}", disable=not cfg.progress)
+    bar = tqdm(total=len(bad), unit="chunk", desc=f"repair {Location.of(cfg.store).name}", disable=not cfg.progress)
     with bar:
         for rank, done in enumerate(progress.done):
             ids = list(store.chunk_ids(target, rank, progress.world)[:done])

@@ -1,6 +1,7 @@
 """THE activation store format: the only module that knows how activations lie on disk.
 
-A store is a zarr v3 group (a folder) holding, for R rows (tokens) of a d-wide site:
+A store is a zarr v3 group (a folder, or a prefix of object storage: any location of
+runtime/location.py, `s3://bucket/acts.zarr` included) holding, for R rows (tokens) of a d-wide site:
 
     acts      [R, d]        float16 (or bfloat16 kept as uint16 bits), chunks of C rows, compressed
                             (codec=none: uncompressed, and read memory-mapped)
@@ -24,11 +25,14 @@ to a decompressor. `verify` checks a whole store; `harvest repair=true` re-creat
 (a chunk is a pure function of the config and its index). Version-1 stores (no records) are read with
 the checks that need no record: files present, blosc headers consistent, decodable.
 
-Crash safety: every chunk file and zarr.json is written through a temporary file + rename (chunk
-files encoded here exactly as zarr encodes them, `encode_chunk`). A chunk's data is written first
-(several chunks may be written at once by threads); then, in chunk order, the attributes, which
-advance `progress`, are written in one atomic step. A kill at any moment leaves either the old or the
-new progress; chunks past it are simply written again, with the same bytes.
+Crash safety: every chunk file and zarr.json is written whole or not at all (`Location.write`: a
+temporary file + rename on disk, one PUT on object storage; chunk files encoded here exactly as zarr
+encodes them, `encode_chunk`). A chunk's data is written first (several chunks may be written at once
+by threads); then, in chunk order, the attributes, which advance `progress`, are written in one
+atomic step. A kill at any moment leaves either the old or the new progress; chunks past it are simply
+written again, with the same bytes. A new store appears whole: on disk it is built beside its path and
+renamed into place; on object storage, which cannot rename, its root zarr.json is written last (until
+then there is no store, and the leftovers of a killed creation are cleared by the next one).
 
 Parted stores (one store written by W processes, W > 1): rank r writes the global chunks
 r, r + W, r + 2W, ... (`chunk_ids`), each to its own chunk files, so the ranks never write the same
@@ -51,12 +55,10 @@ import mmap
 import os
 import shutil
 import struct
-import tempfile
-import threading
 import time
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -71,7 +73,8 @@ from tqdm import tqdm
 
 from runtime.cpu import cpu_cores
 from runtime.errors import ToolkitError
-from runtime.files import read_text_file, remove_litter, write_atomic, write_json, write_text
+from runtime.files import remove_litter
+from runtime.location import LocalLocation, Location
 
 FORMAT = "switch-sae/activations"
 FORMAT_VERSION = 2  # 2: chunk checksums recorded; 1 (still read): none
@@ -89,7 +92,7 @@ class DamagedStore(ToolkitError):
         self.what = what or message
 
 
-def _remedy(path: str | Path) -> str:
+def _remedy(path: str | Path | Location) -> str:
     return (f"`python -m harvest.verify store={path}` lists every bad chunk; rerun the harvest command that "
             "wrote it with repair=true to re-create them")
 
@@ -244,54 +247,79 @@ class Progress:
         return min(d * self.world + r for r, d in enumerate(self.done))
 
 
-def is_store(path: str | Path) -> bool:
+Where = str | Path | Location  # a store's location, or what names one
+
+
+def open_group(where: Where, mode: str = "r") -> zarr.Group:
+    """The store's zarr group, opened read-only (mode "r") or for writing ("r+")."""
+    return zarr.open_group(Location.of(where).zarr_store(read_only=mode == "r"), mode=mode)
+
+
+def _root_attrs(where: Where) -> dict[str, Any] | None:
+    """The attributes of the root zarr.json, or None if there is none readable."""
     try:
-        return zarr.open_group(str(path), mode="r").attrs.get("format") == FORMAT
+        return json.loads(Location.of(where).read("zarr.json")).get("attributes", {})
     except Exception:
-        return False
+        return None
 
 
-def looks_like_store(path: str | Path) -> bool:
+def is_store(path: Where) -> bool:
+    attrs = _root_attrs(path)
+    return attrs is not None and attrs.get("format") == FORMAT
+
+
+def looks_like_store(path: Where) -> bool:
     """A store, or the remains of one whose root zarr.json is lost (its array folders are there)."""
-    return is_store(path) or all((Path(path) / name).is_dir() for name in ARRAYS)
+    loc = Location.of(path)
+    return is_store(loc) or all(loc.is_dir(name) for name in ARRAYS)
 
 
-def read_attrs(path: str | Path) -> dict[str, Any]:
+def read_attrs(path: Where) -> dict[str, Any]:
     """The root attributes of the store at `path` (readable even when an array is damaged)."""
-    return dict(zarr.open_group(str(path), mode="r").attrs)
+    return dict(open_group(path).attrs)
 
 
-def lock_path(path: str | Path) -> Path:
-    """The writer's lock file of a store: `<store>.lock`, beside the store (which appears by renaming)."""
-    path = Path(path)
-    return path.with_name(path.name + ".lock")
+def unfinished_creation(path: Where) -> bool:
+    """Whether `path` holds only what a creation killed before its last write leaves on object storage:
+    array metadata, no root zarr.json and no chunk (`_put_whole`)."""
+    loc = Location.of(path)
+    keys = loc.keys()
+    return bool(keys) and loc.remote and "zarr.json" not in keys and all(k.endswith("/zarr.json") for k in keys)
 
 
-def remove(path: str | Path) -> None:
+def lock_location(path: Where) -> Location:
+    """The writer's lock of a store: `<store>.lock`, beside the store (which appears whole, last)."""
+    loc = Location.of(path)
+    return loc.sibling(loc.name + ".lock")
+
+
+def remove(path: Where) -> None:
     """Delete a store (or the remains of one); refuses anything else."""
     if not looks_like_store(path):
         raise ValueError(f"{path} is not an activation store; not deleting it")
-    shutil.rmtree(path)
+    Location.of(path).delete_tree()
 
 
 def _world(attrs: dict[str, Any]) -> int:
     return attrs.get("parts", {}).get("world", 1)
 
 
-def _part_file(path: str | Path, rank: int) -> Path:
-    return Path(path) / PARTS / f"rank-{rank}.json"
+def _part_key(rank: int) -> str:
+    return f"{PARTS}/rank-{rank}.json"
 
 
-def _state(path: str | Path, attrs: dict[str, Any], rank: int) -> dict[str, Any]:
+def _state(path: Where, attrs: dict[str, Any], rank: int) -> dict[str, Any]:
     """Rank `rank`'s resume state {chunks_done, pack_state, stats}; {} before its first chunk."""
     if _world(attrs) == 1:
         return attrs.get("progress", {})
-    f = _part_file(path, rank)
-    return json.loads(f.read_text()) if f.exists() else {}
+    try:
+        return json.loads(Location.of(path).read(_part_key(rank)))
+    except FileNotFoundError:
+        return {}
 
 
-def read_progress(path: str | Path) -> Progress:
-    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+def read_progress(path: Where) -> Progress:
+    attrs = read_attrs(path)
     world = _world(attrs)
     return Progress(world, tuple(_state(path, attrs, r).get("chunks_done", 0) for r in range(world)))
 
@@ -312,15 +340,15 @@ class StoreWriter:
     of a parted harvest `attach` to it afterwards.
     """
 
-    def __init__(self, group: zarr.Group, layout: Layout, rank: int = 0):
-        self.group = group
+    def __init__(self, location: Location, layout: Layout, rank: int = 0):
+        self.location = location
+        self.group = group = open_group(location, "r+")
         self.layout = layout
-        self.path = Path(group.store.root)
         self.rank = rank
         attrs = dict(group.attrs)
         self.world = _world(attrs)
         self.chunk_ids = chunk_ids(layout.n_chunks, rank, self.world)
-        progress = _state(self.path, attrs, rank)
+        progress = _state(location, attrs, rank)
         self.chunks_done: int = progress.get("chunks_done", 0)  # of this rank's chunk_ids
         self.pack_state: dict[str, Any] = progress.get("pack_state", {"docs_consumed": 0, "carry": []})
         self.stats = RunningStats.from_json(layout.d_model, progress.get("stats"))
@@ -330,18 +358,16 @@ class StoreWriter:
         self.checksums = attrs.get("format_version", 1) >= 2  # record each chunk's checksums
         self._root: dict[str, Any] | None = None  # zarr.json, read at the first commit (single-process stores)
         self.write_seconds = 0.0  # time spent writing and committing chunks (summed over threads), for benchmarks
+        self.guard: Callable[[], object] = lambda: None  # called before each commit; raises to stop it
 
     @classmethod
     def create(cls, path: str | Path, layout: Layout, compressors: list, meta: dict[str, Any],
                world: int = 1) -> StoreWriter:
-        """Build the empty store beside `path` and rename it into place: it appears whole or not at all.
+        """Build the empty store's metadata and put it in place whole (`_put_whole`).
 
         world > 1: a parted store, for rank 0 of `world`; the other ranks `attach` once it exists."""
-        path = Path(path)
-        staging = path.with_name(path.name + ".creating")
-        shutil.rmtree(staging, ignore_errors=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        group = zarr.open_group(str(staging), mode="w-")
+        files: dict[str, Any] = {}
+        group = zarr.open_group(zarr.storage.MemoryStore(store_dict=files), mode="w-")
         _create_arrays(group, layout, compressors)
         L = layout
         group.attrs.update({
@@ -351,15 +377,15 @@ class StoreWriter:
             "n_tokens": 0, "complete": False, "n_chunks_target": L.n_chunks,
             **({"parts": {"world": world}} if world > 1 else {}),
         })
-        if world > 1:
-            (staging / PARTS).mkdir()
-        staging.rename(path)  # replaces `path` only if it is an empty folder
-        return cls(zarr.open_group(str(path), mode="r+"), layout)
+        loc = Location.of(path)
+        _put_whole(loc, {key: value.to_bytes() for key, value in files.items()})
+        return cls(loc, layout)
 
     @classmethod
-    def reopen(cls, path: str | Path, layout: Layout, meta: dict[str, Any]) -> StoreWriter:
+    def reopen(cls, path: Where, layout: Layout, meta: dict[str, Any]) -> StoreWriter:
         """Rank 0: resume or extend the store with the same number of processes that wrote it."""
-        group = zarr.open_group(str(path), mode="r+")
+        loc = Location.of(path)
+        group = open_group(loc, "r+")
         attrs = dict(group.attrs)
         done = attrs.get("progress", {}).get("chunks_done", 0)
         if layout.n_chunks < done:
@@ -368,13 +394,13 @@ class StoreWriter:
         # A parted store is complete only once `finish` has merged its parts.
         group.attrs.update({**meta, "n_chunks_target": layout.n_chunks,
                             "complete": _world(attrs) == 1 and done == layout.n_chunks})
-        _tidy(group, layout)
-        return cls(group, layout)
+        _tidy(loc, group, layout)
+        return cls(loc, layout)
 
     @classmethod
-    def attach(cls, path: str | Path, layout: Layout, rank: int) -> StoreWriter:
+    def attach(cls, path: Where, layout: Layout, rank: int) -> StoreWriter:
         """Rank `rank` > 0 of a parted harvest, once rank 0 has created or reopened the store."""
-        return cls(zarr.open_group(str(path), mode="r+"), layout, rank)
+        return cls(Location.of(path), layout, rank)
 
     def write_chunk(self, i: int, acts: np.ndarray, contexts: np.ndarray, pack_state: dict[str, Any]) -> None:
         """Write global chunk i (must be this rank's next one) and commit it.
@@ -402,6 +428,7 @@ class StoreWriter:
         one atomic write, with the packer's state after it."""
         expected = self.chunk_ids[self.chunks_done]
         assert chunk.i == expected, f"chunk {chunk.i} committed out of order (next is {expected})"
+        self.guard()
         t0 = time.perf_counter()
         self.stats.merge(chunk.stats)
         self.chunks_done += 1
@@ -410,7 +437,7 @@ class StoreWriter:
 
     def _write_arrays(self, i: int, acts: np.ndarray, contexts: np.ndarray) -> None:
         """Chunk i's three files, encoded here as zarr encodes them (`encode_chunk`) and each written
-        atomically (temporary file + rename); then their sizes and CRC-32s recorded (format version 2),
+        whole or not at all (`Location.write`); then their sizes and CRC-32s recorded (format version 2),
         from the bytes written. Threads may write different chunks at once: nothing here is shared."""
         L = self.layout
         values = {"acts": acts, "tokens": contexts[:, L.first_pos :].reshape(-1).astype(np.int32),
@@ -419,25 +446,24 @@ class StoreWriter:
         for name in ARRAYS:
             array = self._arrays[name]
             data = encode_chunk(array, values[name])
-            f = self.path / name / array.metadata.encode_chunk_key(_chunk_coords(name, i))
-            f.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(f, lambda out, data=data: out.write(data))
+            self.location.write(f"{name}/{array.metadata.encode_chunk_key(_chunk_coords(name, i))}", data)
             record[name] = [len(data), zlib.crc32(data)]
         if self.checksums:  # a version-1 store being extended keeps its format
-            (self.path / CHECKSUMS).mkdir(exist_ok=True)
-            write_json(self.path / CHECKSUMS / f"{i}.json", record, indent=None)
+            self.location.write(_record_key(i), _json_bytes(record))
 
     def rewrite_chunk(self, i: int, acts: np.ndarray, contexts: np.ndarray) -> list[str]:
         """Write chunk i again (repair) without touching progress or statistics. Returns the arrays
         whose new files differ from the checksum record kept before (none when the harvest is
         deterministic on this device); the record is then replaced by the new files'."""
-        record = self.path / CHECKSUMS / f"{i}.json"
-        try:
-            before = json.loads(record.read_text())
-        except (OSError, ValueError):
-            before = {}
+        def record() -> dict[str, Any]:
+            try:
+                return json.loads(self.location.read(_record_key(i)))
+            except (OSError, ValueError):
+                return {}
+
+        before = record()
         self._write_arrays(i, acts, contexts)
-        after = json.loads(record.read_text()) if record.exists() else {}
+        after = record()
         return [n for n in ARRAYS if before.get(n) is not None and before.get(n) != after.get(n)]
 
     def _commit(self, pack_state: dict[str, Any]) -> None:
@@ -445,10 +471,10 @@ class StoreWriter:
         self.pack_state = pack_state
         progress = {"chunks_done": self.chunks_done, "pack_state": pack_state, "stats": self.stats.to_json()}
         if self.world > 1:
-            write_json(_part_file(self.path, self.rank), progress, indent=None)
+            self.location.write(_part_key(self.rank), _json_bytes(progress))
             return
         if self._root is None:  # the root metadata as this writer found it; only it changes them from now on
-            self._root = json.loads((self.path / "zarr.json").read_text())
+            self._root = json.loads(self.location.read("zarr.json"))
         self._root["attributes"] |= {
             "n_tokens": self.chunks_done * L.chunk_rows,
             "complete": self.chunks_done == L.n_chunks,
@@ -456,10 +482,40 @@ class StoreWriter:
             "var": self.stats.var.tolist(),
             "progress": progress,
         }
-        # One atomic write of zarr.json (zarr v3 group metadata; temporary file + rename): zarr's own
-        # attribute update costs about 15 ms a call here (a round trip through its event loop), this
-        # about 1 ms, and the commit is the one step of the harvest writer that cannot run in parallel.
-        write_json(self.path / "zarr.json", self._root, indent=None)
+        # One atomic write of zarr.json (zarr v3 group metadata): zarr's own attribute update costs
+        # about 15 ms a call on disk (a round trip through its event loop), this about 1 ms, and the
+        # commit is the one step of the harvest writer that cannot run in parallel.
+        self.location.write("zarr.json", _json_bytes(self._root))
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+
+
+def _record_key(i: int) -> str:
+    """Where chunk i's checksum record lies in the store."""
+    return f"{CHECKSUMS}/{i}.json"
+
+
+def _put_whole(loc: Location, files: dict[str, bytes]) -> None:
+    """Put a new store's files {key: bytes} at `loc` so that it appears whole or not at all: on disk
+    built in a folder beside it and renamed into place (which replaces only an empty folder); on
+    object storage, which cannot rename, the root zarr.json written last, after the leftovers of a
+    killed creation are cleared (there is no store there until that last write)."""
+    root = files.pop("zarr.json")
+    if loc.remote:
+        if loc.exists():
+            loc.delete_tree()
+        for key, data in files.items():
+            loc.write(key, data)
+        loc.write("zarr.json", root)
+        return
+    assert isinstance(loc, LocalLocation)
+    staging = loc.sibling(loc.name + ".creating")
+    shutil.rmtree(staging.file(), ignore_errors=True)
+    for key, data in {**files, "zarr.json": root}.items():
+        staging.write(key, data)
+    staging.file().rename(loc.file())
 
 
 WRITE_AHEAD = 2  # chunks handed to the writer threads per thread: none waits while the oldest is committed
@@ -504,12 +560,12 @@ def _create_arrays(group: zarr.Group, layout: Layout, compressors: list) -> None
                        compressors=[zarr.codecs.ZstdCodec(level=3)], fill_value=0)
 
 
-def restore_metadata(path: str | Path, layout: Layout, compressors: list) -> list[str]:
+def restore_metadata(path: Where, layout: Layout, compressors: list) -> list[str]:
     """Rewrite the metadata (<array>/zarr.json) of the arrays whose metadata is missing or unreadable,
     as `create` made it for this layout (sized to the store's target), leaving their chunks alone.
     Returns the arrays restored."""
-    path = Path(path)
-    group = zarr.open_group(str(path), mode="r")
+    loc = Location.of(path)
+    group = open_group(loc)
     broken = []
     for name in ARRAYS:
         try:
@@ -519,11 +575,10 @@ def restore_metadata(path: str | Path, layout: Layout, compressors: list) -> lis
     if not broken:
         return []
     target = dataclasses.replace(layout, n_chunks=dict(group.attrs).get("n_chunks_target", layout.n_chunks))
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        _create_arrays(zarr.open_group(tmp, mode="w-"), target, compressors)
-        for name in broken:
-            (path / name).mkdir(exist_ok=True)
-            write_text(path / name / "zarr.json", (Path(tmp) / name / "zarr.json").read_text())
+    files: dict[str, Any] = {}
+    _create_arrays(zarr.open_group(zarr.storage.MemoryStore(store_dict=files), mode="w-"), target, compressors)
+    for name in broken:
+        loc.write(f"{name}/zarr.json", files[f"{name}/zarr.json"].to_bytes())
     return broken
 
 
@@ -531,7 +586,7 @@ def restore_metadata(path: str | Path, layout: Layout, compressors: list) -> lis
 class Verdict:
     """What `verify` found: the chunks it checked and, per bad chunk id, what is wrong with it."""
 
-    path: Path
+    path: str  # the store's location
     checked: int  # chunk ids checked (each in all three arrays)
     bad: dict[int, list[str]]  # chunk id -> one message per damaged array file
     problems: list[str]  # damage found before any chunk could be checked (metadata)
@@ -541,9 +596,9 @@ class Verdict:
         return not self.bad and not self.problems
 
 
-def committed_chunks(path: str | Path) -> list[int]:
+def committed_chunks(path: Where) -> list[int]:
     """Ids of the chunks a store has committed (a parted store's ranks may be at different places)."""
-    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    attrs = read_attrs(path)
     rows = attrs["chunk_rows"]
     if attrs.get("complete") or _world(attrs) == 1:
         return list(range(attrs["n_tokens"] // rows))
@@ -552,35 +607,36 @@ def committed_chunks(path: str | Path) -> list[int]:
     return sorted(i for r, d in enumerate(progress.done) for i in chunk_ids(target, r, progress.world)[:d])
 
 
-def verify(path: str | Path, progress: bool = True) -> Verdict:
+def verify(path: Where, progress: bool = True) -> Verdict:
     """Read every committed chunk of every array of the store at `path`, checking each file against its
     checksum record (version 2) and decoding it. Never raises for damage: the Verdict lists it."""
-    path = Path(path)
+    loc = Location.of(path)
     try:
-        store = ActivationStore(path)
+        store = ActivationStore(loc)
     except DamagedStore as e:
-        return Verdict(path, 0, {}, [str(e)])
-    ids = committed_chunks(path)
+        return Verdict(loc.url, 0, {}, [str(e)])
+    ids = committed_chunks(loc)
     bad: dict[int, list[str]] = {}
-    for i in tqdm(ids, desc=f"verify {path.name}", unit="chunk", disable=not progress):
+    for i in tqdm(ids, desc=f"verify {loc.name}", unit="chunk", disable=not progress):
         for name in ARRAYS:
             try:
                 store._read(name, i)
             except DamagedStore as e:
                 bad.setdefault(i, []).append(e.what)
-    return Verdict(path, len(ids), bad, [])
+    return Verdict(loc.url, len(ids), bad, [])
 
 
-def finish(path: str | Path, layout: Layout, meta: dict[str, Any]) -> None:
+def finish(path: Where, layout: Layout, meta: dict[str, Any]) -> None:
     """Rank 0, once every rank has written its share of layout.n_chunks: mark the store complete,
     in one write of the root attributes. A parted store's statistics are merged from its parts (in
     rank order) and its manifest written; a single-process store's are already in place."""
-    group = zarr.open_group(str(path), mode="r+")
+    loc = Location.of(path)
+    group = open_group(loc, "r+")
     attrs = dict(group.attrs)
     world = _world(attrs)
     update: dict[str, Any] = {**meta, "n_chunks_target": layout.n_chunks, "complete": True}
     if world > 1:
-        states = [_state(path, attrs, r) for r in range(world)]
+        states = [_state(loc, attrs, r) for r in range(world)]
         stats = RunningStats(layout.d_model)
         for state in states:
             stats.merge(RunningStats.from_json(layout.d_model, state.get("stats")))
@@ -591,12 +647,14 @@ def finish(path: str | Path, layout: Layout, meta: dict[str, Any]) -> None:
         update |= {"n_tokens": layout.n_rows, "mean": stats.mean.tolist(), "var": stats.var.tolist(),
                    "parts": {"world": world, "ranks": ranks}}
     group.attrs.update(update)
-    _tidy(group, layout)
+    _tidy(loc, group, layout)
 
 
-def _tidy(group: zarr.Group, layout: Layout) -> None:
-    """Rank 0, while no other rank writes: clear litter of a killed write, size the arrays to the budget."""
-    remove_litter(group.store.root)
+def _tidy(loc: Location, group: zarr.Group, layout: Layout) -> None:
+    """Rank 0, while no other rank writes: clear litter of a killed write (temporary files, on disk
+    only), size the arrays to the budget."""
+    if isinstance(loc, LocalLocation):
+        remove_litter(loc.file())
     L = layout
     acts = group["acts"]
     if acts.shape[0] != L.n_rows:
@@ -629,26 +687,6 @@ def _decode(compressor: Any, data: Any, out: np.ndarray | None = None) -> Any:
     raise ValueError(f"unsupported codec {type(compressor).__name__}")
 
 
-_buffers = threading.local()  # each reading thread's buffer for whole chunk files
-
-
-def _read_file(f: Path) -> memoryview:
-    """The whole file `f`, read into this thread's reusable buffer: valid until the thread's next read.
-    (A fresh bytes object per chunk would cost the kernel a page fault per 4 KiB of every file.)"""
-    with open(f, "rb", buffering=0) as fh:
-        size = os.fstat(fh.fileno()).st_size
-        buf = getattr(_buffers, "buf", None)
-        if buf is None or len(buf) < size + 1:
-            buf = _buffers.buf = bytearray(size + size // 8 + 1)
-        view, n = memoryview(buf), 0
-        while True:  # to the end of the file, whatever its size now
-            got = fh.readinto(view[n:])
-            if not got:
-                return view[:n]
-            n += got
-            if n == len(buf):  # the file grew while it was read: never return a part of it
-                raise OSError(f"{f} changed size while it was read")
-
 
 _REQUIRED = object()
 
@@ -665,14 +703,15 @@ class ActivationStore:
     sequence and position behind any row. Every other module reads a store through this class (the
     held-out rows through harvest/held_out.py's view of it)."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not is_store(path):
-            if (self.path / "acts").is_dir():
+    def __init__(self, path: Where):
+        self.location = Location.of(path)
+        self.path = self.location.url  # how messages and run folders name it
+        if not is_store(self.location):
+            if self.location.is_dir("acts"):
                 raise DamagedStore(f"store {path} is damaged: its zarr.json (the store's attributes) is missing or "
                                    "unreadable; harvest it again with overwrite=true")
             raise FileNotFoundError(f"{path} is not an activation store (run `make harvest` first)")
-        self.group = zarr.open_group(str(path), mode="r")
+        self.group = open_group(self.location)
         self.attrs: dict[str, Any] = dict(self.group.attrs)
         arrays = {name: self._open_array(name) for name in ARRAYS}
         self.acts, self.tokens, self.contexts = arrays["acts"], arrays["tokens"], arrays["contexts"]
@@ -746,8 +785,8 @@ class ActivationStore:
         return np.asarray(self.attrs["var"])
 
     def stored_bytes(self, name: str = "acts") -> int:
-        """Bytes the array takes on disk (compressed chunk files)."""
-        return sum(f.stat().st_size for f in (self.path / name).rglob("*") if f.is_file() and f.name != "zarr.json")
+        """Bytes the array takes in storage (compressed chunk files)."""
+        return self.location.sizes(name) - self.location.size(f"{name}/zarr.json")
 
     # ------------------------------------------------------------------ reading rows
 
@@ -773,8 +812,8 @@ class ActivationStore:
 
     @property
     def mapped(self) -> bool:
-        """Whether acts chunks are stored uncompressed, so that `read_chunk_raw` memory-maps them."""
-        return not self.acts.compressors
+        """Whether acts chunks are stored uncompressed on local disk, so that `read_chunk_raw` memory-maps them."""
+        return not self.acts.compressors and not self.location.remote
 
     def read_chunks(self, ids: list[int], threads: int | None = None) -> Iterator[np.ndarray]:
         """Chunks `ids` as `read_chunk_raw` gives them, in order, read, checked and decoded by `threads`
@@ -801,19 +840,19 @@ class ActivationStore:
     def _array(self, name: str) -> zarr.Array:
         return {"acts": self.acts, "tokens": self.tokens, "contexts": self.contexts}[name]
 
-    def _chunk_file(self, name: str, i: int) -> tuple[Path, str]:
-        """(the file of chunk i of array `name`, how errors name it: `acts chunk 3 (acts/c/3/0)`)."""
-        key = self._array(name).metadata.encode_chunk_key(_chunk_coords(name, i))
-        return self.path / name / key, f"{name} chunk {i} ({name}/{key})"
+    def _chunk_file(self, name: str, i: int) -> tuple[str, str]:
+        """(the key of chunk i of array `name` in the store, how errors name it: `acts chunk 3 (acts/c/3/0)`)."""
+        key = f"{name}/{self._array(name).metadata.encode_chunk_key(_chunk_coords(name, i))}"
+        return key, f"{name} chunk {i} ({key})"
 
     def _read(self, name: str, i: int, out: np.ndarray | None = None) -> np.ndarray:
         """Chunk i of array `name` ([chunk shape], the array's dtype), checked, then decoded into `out`
         (a new array when None): directly for blosc alone, whose header states the decoded size, else
         by a copy of what the codecs return."""
         array = self._array(name)
-        f, where = self._chunk_file(name, i)
+        key, where = self._chunk_file(name, i)
         try:
-            data = _read_file(f)
+            data = self.location.read_view(key)
         except FileNotFoundError:
             raise self._damaged(f"{where} is missing") from None
         if self.checked:
@@ -844,11 +883,12 @@ class ActivationStore:
         before mapping (a short file would turn into a bus error on access) and its bytes against the
         checksum record."""
         array = self._array(name)
-        f, where = self._chunk_file(name, i)
+        key, where = self._chunk_file(name, i)
         dtype = np.dtype(array.dtype).newbyteorder("<")
         want = int(np.prod(array.chunks)) * dtype.itemsize
         try:
-            fd = os.open(f, os.O_RDONLY)
+            assert isinstance(self.location, LocalLocation)
+            fd = os.open(self.location.file(key), os.O_RDONLY)
         except FileNotFoundError:
             raise self._damaged(f"{where} is missing") from None
         try:
@@ -865,7 +905,7 @@ class ActivationStore:
     def _check(self, i: int, name: str, where: str, data: memoryview | mmap.mmap) -> None:
         """Compare a chunk file's bytes with the size and CRC-32 recorded when it was committed."""
         try:
-            want = json.loads(read_text_file(self.path / CHECKSUMS / f"{i}.json", max_bytes=1 << 16)).get(name)
+            want = json.loads(self.location.read_text(_record_key(i), max_bytes=1 << 16)).get(name)
         except (OSError, ValueError, AttributeError):  # missing, not a file, not JSON, not an object
             want = None
         if not (isinstance(want, list) and len(want) == 2 and all(type(v) is int and v >= 0 for v in want)):

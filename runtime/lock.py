@@ -3,12 +3,21 @@
     with WriterLock(path, "store data/activations/x", LockedError):
         ...   # the only process writing there
 
-The lock is a small JSON file {host, pid, started, command} created with O_EXCL, so of two launches
-exactly one creates it; the other is refused in one line naming the holder. The file is removed when
-the body ends, however it ends. A lock left by a process that died (kill -9, power loss) is stale: on
-the same host, its pid is gone or belongs to a process started at another time, and the next launch
-takes it over (saying so). A lock held from another host cannot be checked from here: the refusal
-names the host and the file to delete once that job is known to be dead.
+The lock is a small JSON file {host, pid, started, time, renewed, command} created exclusively
+(`Location.create`: O_EXCL on disk, a conditional PUT `If-None-Match: *` on object storage), so of
+two launches exactly one creates it; the other is refused in one line naming the holder. The file is
+removed when the body ends, however it ends. A lock left by a process that died (kill -9, power
+loss) is stale: on the same host, its pid is gone or belongs to a process started at another time,
+and the next launch takes it over (saying so).
+
+A lock held from another host cannot be checked from here. On disk the refusal names the host and
+the file to delete once that job is known to be dead. On object storage, where the writers of one
+bucket are usually on different hosts, the lock is a lease: its holder renews `renewed` every
+LEASE_SECONDS / 4 with a compare-and-swap on the object's ETag (`If-Match`), and a lock not renewed
+for LEASE_SECONDS is stale; it is taken over with the same compare-and-swap, so of two launches that
+find it stale one wins. A holder whose renewal fails (its lease was taken over after it stalled) has
+lost the lock: `ensure()` raises, and the harvest stops before its next commit. The lease assumes the
+hosts' clocks agree to well within LEASE_SECONDS.
 
 Readers never take the lock: training on a store that is still being harvested, or evaluating a run
 that is still training, keeps working.
@@ -20,12 +29,15 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from runtime.errors import ToolkitError
-from runtime.files import read_text_file
+from runtime.location import Location, RemoteLocation
+
+LEASE_SECONDS = 300.0  # an object-storage lock not renewed for this long is stale (module docstring)
 
 
 class LockedError(ToolkitError):
@@ -64,31 +76,43 @@ def _parse(text: str) -> dict[str, Any] | None:
         return None
     ok = (isinstance(info.get("host"), str) and type(info.get("pid")) is int
           and isinstance(info.get("started"), (str, type(None))) and type(info.get("time", 0.0)) in (int, float)
-          and isinstance(info.get("command", ""), str))
+          and type(info.get("renewed", 0.0)) in (int, float) and isinstance(info.get("command", ""), str))
     return info if ok else None
 
 
-def holder(path: str | Path) -> dict[str, Any] | None:
+def holder(path: str | Path | Location) -> dict[str, Any] | None:
     """The live holder of the lock file `path` ({host, pid, started, command}); None if free or stale.
 
-    A lock from another host counts as live (it cannot be checked from here). A file that is not a
-    lock of ours (empty, half-written, other JSON, not a regular file) is live for 10 s after it was
-    last changed (a launch may be writing it this instant), stale after."""
+    A lock from another host counts as live on disk (it cannot be checked from here) and, on object
+    storage, until its lease runs out. A file that is not a lock of ours (empty, half-written, other
+    JSON, not a regular file) is live for 10 s after it was last changed (a launch may be writing it
+    this instant), stale after."""
+    return _holder(Location.of(path))[0]
+
+
+def _holder(loc: Location) -> tuple[dict[str, Any] | None, str | None]:
+    """(the live holder or None, the ETag of the lock object as read: what a takeover swaps)."""
     try:
-        info = _parse(read_text_file(path, max_bytes=1 << 16))
+        etag = loc.etag("") if isinstance(loc, RemoteLocation) else None
     except FileNotFoundError:
-        return None
+        return None, None
+    try:
+        info = _parse(loc.read_text("", max_bytes=1 << 16))
+    except FileNotFoundError:
+        return None, None
     except OSError:
         info = None
     if info is None:
         try:
-            young = time.time() - Path(path).lstat().st_mtime < 10
+            young = time.time() - loc.modified("") < 10
         except FileNotFoundError:
-            return None
-        return {"host": "?", "pid": "?", "command": "lock file being written"} if young else None
-    if info["host"] != socket.gethostname():
-        return info
-    return info if _alive(info["pid"], info.get("started")) else None
+            return None, None
+        return ({"host": "?", "pid": "?", "command": "lock file being written"} if young else None), etag
+    if info["host"] == socket.gethostname():
+        return (info if _alive(info["pid"], info.get("started")) else None), etag
+    if loc.remote:
+        return (info if time.time() - info.get("renewed", info.get("time", 0.0)) < LEASE_SECONDS else None), etag
+    return info, etag
 
 
 def describe(info: dict[str, Any]) -> str:
@@ -98,54 +122,93 @@ def describe(info: dict[str, Any]) -> str:
 
 
 class WriterLock:
-    """Hold the lock file `path` for the body of a `with`; `what` names the thing it guards in messages."""
+    """Hold the lock file `path` (a local path or a location) for the body of a `with`; `what` names the
+    thing it guards in messages."""
 
-    def __init__(self, path: str | Path, what: str, error: type[ToolkitError] = LockedError):
-        self.path = Path(path)
+    def __init__(self, path: str | Path | Location, what: str, error: type[ToolkitError] = LockedError):
+        self.location = Location.of(path)
+        self.path = self.location.url
         self.what = what
         self.error = error
         self.held = False
+        self._lost: str | None = None  # why the lease was lost (object storage)
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
 
     def check(self) -> None:
         """Refuse (one line) if a live process holds the lock; takes nothing (for processes that only
         follow the one that takes it, such as the other ranks of a torchrun launch)."""
-        info = holder(self.path)
+        info = holder(self.location)
         if info is not None:
             raise self.error(self._refusal(info))
 
     def _refusal(self, info: dict[str, Any]) -> str:
-        hint = "" if info.get("host") == socket.gethostname() else \
-            f"; if that job is dead, delete {self.path} and relaunch"
+        hint = ""
+        if info.get("host") != socket.gethostname():
+            hint = (f"; if that job is dead, its lease runs out {LEASE_SECONDS:.0f} s after its last renewal, or "
+                    f"delete {self.path} and relaunch") if self.location.remote else \
+                f"; if that job is dead, delete {self.path} and relaunch"
         return f"{self.what} is being written by another process: {describe(info)}{hint}"
 
-    def acquire(self) -> None:
+    def _me(self) -> bytes:
+        """This process's lock record, as written when taking the lock."""
         pid = os.getpid()
-        me = {"host": socket.gethostname(), "pid": pid, "started": _start_time(pid), "time": time.time(),
-              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        now = time.time()
+        self._record = {"host": socket.gethostname(), "pid": pid, "started": _start_time(pid), "time": now,
+                        "renewed": now, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])[:200]}
+        return json.dumps(self._record).encode()
+
+    def acquire(self) -> None:
         for _ in range(2):  # a second try after removing a stale lock
+            if self.location.create("", self._me()):
+                self._hold()
+                return
+            info, etag = _holder(self.location)
+            if info is not None:
+                raise self.error(self._refusal(info)) from None
+            print(f"{self.what}: taking over a stale lock ({self.path})", file=sys.stderr)
+            if isinstance(self.location, RemoteLocation):
+                if etag is not None and self.location.replace_if("", self._me(), etag):
+                    self._hold()
+                    return
+                break  # another launch swapped it first
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                info = holder(self.path)
-                if info is not None:
-                    raise self.error(self._refusal(info)) from None
-                print(f"{self.what}: taking over a stale lock ({self.path})", file=sys.stderr)
-                try:
-                    self.path.unlink(missing_ok=True)
-                except OSError as e:  # a folder, or no permission: nothing we may remove
-                    raise self.error(f"{self.what}: {self.path} is in the way of its lock file and cannot be "
-                                     f"removed ({e.strerror}); remove it and relaunch") from None
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return
+                self.location.delete("")
+            except OSError as e:  # a folder, or no permission: nothing we may remove
+                raise self.error(f"{self.what}: {self.path} is in the way of its lock file and cannot be "
+                                 f"removed ({e.strerror}); remove it and relaunch") from None
         raise self.error(f"{self.what}: could not take the lock {self.path}; another launch took it first")
+
+    def _hold(self) -> None:
+        self.held = True
+        if isinstance(self.location, RemoteLocation):
+            self._stop.clear()
+            self._renewer = threading.Thread(target=self._renew, args=(self.location,), daemon=True,
+                                             name="lock-lease")
+            self._renewer.start()
+
+    def _renew(self, loc: RemoteLocation) -> None:
+        """Renew the lease every LEASE_SECONDS / 4 while held, by compare-and-swap on the object's ETag."""
+        etag = loc.etag("")
+        while not self._stop.wait(LEASE_SECONDS / 4):
+            self._record["renewed"] = time.time()
+            if not loc.replace_if("", json.dumps(self._record).encode(), etag):
+                self._lost = f"{self.what}: lost its lock {self.path} (not renewed in time, taken over by another launch)"
+                return
+            etag = loc.etag("")
+
+    def ensure(self) -> None:
+        """Raise if the lease on object storage was lost: the caller must stop writing."""
+        if self._lost is not None:
+            raise self.error(self._lost)
 
     def release(self) -> None:
         if self.held:
-            self.path.unlink(missing_ok=True)
+            self._stop.set()
+            if self._renewer is not None:
+                self._renewer.join()
+            if self._lost is None:
+                self.location.delete("")
             self.held = False
 
     def __enter__(self) -> WriterLock:

@@ -136,3 +136,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3 API (moto's server) on a free loopback port for the session, its AWS_* variables set in
+    this process (pipeline/loopback_s3.py); stopped at the end."""
+    from pipeline.loopback_s3 import LoopbackS3
+
+    with LoopbackS3() as s3:
+        yield s3
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    """A fresh bucket on the loopback S3 server: its URL (`s3://test-<random>`)."""
+    import uuid
+
+    return s3_server.bucket(f"test-{uuid.uuid4().hex[:12]}")

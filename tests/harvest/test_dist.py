@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 
 from harvest import store
 from harvest.config import HarvestError
+from runtime.location import LocalLocation
 from runtime.ranks import spawn_local
 from harvest.run import harvest
 from harvest.store import ActivationStore, RunningStats
@@ -32,7 +33,7 @@ from train.loader import Batches
 WORLD = 2
 TOKENS = 270  # 9 chunks of 2 sequences x 15 rows: rank 0 writes chunks 0, 2, .., 8 and rank 1 chunks 1, 3, .., 7
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-_REAL_WRITE = store.write_json
+_REAL_WRITE = LocalLocation.write
 
 
 class Killed(Exception):
@@ -40,23 +41,25 @@ class Killed(Exception):
 
 
 def _killed_at(commits: dict[int, int]):
-    """A store.write_json that dies, as a kill would, while writing this rank's commits[rank]-th part
+    """A LocalLocation.write that dies, as a kill would, while writing this rank's commits[rank]-th part
     file: after that chunk's arrays and the temporary file, before the rename commits them."""
     count = [0]
 
-    def write_json(path: Path, obj, indent=None) -> None:
-        count[0] += path.parent.name == store.PARTS  # checksum records are written too, before each commit
-        if path.parent.name == store.PARTS and count[0] == commits[int(os.environ["RANK"])]:
+    def write(self, key: str, data: bytes) -> None:
+        part = key.startswith(store.PARTS + "/")  # chunk files and checksum records are written too
+        count[0] += part
+        if part and count[0] == commits[int(os.environ["RANK"])]:
+            path = self.file(key)
             path.with_name(path.name + ".partial").write_text("{")
             raise Killed
-        _REAL_WRITE(path, obj, indent=indent)
+        _REAL_WRITE(self, key, data)
 
-    return write_json
+    return write
 
 
 def _job(cfg, outcome: Path, kill: dict[int, int] | None = None) -> None:
     """harvest(cfg) on this rank (killed where `kill` says); what happened goes to outcome.<rank>.json."""
-    store.write_json = _killed_at(kill) if kill else _REAL_WRITE
+    LocalLocation.write = _killed_at(kill) if kill else _REAL_WRITE
     try:
         result = {"rows": harvest(cfg).rows}
     except HarvestError as e:
@@ -64,7 +67,7 @@ def _job(cfg, outcome: Path, kill: dict[int, int] | None = None) -> None:
     except Killed:
         result = {"killed": True}
     finally:
-        store.write_json = _REAL_WRITE
+        LocalLocation.write = _REAL_WRITE
     outcome.with_name(f"{outcome.name}.{os.environ['RANK']}.json").write_text(json.dumps(result))
 
 

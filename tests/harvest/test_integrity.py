@@ -21,6 +21,7 @@ from harvest.run import harvest
 from harvest.store import ActivationStore, DamagedStore
 from harvest.verify import main as verify_main
 from runtime.files import PARTIAL, write_atomic
+from runtime.location import LocalLocation
 from tests.conftest import ROOT, compose, harvest_overrides
 
 
@@ -190,13 +191,14 @@ def test_the_command_line_says_it_in_one_line(copy, tmp_path, app):
 
 
 def _disk_fills_writing(target: str):
-    """A store.write_json that, writing the file whose path ends with `target`, writes part of its
-    temporary file and then finds the disk full (as write(2) does), through the real atomic writer."""
-    real = store.write_json
+    """A LocalLocation.write that, writing the file `target` of the store, writes part of its temporary
+    file and then finds the disk full (as write(2) does), through the real atomic writer."""
+    real = LocalLocation.write
 
-    def write_json(path, obj, indent=2):
-        if not str(path).endswith(target):
-            return real(path, obj, indent=indent)
+    def write(self, key, data):
+        if key != target:
+            return real(self, key, data)
+        path = self.file(key)
 
         def half(f):
             f.write(b'{"acts": [')
@@ -204,13 +206,13 @@ def _disk_fills_writing(target: str):
 
         write_atomic(path, half)
 
-    return write_json
+    return write
 
 
 def test_a_full_disk_stops_in_one_line_and_the_same_command_resumes(pristine, tmp_path, monkeypatch):
     src, args = pristine
     args = [a if not a.startswith("store=") else f"store={tmp_path / 's'}" for a in args]
-    monkeypatch.setattr(store, "write_json", _disk_fills_writing("checksums/3.json"))  # chunk 3's checksum record
+    monkeypatch.setattr(LocalLocation, "write", _disk_fills_writing("checksums/3.json"))  # chunk 3's checksum record
     with pytest.raises(HarvestError) as e:
         harvest(compose(args))
     message = str(e.value)
@@ -219,7 +221,7 @@ def test_a_full_disk_stops_in_one_line_and_the_same_command_resumes(pristine, tm
                               "with 3 committed chunks")
     assert message.endswith("free space and rerun the same command to resume")
     assert not list((tmp_path / "s").rglob("*" + PARTIAL))  # temporaries removed
-    assert not store.lock_path(tmp_path / "s").exists()  # the lock is released
+    assert not store.lock_location(tmp_path / "s").exists()  # the lock is released
     monkeypatch.undo()
     harvest(compose(args))
     assert _digest(tmp_path / "s") == _digest(src)
@@ -232,7 +234,7 @@ def _hold_lock(path: Path) -> subprocess.Popen:
     """Another process that takes the store's writer lock and keeps it until killed."""
     code = ("import sys, time; from runtime.lock import WriterLock; "
             "WriterLock(sys.argv[1], 'store').acquire(); print('held', flush=True); time.sleep(600)")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(store.lock_path(path))], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-c", code, str(store.lock_location(path))], cwd=ROOT,
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held"
     return proc
@@ -255,7 +257,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_ones_lock_is_ta
     harvest(compose([*args, "tokens=600"]))  # the dead holder's lock is stale: taken over
     assert "taking over a stale lock" in capsys.readouterr().err
     assert ActivationStore(path).n_rows == 600
-    assert not store.lock_path(path).exists()
+    assert not store.lock_location(path).exists()
 
 
 def test_a_real_harvest_holds_its_store_against_a_second_launch(tiny_gpt2, corpus_jsonl, tmp_path):
@@ -265,7 +267,7 @@ def test_a_real_harvest_holds_its_store_against_a_second_launch(tiny_gpt2, corpu
     first = subprocess.Popen([sys.executable, "-m", "harvest", *args], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not store.lock_path(tmp_path / "s").exists() and first.poll() is None and time.time() < deadline:
+    while not store.lock_location(tmp_path / "s").exists() and first.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     with pytest.raises(HarvestError, match=f"is being written by another process: pid {first.pid} on "):
         harvest(compose(args))
