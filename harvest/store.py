@@ -71,6 +71,7 @@ import zarr
 import zarr.codecs
 from tqdm import tqdm
 
+from harvest.cache import ChunkCache
 from runtime.cpu import cpu_cores
 from runtime.errors import ToolkitError
 from runtime.files import remove_litter
@@ -703,9 +704,12 @@ class ActivationStore:
     sequence and position behind any row. Every other module reads a store through this class (the
     held-out rows through harvest/held_out.py's view of it)."""
 
-    def __init__(self, path: Where):
+    def __init__(self, path: Where, cache: ChunkCache | None = None):
         self.location = Location.of(path)
         self.path = self.location.url  # how messages and run folders name it
+        self.cache = cache if self.location.remote else None  # local stores are read in place
+        if self.location.remote:
+            self.location.check_readable()  # credentials and endpoint, in one line before anything else
         if not is_store(self.location):
             if self.location.is_dir("acts"):
                 raise DamagedStore(f"store {path} is damaged: its zarr.json (the store's attributes) is missing or "
@@ -717,6 +721,7 @@ class ActivationStore:
         self.acts, self.tokens, self.contexts = arrays["acts"], arrays["tokens"], arrays["contexts"]
         self.checked = self.attrs.get("format_version", 1) >= 2  # chunk checksums are recorded
         self._sequences = lru_cache(maxsize=64)(self._chunk_sequences)
+        self._records = lru_cache(maxsize=4096)(self._record)
 
     def _open_array(self, name: str) -> zarr.Array:
         try:
@@ -850,13 +855,8 @@ class ActivationStore:
         (a new array when None): directly for blosc alone, whose header states the decoded size, else
         by a copy of what the codecs return."""
         array = self._array(name)
-        key, where = self._chunk_file(name, i)
-        try:
-            data = self.location.read_view(key)
-        except FileNotFoundError:
-            raise self._damaged(f"{where} is missing") from None
-        if self.checked:
-            self._check(i, name, where, data)
+        data = self._fetch(name, i)
+        _, where = self._chunk_file(name, i)
         shape, dtype = array.chunks, np.dtype(array.dtype).newbyteorder("<")
         size = int(np.prod(shape))
         out = np.empty(shape, dtype=dtype) if out is None else out
@@ -902,14 +902,49 @@ class ActivationStore:
             self._check(i, name, where, mapped)
         return np.frombuffer(mapped, dtype=dtype).reshape(array.chunks)
 
-    def _check(self, i: int, name: str, where: str, data: memoryview | mmap.mmap) -> None:
-        """Compare a chunk file's bytes with the size and CRC-32 recorded when it was committed."""
+    def _fetch(self, name: str, i: int) -> memoryview | bytes:
+        """The bytes of chunk i's file of array `name`, checked against its record (version 2): from the
+        local cache when it holds a copy that matches, else from the store (and then cached; a remote
+        file of known size is fetched in parallel ranges)."""
+        key, where = self._chunk_file(name, i)
+        want = self._want(i, name, where) if self.checked else None
+        if self.cache is not None and want is not None:
+            cached = self.cache.get(key)
+            if cached is not None:
+                if len(cached) == want[0] and zlib.crc32(cached) == want[1]:
+                    return cached
+                self.cache.drop(key)
         try:
-            want = json.loads(self.location.read_text(_record_key(i), max_bytes=1 << 16)).get(name)
-        except (OSError, ValueError, AttributeError):  # missing, not a file, not JSON, not an object
-            want = None
+            data = self.location.read_view(key, size=want[0] if want else None)
+        except FileNotFoundError:
+            raise self._damaged(f"{where} is missing") from None
+        if want is not None:
+            self._compare(where, data, want)
+            if self.cache is not None:
+                self.cache.put(key, data)
+        return data
+
+    def _record(self, i: int) -> dict[str, Any] | None:
+        """Chunk i's checksum record {array: [bytes, crc32]}, or None if it is missing or unreadable
+        (read once per chunk: `_records`)."""
+        try:
+            record = json.loads(self.location.read_text(_record_key(i), max_bytes=1 << 16))
+        except (OSError, ValueError):  # missing, not a file, not JSON
+            return None
+        return record if isinstance(record, dict) else None
+
+    def _want(self, i: int, name: str, where: str) -> list[int]:
+        """[bytes, crc32] recorded for chunk i's file of array `name` when it was committed."""
+        want = (self._records(i) or {}).get(name)
         if not (isinstance(want, list) and len(want) == 2 and all(type(v) is int and v >= 0 for v in want)):
             raise self._damaged(f"{where} has no readable checksum record ({CHECKSUMS}/{i}.json)")
+        return want
+
+    def _check(self, i: int, name: str, where: str, data: memoryview | mmap.mmap) -> None:
+        """Compare a chunk file's bytes with the size and CRC-32 recorded when it was committed."""
+        self._compare(where, data, self._want(i, name, where))
+
+    def _compare(self, where: str, data: memoryview | bytes | mmap.mmap, want: list[int]) -> None:
         if len(data) != want[0]:
             raise self._wrong_size(where, len(data), want[0])
         if zlib.crc32(data) != want[1]:

@@ -50,6 +50,8 @@ class DataConfig:
     read_ahead: int
     allow_incomplete: bool
     outlier_factor: float | None
+    cache_dir: str | None  # local copies of a remote store's chunk files (harvest/cache.py)
+    cache_gb: float
 
 
 @dataclass(frozen=True)
@@ -179,6 +181,8 @@ RULES: dict[str, Rule] = {
     "data.read_ahead": integer(0),
     "data.allow_incomplete": FLAG,
     "data.outlier_factor": number(1, lo_open=True) | NULL,
+    "data.cache_dir": text("a folder") | NULL,
+    "data.cache_gb": number(0, lo_open=True),
     "budget": text("kind:amount, e.g. steps:100_000 or flops:1e13"),  # read by train.budget.Budget.parse
     "batch_size": integer(1),
     "lr": number(0, lo_open=True) | NULL,

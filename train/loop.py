@@ -35,12 +35,14 @@ from tqdm import tqdm
 
 from harvest import held_out
 from harvest.held_out import HeldOut
+from harvest.cache import ChunkCache
 from harvest.store import ActivationStore
 from runtime.config import flatten
 from runtime.cpu import thread_count
 from runtime.device import autocast, pick_device
 from runtime.errors import reraise_as
 from runtime.files import disk_full, remove_litter
+from runtime.location import Location
 from runtime.tracking import Tracker, start
 from train.budget import BudgetError, Length
 from train.config import RUNTIME_KEYS, TrainConfig, TrainError
@@ -55,8 +57,11 @@ from train.validation import Validator
 
 
 def open_store(cfg: TrainConfig) -> ActivationStore:
+    """The run's store, read through a local chunk cache when `data.cache_dir` is set."""
+    cache = None if cfg.data.cache_dir is None else \
+        ChunkCache(cfg.data.cache_dir, cfg.data.cache_gb * 1e9, Location.of(cfg.data.store).identity)
     try:
-        store = ActivationStore(cfg.data.store)
+        store = ActivationStore(cfg.data.store, cache=cache)
     except FileNotFoundError:
         raise TrainError(f"data.store {cfg.data.store} is not an activation store (run `make harvest` first)") from None
     if not store.complete and not cfg.data.allow_incomplete:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from harvest import store
+from harvest.cache import ChunkCache
 from harvest.config import RUNTIME_KEYS, HarvestError
 from harvest.run import harvest
 from harvest.store import ActivationStore, StoreWriter
@@ -222,7 +223,7 @@ def test_credentials_appear_in_no_file_and_no_output(tiny_gpt2, corpus_jsonl, bu
         ["harvest", *harvest_overrides(tiny_gpt2, corpus_jsonl, url, tokens=600)],
         ["train", f"data.store={url}", f"hydra.run.dir={run}", "model=switch", "model.width=64", "model.k=4",
          "model.n_experts=4", "budget=steps:20", "batch_size=32", "progress=false", "device=cpu",
-         "eval_every=10", "eval_tokens=200"],
+         "eval_every=10", "eval_tokens=200", f"data.cache_dir={tmp_path / 'cache'}"],
         ["eval", f"run={run}", "progress=false", "device=cpu"],
         ["eval.dashboard", f"run={run}", "n_features=2", "device=cpu", "max_tokens=2000"],
         ["interop.export", f"run={run}", "format=saelens", f"out={tmp_path / 'export'}"],
@@ -234,6 +235,7 @@ def test_credentials_appear_in_no_file_and_no_output(tiny_gpt2, corpus_jsonl, bu
         assert out.returncode == 0, (command[0], out.stderr[-3000:])
         printed.append(out.stdout + out.stderr)
     assert json.loads((run / "store.json").read_text())["path"] == url
+    assert list((tmp_path / "cache").rglob("acts/c/*/0"))  # the run read through its cache
     loc = Location.of(url)
     blobs = [loc.read(k) for k in loc.keys()] + [f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()]
     blobs += [p.encode() for p in printed]
@@ -268,3 +270,95 @@ def test_bad_locations_fail_in_one_line_before_any_work(store_url, env, message,
     assert re.search(message, lines[0]), lines[0]
     assert SECRET not in out.stderr
     assert Location.of(bucket).keys() == []  # nothing written
+
+
+def upload(local, url: str) -> None:
+    """Copy a local store to `url`, its root zarr.json last (as a harvest there would leave it)."""
+    src, dst = Location.of(local), Location.of(url)
+    for key in [k for k in src.keys() if k != "zarr.json"] + ["zarr.json"]:
+        dst.write(key, src.read(key))
+
+
+def test_a_local_cache_serves_later_reads_checked_and_evicts_by_size(local_store, bucket, tmp_path):
+    url = f"{bucket}/cached.zarr"
+    upload(local_store, url)
+    local = ActivationStore(local_store)
+    n = local.n_chunks
+    first = ChunkCache(tmp_path / "cache", 1e9, url)
+    reader = ActivationStore(url, cache=first)
+    for i in range(n):
+        assert np.array_equal(reader.read_chunk_raw(i), local.read_chunk_raw(i))
+    assert (first.hits, first.misses) == (0, n)
+    Location.of(url).delete("acts/c/0/0")  # from now on only the cache holds chunk 0
+    again = ChunkCache(tmp_path / "cache", 1e9, url)
+    reader = ActivationStore(url, cache=again)
+    for i in range(n):
+        assert np.array_equal(reader.read_chunk_raw(i), local.read_chunk_raw(i))
+    assert (again.hits, again.misses) == (n, 0)
+    # a cached copy that does not match the store's record is dropped and fetched again, never used
+    copy = again.files.file("acts/c/1/0")
+    data = bytearray(copy.read_bytes())
+    data[-1] ^= 1
+    copy.write_bytes(bytes(data))
+    assert np.array_equal(reader.read_chunk_raw(1), local.read_chunk_raw(1))
+    assert copy.read_bytes() == Location.of(local_store).read("acts/c/1/0")
+    # evicted by size: the folder never holds much more than max_bytes
+    one = Location.of(local_store).size("acts/c/2/0")
+    small = ChunkCache(tmp_path / "small", 3.5 * one, url)
+    reader = ActivationStore(url, cache=small)
+    for i in range(1, n):
+        reader.read_chunk_raw(i)
+        assert sum(f.stat().st_size for f in (tmp_path / "small").rglob("*") if f.is_file()) <= 3.5 * one
+    assert small.files.keys() == [f"acts/c/{i}/0" for i in range(n - 3, n)]  # the most recent ones
+
+
+def _parts_done(url: str) -> int:
+    """Chunks committed by the ranks of a parted store so far (0 before it exists)."""
+    loc = Location.of(url)
+    done = 0
+    for rank in range(2):
+        try:
+            done += json.loads(loc.read(f"parts/rank-{rank}.json"))["chunks_done"]
+        except (OSError, KeyError, ValueError):
+            pass
+    return done
+
+
+def kill_9_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (torchrun starts its workers in sessions of
+    their own, so killing its process group would leave them running)."""
+    import psutil  # installed with accelerate
+
+    parent = psutil.Process(pid)
+    for p in [*parent.children(recursive=True), parent]:
+        p.send_signal(signal.SIGKILL)
+
+
+def test_two_ranks_write_one_store_in_a_bucket_and_resume_after_kill_9(tiny_gpt2, corpus_jsonl, bucket, s3_server,
+                                                                       tmp_path):
+    """torchrun's ranks (here 2 on this host; on a cluster, on several) write their shares of one parted
+    store in the bucket, each committing its own chunks; killed mid-run (every process of the launch)
+    and relaunched, they end with the store two ranks write on local disk."""
+    env = {**os.environ, **ONE_THREAD, **s3_server.env}
+    url = f"{bucket}/parted.zarr"
+
+    def torchrun(store_at) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "harvest",
+             *harvest_overrides(tiny_gpt2, corpus_jsonl, store_at, tokens=3000)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    proc = torchrun(url)
+    deadline = time.time() + 180
+    while _parts_done(url) < 4 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    kill_9_tree(proc.pid)
+    proc.communicate()
+    assert 4 <= _parts_done(url) < 100 and not ActivationStore(url).complete
+    for store_at in (url, tmp_path / "local"):
+        proc = torchrun(store_at)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    s = ActivationStore(url)
+    assert s.complete and s.n_rows == 3000 and s.attrs["parts"]["world"] == 2
+    same_store(url, tmp_path / "local")
