@@ -5,6 +5,9 @@ chunks, the outlier cut on as in training, warm page cache), in rounds of altern
 median of each entry's rows/s:
   - the loader (`train.loader.Batches`) on the compressed store and on an uncompressed copy of the
     same chunks (memory-mapped), with 1 thread and with every core;
+  - the loader on the same compressed chunks in a bucket of a loopback S3 server (moto's, started
+    here: pipeline/loopback_s3.py), with chunk files fetched in parallel ranges and whole, and through
+    a warm local chunk cache (a second epoch, `data.cache_dir`);
   - the previous loader (one read-ahead thread, each window concatenated, permuted and converted
     whole; kept below as `serial_batches`), for the speed-up;
   - its bounds: reading, checking and decoding the same chunks (1 thread and every core), and a plain
@@ -40,7 +43,10 @@ import torch
 
 from bench import copy_store, store_like, write_results
 from harvest.held_out import norm_cut, split_chunks
+from harvest.cache import ChunkCache
 from harvest.store import ActivationStore, is_store, write_chunks
+from pipeline.loopback_s3 import LoopbackS3
+from runtime import location
 from runtime.cpu import cpu_cores
 from train.loader import Batches
 
@@ -128,9 +134,30 @@ def paired(runs: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(runs[a], runs[b], strict=True))
 
 
+def whole_object_reads(run: Callable[[], float]) -> Callable[[], float]:
+    """`run` with remote chunk files fetched in one request each instead of parallel ranges."""
+    def whole() -> float:
+        ranges, location.RANGE_BYTES = location.RANGE_BYTES, 1 << 62
+        try:
+            return run()
+        finally:
+            location.RANGE_BYTES = ranges
+    return whole
+
+
 def measure_loaders(src: ActivationStore, tmp: Path, n_chunks: int, rounds: int, n_batches: int) -> dict:
+    with LoopbackS3() as s3:
+        return _measure_loaders(src, tmp, n_chunks, rounds, n_batches, s3.bucket("bench-data"))
+
+
+def _measure_loaders(src: ActivationStore, tmp: Path, n_chunks: int, rounds: int, n_batches: int,
+                     bucket: str) -> dict:
     ids = list(range(n_chunks))
     packed = copy_store(src, tmp / "compressed", ids)
+    remote = copy_store(src, f"{bucket}/compressed.zarr", ids)
+    cached = ActivationStore(remote.path, cache=ChunkCache(tmp / "cache", 1e12, remote.path))
+    for _ in cached.read_chunks(ids):  # the first epoch fills the cache; the entry times later ones
+        pass
     plain = copy_store(src, tmp / "uncompressed", ids, "none")
     flat = np.lib.format.open_memmap(tmp / "flat.npy", mode="w+", dtype=plain.acts.dtype,
                                      shape=(plain.n_rows, plain.d_model))
@@ -148,6 +175,13 @@ def measure_loaders(src: ActivationStore, tmp: Path, n_chunks: int, rounds: int,
             plain, ids, BATCH, 0, WINDOW, cut=cut, threads=t)), n_batches)) for t in sorted({1, every})},
         **{f"read + check + decode, {t} thread(s)": (lambda t=t: decode_rate(packed, ids, t))
            for t in sorted({1, every})},
+        f"loader, S3 loopback, {every} thread(s)": lambda: rate(iter(Batches(
+            remote, ids, BATCH, 0, WINDOW, cut=cut, threads=every)), n_batches),
+        f"loader, S3 loopback, whole-object reads, {every} thread(s)": whole_object_reads(lambda: rate(iter(Batches(
+            remote, ids, BATCH, 0, WINDOW, cut=cut, threads=every)), n_batches)),
+        f"loader, S3 loopback through a warm local cache, {every} thread(s)": lambda: rate(iter(Batches(
+            cached, ids, BATCH, 0, WINDOW, cut=cut, threads=every)), n_batches),
+        f"read + check + decode, S3 loopback, {every} thread(s)": lambda: decode_rate(remote, ids, every),
         "plain gather from a memory-mapped array, to float32": lambda: gather_rate(flat, n_batches),
     }
     runs: dict[str, list[float]] = {name: [] for name in entries}
@@ -164,6 +198,12 @@ def measure_loaders(src: ActivationStore, tmp: Path, n_chunks: int, rounds: int,
                                                  "previous loader, compressed")
     out["ratio_mapped_vs_gather"] = paired(runs, f"loader, memory-mapped, {every} thread(s)",
                                            "plain gather from a memory-mapped array, to float32")
+    out["ratio_s3_vs_local"] = paired(runs, f"loader, S3 loopback, {every} thread(s)",
+                                      f"loader, compressed, {every} thread(s)")
+    out["ratio_s3_ranges_vs_whole"] = paired(runs, f"loader, S3 loopback, {every} thread(s)",
+                                             f"loader, S3 loopback, whole-object reads, {every} thread(s)")
+    out["ratio_s3_cached_vs_local"] = paired(runs, f"loader, S3 loopback through a warm local cache, {every} thread(s)",
+                                             f"loader, compressed, {every} thread(s)")
     out["per_core_rows_s"] = {"compressed": out[f"loader, compressed, {every} thread(s)"] / every,
                               "memory-mapped": out[f"loader, memory-mapped, {every} thread(s)"] / every}
     return out
@@ -271,6 +311,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"loader / previous loader (compressed, every core): {loaders['ratio_compressed_vs_previous']:.2f}x")
     print(f"loader / read+check+decode (compressed, every core): {loaders['ratio_compressed_vs_decode_all']:.2f}")
     print(f"loader / plain memory-mapped gather (uncompressed, every core): {loaders['ratio_mapped_vs_gather']:.2f}")
+    print(f"loader from loopback S3 / from local disk (compressed, every core): {loaders['ratio_s3_vs_local']:.2f} "
+          "(the server is moto's, in Python: a bound on it, not on S3)")
+    print(f"loader from loopback S3, parallel ranges / whole-object reads: {loaders['ratio_s3_ranges_vs_whole']:.2f}x")
+    print(f"loader from loopback S3 through a warm local cache / from local disk: "
+          f"{loaders['ratio_s3_cached_vs_local']:.2f}")
     if not args.quick:
         report["memory"] = memory = measure_memory(src, args.batches)
         print("loader heap peak: " + ", ".join(f"{k.split('_')[-2]} chunks {v / 1e6:.0f} MB"

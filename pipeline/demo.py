@@ -75,7 +75,7 @@ def run_demo(cfg: DictConfig) -> Path:
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
-    store_path = Path(harvest_cfg.store)
+    store_path = harvest_cfg.store
     if is_store(store_path) and ActivationStore(store_path).complete:
         print(f"[demo] 1/4 harvest: reusing the complete store {store_path}")
     else:

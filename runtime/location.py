@@ -434,7 +434,8 @@ class RemoteLocation(Location):
     def zarr_store(self, read_only: bool) -> Any:
         from zarr.storage import FsspecStore
 
-        return FsspecStore.from_url(self.url, read_only=read_only)
+        # a new client each time: one cached by fsspec would keep the endpoint it was made for
+        return FsspecStore.from_url(self.url, read_only=read_only, storage_options={"skip_instance_cache": True})
 
     def check_readable(self) -> None:
         """One request that fails the way every later one would: missing credentials, an endpoint that
@@ -471,13 +472,16 @@ def _safe(url: str) -> str:
     return url if "@" not in parts.netloc else f"{parts.scheme}://<hidden>@{parts.netloc.rsplit('@', 1)[1]}{parts.path}"
 
 
-_filesystems: dict[str, Any] = {}
+_filesystems: dict[tuple, Any] = {}
+# what a client is made from besides the protocol: one client per process and per value of these
+CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION")
 
 
 def _filesystem(protocol: str, url: str) -> Any:
-    """fsspec's filesystem for `protocol` (one per process), or LocationError: unknown protocol, or its
-    implementation not installed."""
-    if protocol not in _filesystems:
+    """fsspec's filesystem for `protocol` (one per process and environment), or LocationError: unknown
+    protocol, or its implementation not installed."""
+    key = (protocol, *(os.environ.get(name) for name in CLIENT_ENV))
+    if key not in _filesystems:
         import fsspec
         from fsspec.registry import known_implementations, registry
 
@@ -488,8 +492,9 @@ def _filesystem(protocol: str, url: str) -> Any:
             cls = fsspec.get_filesystem_class(protocol)
         except ImportError as e:
             raise LocationError(f"{_safe(url)}: {protocol}:// needs a package that is not installed ({e})") from None
-        _filesystems[protocol] = cls(use_listings_cache=False)  # other processes write there too
-    return _filesystems[protocol]
+        # listings not cached: other processes write there too
+        _filesystems[key] = cls(use_listings_cache=False, skip_instance_cache=True)
+    return _filesystems[key]
 
 
 def _problem(error: BaseException) -> str | None:

@@ -6,6 +6,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from pipeline.demo import main, plan, run_demo
+from pipeline.s3_demo import run_s3_demo
 from runtime.config import compose_app
 
 
@@ -50,6 +51,29 @@ def test_demo_end_to_end_on_a_tiny_model(tiny_gpt2, corpus_jsonl, tmp_path, caps
     printed = capsys.readouterr().out
     assert "reusing the complete store" in printed and printed.count("has finished; skipping") == 2
     assert printed.count("eval.json is up to date") == 2
+
+
+def test_the_s3_demo_runs_every_stage_against_a_loopback_s3_server(tiny_gpt2, corpus_jsonl, tmp_path, capsys):
+    """`make s3-demo`'s driver on a tiny model: the store goes into a bucket of the server it starts,
+    training reads it through the local cache, eval reads its held-out chunks from the bucket."""
+    cfg = compose_app("demo", [f"out={tmp_path / 'demo'}"], "s3")
+    _, runs, _ = plan(cfg)
+    assert all(r.data.cache_dir for r in runs.values()) and set(runs) == {"topk_1024", "switch4_1024"}
+    cfg.harvest = [f"model={tiny_gpt2}", "layer=2", f"dataset.name={corpus_jsonl}", f"store={tmp_path / 'local'}",
+                   "context_size=16", "chunk_seqs=2", "tokens=240", "batch_size=4", "progress=false", "device=cpu"]
+    cfg.train = ["budget=steps:10", "batch_size=32", "data.eval_frac=0.25", "progress=false", "device=cpu",
+                 "model.width=64", "model.k=4", f"data.cache_dir={tmp_path / 'cache'}"]
+    cfg.eval = ["ce_seqs=2", "progress=false", "device=cpu"]
+    report = run_s3_demo(cfg)
+    printed = capsys.readouterr().out
+    assert "a loopback S3 server at http://127.0.0.1:" in printed and "the store: s3://switch-sae-demo/local" in printed
+    for name in runs:
+        run = tmp_path / "demo" / "runs" / name
+        assert json.loads((run / "store.json").read_text())["path"] == "s3://switch-sae-demo/local"
+        assert json.loads((run / "eval.json").read_text())["ce_sae"] is not None
+    assert "| topk_1024 |" in report.read_text()
+    assert list((tmp_path / "cache").rglob("acts/c/*/0"))
+    assert not (tmp_path / "local").exists()  # nothing on local disk
 
 
 def test_bad_demo_override_is_one_line(capsys):
