@@ -6,7 +6,7 @@ median of each entry's rows/s:
   - the loader (`train.loader.Batches`) on the compressed store and on an uncompressed copy of the
     same chunks (memory-mapped), with 1 thread and with every core;
   - the loader on the same compressed chunks in a bucket of a loopback S3 server (moto's, started
-    here: pipeline/loopback_s3.py), with chunk files fetched in parallel ranges and whole, and through
+    here: runtime/loopback_s3.py), with chunk files fetched in parallel ranges and whole, and through
     a warm local chunk cache (a second epoch, `data.cache_dir`);
   - the previous loader (one read-ahead thread, each window concatenated, permuted and converted
     whole; kept below as `serial_batches`), for the speed-up;
@@ -45,7 +45,7 @@ from bench import copy_store, store_like, write_results
 from harvest.held_out import norm_cut, split_chunks
 from harvest.cache import ChunkCache
 from harvest.store import ActivationStore, is_store, write_chunks
-from pipeline.loopback_s3 import LoopbackS3
+from runtime.loopback_s3 import LoopbackS3
 from runtime import location
 from runtime.cpu import cpu_cores
 from train.loader import Batches

@@ -1,6 +1,6 @@
 """`python -m pipeline.s3_demo [overrides]` (= `make s3-demo`): the demo pipeline on object storage.
 
-Starts a loopback S3 server (pipeline/loopback_s3.py: moto's, with credentials of its own in this
+Starts a loopback S3 server (runtime/loopback_s3.py: moto's, with credentials of its own in this
 process's environment), creates a bucket, and runs conf/demo/s3.yaml through pipeline/demo.py with the
 harvest's store at `s3://switch-sae-demo/<the preset's store name>`: the harvest writes there (commit
 protocol, lease lock), training reads it through the local chunk cache, eval reads its held-out
@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from harvest.config import HarvestConfig
 from pipeline.demo import run_demo
-from pipeline.loopback_s3 import LoopbackS3
+from runtime.loopback_s3 import LoopbackS3
 from runtime.config import compose_app
 from runtime.errors import one_line_errors
 from runtime.location import Location

@@ -141,8 +141,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def s3_server():
     """A real S3 API (moto's server) on a free loopback port for the session, its AWS_* variables set in
-    this process (pipeline/loopback_s3.py); stopped at the end."""
-    from pipeline.loopback_s3 import LoopbackS3
+    this process (runtime/loopback_s3.py); stopped at the end."""
+    from runtime.loopback_s3 import LoopbackS3
 
     with LoopbackS3() as s3:
         yield s3

@@ -23,7 +23,7 @@ from harvest.config import RUNTIME_KEYS, HarvestError
 from harvest.run import harvest
 from harvest.store import ActivationStore, StoreWriter
 from harvest.verify import main as verify_main
-from pipeline.loopback_s3 import KEY_ID, SECRET
+from runtime.loopback_s3 import KEY_ID, SECRET
 from runtime import lock as lock_module
 from runtime.location import Location
 from runtime.lock import WriterLock, holder
