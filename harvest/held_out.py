@@ -91,8 +91,9 @@ class HeldOut:
 
     @classmethod
     def of(cls, store: ActivationStore, eval_frac: float, outlier_factor: float | None) -> HeldOut:
-        return cls(store, tuple(split_chunks(store.n_chunks, eval_frac)[1]), norm_cut(store, outlier_factor),
-                   outlier_factor)
+        """The held-out chunks at eval_frac; every chunk of a store of held-out text alone (`held_out_only`)."""
+        chunks = range(store.n_chunks) if store.held_out_only else split_chunks(store.n_chunks, eval_frac)[1]
+        return cls(store, tuple(chunks), norm_cut(store, outlier_factor), outlier_factor)
 
     def rows(self, max_rows: int | None = None, counts: dict[str, int] | None = None) -> Iterator[torch.Tensor]:
         """The held-out rows in order, float32 [n, d] tensors per chunk, outliers left out, at most max_rows

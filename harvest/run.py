@@ -79,6 +79,20 @@ def preflight(cfg: HarvestConfig) -> list[Plan]:
     Under torchrun every rank runs it on the same files, so a refusal is raised on every rank."""
     ranks = join(pick_device(cfg.device))
     cfg = dataclasses.replace(cfg, dtype=pick_dtype(cfg.dtype, ranks.device))  # the store records what ran
+    layout, depth = check_model(cfg)
+    threads = thread_count(cfg.writer_threads)
+    plans = []
+    for layer, site in cfg.sites:
+        one = cfg.for_site(layer, site)
+        meta = {"model": one.model, "layer": layer, "site": site, "config": one.to_dict(),
+                "tokenizer": one.model, "n_layers": depth}  # lm.load_lm reads the tokenizer from the model's name
+        plans.append(Plan(one, ranks, layout, meta, progress=_check_store(one, ranks.world), writer_threads=threads))
+    return plans
+
+
+def check_model(cfg: HarvestConfig) -> tuple[store.Layout, int]:
+    """(the layout of the rows the config harvests, the model's number of blocks), after the checks of
+    the text and the model that need no weights: HarvestError in one line otherwise."""
     text.check_dataset(cfg.dataset)
     config = lm.load_config(cfg.model)
     depth = lm.n_layers(config)
@@ -92,14 +106,7 @@ def preflight(cfg: HarvestConfig) -> list[Plan]:
         d_model=int(config.hidden_size), context_size=cfg.context_size, first_pos=0 if cfg.keep_pos0 else 1,
         chunk_seqs=cfg.chunk_seqs, n_chunks=cfg.n_chunks, acts_dtype=cfg.store_dtype,
     )
-    threads = thread_count(cfg.writer_threads)
-    plans = []
-    for layer, site in cfg.sites:
-        one = cfg.for_site(layer, site)
-        meta = {"model": one.model, "layer": layer, "site": site, "config": one.to_dict(),
-                "tokenizer": one.model, "n_layers": depth}  # lm.load_lm reads the tokenizer from the model's name
-        plans.append(Plan(one, ranks, layout, meta, progress=_check_store(one, ranks.world), writer_threads=threads))
-    return plans
+    return layout, depth
 
 
 def _check_store(cfg: HarvestConfig, world: int) -> store.Progress | None:
@@ -295,7 +302,7 @@ def repair(plan: Plan) -> list[int]:
             for i in ids[: ids.index(max(wanted)) + 1]:
                 seqs = packer.take(L.chunk_seqs)  # chunk i's sequences, whether or not it is bad
                 if i in wanted:
-                    acts = _forward_chunk(reader, seqs, cfg.batch_size, plan.device, L)[0]()
+                    acts = forward_chunk(reader, seqs, cfg.batch_size, plan.device, L)[0]()
                     changed += [f"{name} chunk {i}" for name in writer.rewrite_chunk(i, acts, seqs)]
                     bar.update()
     after = store.verify(cfg.store, progress=False)
@@ -353,7 +360,7 @@ def _forward_chunks(plan: Plan, reader: lm.SitesReader, packer: text.Packer, wri
             if len(seqs) < L.chunk_seqs:
                 break
             text_ahead = tokenizer.submit(_take, packer, L.chunk_seqs)
-            rows = _forward_chunk(reader, seqs, plan.cfg.batch_size, plan.device, L)  # copies started
+            rows = forward_chunk(reader, seqs, plan.cfg.batch_size, plan.device, L)  # copies started
             if previous is not None:
                 yield from _arrived(*previous, writers)
                 bar.update(L.chunk_rows)
@@ -380,7 +387,7 @@ def _state_dict(state: text.PackState) -> dict:
     return {"docs_consumed": state.docs_consumed, "carry": list(state.carry)}
 
 
-def _forward_chunk(reader: lm.SitesReader, seqs: np.ndarray, batch_size: int, device: torch.device,
+def forward_chunk(reader: lm.SitesReader, seqs: np.ndarray, batch_size: int, device: torch.device,
                    L: store.Layout) -> list[Callable[[], np.ndarray]]:
     """seqs [chunk_seqs, ctx] -> per site of the reader, a call giving its stored rows [chunk_rows, d] on
     the host (float16, or bfloat16 bits as uint16), their copy from the device already started."""

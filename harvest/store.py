@@ -740,6 +740,8 @@ class ActivationStore:
     site: str = _attr("site", "resid_post | attn_out | mlp_out.")
     n_layers: int | None = _attr("n_layers", "Blocks of the LM (None if the store does not record it).", None)
     harvest_config: dict[str, Any] = _attr("config", "The full harvest config that wrote the store.")
+    held_out_only: bool = _attr("held_out_only", "Every row comes from held-out text (a streaming run's held-out "
+                                "store, harvest/stream.py): every chunk is held out, none is for training.", False)
 
     @property
     def tokenizer_name(self) -> str:

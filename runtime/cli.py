@@ -59,6 +59,19 @@ def precheck(app: str, check: Callable[[DictConfig], Any], argv: list[str], conf
             check(cfg)
 
 
+def compose_checked(app: str, argv: list[str]) -> DictConfig:
+    """The config of `python -m <app> <argv>` (overrides only), with the checks of the command line:
+    ToolkitError in one line (an unknown key with the closest known one, an unknown option of a group,
+    a sweep). For an app's config named inside another's (train's data.stream: harvest overrides)."""
+    parsed = _parse(argv, strict=True)
+    check_groups(app, parsed)
+    refuse_sweeps(app, parsed)
+    cfg = compose(app, app, argv, parsed)
+    if cfg is None:
+        raise ToolkitError(f"{app} overrides of Hydra's own settings (hydra/...) are not taken here")
+    return cfg
+
+
 def _parse(argv: list[str], strict: bool) -> list[tuple[str, str, Any]]:
     """(argument, key or group, hydra Override) of every override; an unreadable one is refused in one
     line when `strict`, else left out (Hydra reports it)."""

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from runtime.errors import ToolkitError
@@ -30,9 +31,19 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def compose_app(app: str, overrides: list[str], name: str | None = None) -> DictConfig:
-    """The config of `python -m <app> <overrides>`: conf/<app>/<name>.yaml, by default <app>.yaml."""
-    with initialize_config_dir(config_dir=str(CONF / app), version_base="1.3"):
-        return compose(name or app, overrides=list(overrides))
+    """The config of `python -m <app> <overrides>`: conf/<app>/<name>.yaml, by default <app>.yaml. Also
+    from inside another app's Hydra run (train composes the harvest config of its data.stream): that
+    app's Hydra state is set aside meanwhile and restored after."""
+    outer = GlobalHydra.instance()
+    saved = outer.hydra if outer.is_initialized() else None
+    outer.clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF / app), version_base="1.3"):
+            return compose(name or app, overrides=list(overrides))
+    finally:
+        if saved is not None:
+            GlobalHydra.instance().clear()
+            GlobalHydra.instance().initialize(saved)
 
 
 def instantiate(cls: type[T], raw: dict[str, Any], error: type[ToolkitError], app: str) -> T:

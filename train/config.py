@@ -7,12 +7,15 @@ Defaults live in the YAML only. `TrainConfig.sae_kwargs()` turns the user-facing
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from harvest.config import HarvestConfig
+from runtime.cli import compose_checked
 from runtime.config import (DEVICE, FLAG, NULL, Rule, as_whole, check_values, instantiate, integer, list_of, number,
                             one_of, require, text)
 from runtime.errors import ToolkitError, reraise_as
@@ -43,6 +46,7 @@ RUNTIME_KEYS = tuple(OmegaConf.load(CONF / "train.yaml").hydra.job.config.overri
 
 @dataclass(frozen=True)
 class DataConfig:
+    source: str  # "store" | "stream"
     store: str
     eval_frac: float
     window_chunks: int
@@ -52,6 +56,18 @@ class DataConfig:
     outlier_factor: float | None
     cache_dir: str | None  # local copies of a remote store's chunk files (harvest/cache.py)
     cache_gb: float
+    stream: str  # source=stream: harvest overrides of the LM, site and text (harvest/stream.py), space-separated
+    shuffle_tokens: int
+    held_out_tokens: int
+
+    @property
+    def streamed(self) -> bool:
+        return self.source == "stream"
+
+    def stream_config(self) -> HarvestConfig:
+        """The harvest config that data.stream names (checked: TrainError in one line)."""
+        with reraise_as(TrainError):
+            return HarvestConfig.from_omegaconf(compose_checked("harvest", shlex.split(self.stream)))
 
 
 @dataclass(frozen=True)
@@ -162,17 +178,23 @@ class TrainConfig:
             raise TrainError(str(e)) from None
         require([(self.eval_every == 0 or self.data.eval_frac > 0,
                   "validation needs held-out chunks: data.eval_frac=0 holds none out; set eval_every=0 or "
-                  "data.eval_frac > 0")], TrainError)
+                  "data.eval_frac > 0"),
+                 (not self.data.streamed or self.data.eval_frac > 0,
+                  "data.source=stream holds out documents for validation and eval: data.eval_frac must be > 0")],
+                TrainError)
+        if self.data.streamed:
+            self.data.stream_config()
         with reraise_as(TrainError):
             require_package(self.tracking.kind)
 
 
 DOCS = "conf/train/train.yaml"
-WHOLE_KEYS = ("dead_window", "eval_tokens")  # token counts that may be written like 1e7 on the command line
+WHOLE_KEYS = ("dead_window", "eval_tokens", "data.shuffle_tokens", "data.held_out_tokens")  # token counts that may be written like 1e7 on the command line
 # every key of conf/train/train.yaml but `model` and `logger` (documented there; the model's keys are its
 # architecture's `model_rules`, the logger's runtime.tracking.RULES) and what its value must be
 RULES: dict[str, Rule] = {
-    "data.store": text("a path"),
+    "data.source": one_of("store", "stream"),
+    "data.store": text("a path or an URL"),
     # held out: every round(1/eval_frac)-th chunk, at least every 2nd (harvest.held_out.held_out_period)
     "data.eval_frac": number(0, 0.5).saying("a number in [0, 0.5] (every round(1/eval_frac)-th chunk is held "
                                             "out, at most every 2nd)"),
@@ -183,6 +205,9 @@ RULES: dict[str, Rule] = {
     "data.outlier_factor": number(1, lo_open=True) | NULL,
     "data.cache_dir": text("a folder") | NULL,
     "data.cache_gb": number(0, lo_open=True),
+    "data.stream": text("harvest overrides, e.g. 'preset=demo device=cuda:1'"),
+    "data.shuffle_tokens": integer(1),
+    "data.held_out_tokens": integer(1),
     "budget": text("kind:amount, e.g. steps:100_000 or flops:1e13"),  # read by train.budget.Budget.parse
     "batch_size": integer(1),
     "lr": number(0, lo_open=True) | NULL,

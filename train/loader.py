@@ -51,6 +51,17 @@ from harvest.held_out import outliers, stored_tensor
 from harvest.store import ActivationStore
 from runtime.cpu import cpu_cores
 
+def shuffled_order(rng: np.random.Generator, n_rows: int, bad: np.ndarray | None) -> np.ndarray:
+    """A window's stream order [n_rows]: a permutation drawn from `rng`, then each outlier row (bad
+    [n_rows], in the window's row order) replaced by a random non-outlier row of the window."""
+    order = rng.permutation(n_rows)
+    if bad is not None:
+        bad = bad[order]
+        if bad.any():
+            order[bad] = order[rng.choice(np.flatnonzero(~bad), size=int(bad.sum()))]
+    return order
+
+
 @dataclass
 class Window:
     """One window's rows as read: its chunks ([C, d] each, slices of `buffer` when decoded, memory maps
@@ -119,13 +130,7 @@ class Batches:
         """Window g's stream order [rows]: a seeded permutation, then each outlier (bad [rows], in chunk
         order) replaced by a seeded random non-outlier row of the window."""
         epoch, w = divmod(g, self.windows_per_epoch)
-        rng = np.random.default_rng([self.seed, epoch, w, 1])
-        order = rng.permutation(self._window_rows(g))
-        if bad is not None:
-            bad = bad[order]
-            if bad.any():
-                order[bad] = order[rng.choice(np.flatnonzero(~bad), size=int(bad.sum()))]
-        return order
+        return shuffled_order(np.random.default_rng([self.seed, epoch, w, 1]), self._window_rows(g), bad)
 
     def _pieces(self, step: int) -> list[tuple[int, int, int]]:
         """Batch `step` as [(window g, first row, end row)] within each window it takes rows from."""

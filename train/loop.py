@@ -1,6 +1,7 @@
 """The training loop: batches from the store -> SAE -> loss -> recipe step, with logs and checkpoints.
 
-`train(cfg, run_dir)` reads as the recipe: check the run folder, open the store, join the ranks,
+`train(cfg, run_dir)` reads as the recipe: check the run folder, open the store (data.source=stream:
+load the LM and harvest the run's held-out text, `open_stream`), join the ranks,
 build the SAE, turn the budget into a `run_length` (train/budget.py), `resume` from a checkpoint,
 `record_launch`, open the experiment tracker (`open_tracker`, logger=none: one that does nothing),
 then `Trainer.fit` step by step (`train_step`, `metrics`, `save_checkpoint`, `validate` on the
@@ -24,7 +25,7 @@ import itertools
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,9 +35,11 @@ import torch
 from tqdm import tqdm
 
 from harvest import held_out
-from harvest.held_out import HeldOut
 from harvest.cache import ChunkCache
+from harvest.held_out import HeldOut
+from harvest.run import check_model
 from harvest.store import ActivationStore
+from harvest.stream import StreamLM, write_held_out
 from runtime.config import flatten
 from runtime.cpu import thread_count
 from runtime.device import autocast, pick_device
@@ -53,6 +56,7 @@ from train.recipe import apply_update, default_lr, lr_factor, make_optimizer
 from train.run_dir import RunDir
 from train.saes import SAE, Output, build
 from train.saes.flops import algorithmic_cost
+from train.stream import StreamBatches
 from train.validation import Validator
 
 
@@ -165,6 +169,7 @@ class Trainer:
     validator: Validator | None
     eval_every: int
     tracker: Tracker = field(default_factory=Tracker)
+    data_state: Callable[[int], dict] | None = None  # a stream's position for a checkpoint at a step (train/stream.py)
 
     def __post_init__(self) -> None:
         self.params = list(self.sae.parameters())
@@ -235,7 +240,8 @@ class Trainer:
                                       "seconds": float(self.seconds), "dead_tokens": int(self.dead.tokens),
                                       "dead_last": self.dead.last, "rng": torch.get_rng_state(),
                                       "world_size": int(self.dist.world),
-                                      "expert_parallel": int(self.cfg.expert_parallel)})
+                                      "expert_parallel": int(self.cfg.expert_parallel),
+                                      **({"stream": self.data_state(self.step)} if self.data_state else {})})
         self.last_good = self.step
 
     def _agree_on_seconds(self) -> None:
@@ -354,7 +360,10 @@ def open_tracker(cfg: TrainConfig, run: RunDir, step: int, logged: int | None, g
 
 def split_chunks(cfg: TrainConfig, store: ActivationStore, dist: Dist) -> tuple[list[int], list[int]]:
     """(training chunk ids, held-out chunk ids). Refused: a store too small to hold a chunk out (at
-    data.eval_frac > 0), or too small to give every rank a chunk."""
+    data.eval_frac > 0), too small to give every rank a chunk, or a store of held-out text alone."""
+    if store.held_out_only:
+        raise TrainError(f"store {cfg.data.store} holds held-out text only (a streaming run's, for its validation and "
+                         "eval): nothing in it is for training")
     train_ids, held = held_out.split_chunks(store.n_chunks, cfg.data.eval_frac)
     if cfg.data.eval_frac > 0 and not held:
         raise TrainError(f"store {cfg.data.store} has {store.n_chunks} chunks, too few to hold one out for evaluation "
@@ -389,6 +398,29 @@ def training_batches(cfg: TrainConfig, store: ActivationStore, train_ids: list[i
                         threads=thread_count(cfg.data.threads), read_ahead=cfg.data.read_ahead))
 
 
+def open_stream(cfg: TrainConfig, run: RunDir) -> tuple[StreamLM, ActivationStore]:
+    """data.source=stream: the LM of data.stream, and the run's store of held-out text (harvested now
+    unless the folder holds it complete: harvest/stream.py)."""
+    with reraise_as(TrainError):
+        source = StreamLM.load(cfg.data.stream_config())
+        n_chunks = -(-cfg.data.held_out_tokens // source.layout.chunk_rows)
+        held = write_held_out(source, held_out.held_out_period(cfg.data.eval_frac), str(run.path / RunDir.HELD_OUT),
+                              n_chunks, progress=cfg.progress)
+    return source, held
+
+
+def stream_batches(cfg: TrainConfig, source: StreamLM, dist: Dist, step: int, cut: float | None,
+                   state: dict | None) -> StreamBatches:
+    """The batches from `step` on, straight from the LM (train/stream.py), resumed where the checkpoint
+    `state` says the text stood."""
+    if step > 0 and (state is None or "stream" not in state):
+        raise TrainError(f"{RunDir.CHECKPOINT} of this run holds no stream position: it was not trained with "
+                         "data.source=stream; train it with the source it began with")
+    window = -(-cfg.data.shuffle_tokens // source.layout.chunk_rows)
+    return StreamBatches(source, held_out.held_out_period(cfg.data.eval_frac), cfg.batch_size, cfg.seed, window,
+                         step, dist.device, cut, state.get("stream") if state else None)
+
+
 def optimizer(cfg: TrainConfig, sae: SAE, layout: DataParallel, state: dict | None) -> tuple[torch.optim.Optimizer, float]:
     """(Adam over the (sharded) SAE, restored from the checkpoint `state` if any; the base lr)."""
     base_lr = cfg.lr if cfg.lr is not None else default_lr(sae.n_latents)
@@ -419,8 +451,14 @@ def train(cfg: TrainConfig, run_dir: Path, group: str | None = None) -> Path:
         print(f"{run} has finished; skipping (delete {RunDir.DONE} to train again)")
         return run.path / RunDir.SAE
     device = pick_device(cfg.device)
-    store = open_store(cfg)
+    store = None if cfg.data.streamed else open_store(cfg)  # a stream's LM loads once the run is locked ...
+    if cfg.data.streamed:
+        with reraise_as(TrainError):
+            check_model(cfg.data.stream_config())  # ... but its text and model are checked now
     dist = init(device)  # one process: a Dist whose collectives do nothing
+    if cfg.data.streamed and dist.world > 1:
+        raise TrainError("data.source=stream trains on one process (its LM reads the text in one order); "
+                         "launch without torchrun, or harvest a store for data-parallel training")
     lock = run.writer_lock(f"run {run}", TrainError)
     lock.check()  # on every rank, so that all refuse together; rank 0 takes it once all have looked
     dist.barrier()
@@ -436,12 +474,15 @@ def train(cfg: TrainConfig, run_dir: Path, group: str | None = None) -> Path:
                              "(temporaries removed); free space and relaunch the same command to resume") from None
 
 
-def _train(cfg: TrainConfig, run: RunDir, store: ActivationStore, dist: Dist, group: str | None) -> Path:
-    """The recipe, in the locked run folder."""
+def _train(cfg: TrainConfig, run: RunDir, store: ActivationStore | None, dist: Dist, group: str | None) -> Path:
+    """The recipe, in the locked run folder (`store` None: a stream's, opened here)."""
     if cfg.batch_size % dist.world:
         raise TrainError(f"batch_size {cfg.batch_size} is not divisible by the number of ranks {dist.world}")
     layout = ExpertParallel(dist, cfg.expert_parallel) if cfg.expert_parallel > 1 else DataParallel(dist)
-    train_ids, _ = split_chunks(cfg, store, dist)
+    if store is None:
+        source, store = open_stream(cfg, run)
+    else:
+        source, (train_ids, _) = None, split_chunks(cfg, store, dist)
 
     torch.manual_seed(cfg.seed)
     sae = _build(cfg, store.d_model).to(dist.device)  # the whole SAE, sharded by layout.prepare below
@@ -452,7 +493,11 @@ def _train(cfg: TrainConfig, run: RunDir, store: ActivationStore, dist: Dist, gr
     logged = record_launch(cfg, run, store, step, dist)
 
     held = HeldOut.of(store, cfg.data.eval_frac, cfg.data.outlier_factor)  # the norm cut reads chunk 0
-    batches = training_batches(cfg, store, train_ids, dist, step, held.cut)
+    if source is None:
+        batches, data_state = training_batches(cfg, store, train_ids, dist, step, held.cut), None
+    else:
+        stream = stream_batches(cfg, source, dist, step, held.cut, state)
+        batches, data_state = iter(stream), stream.state
     first = next(batches)
     if step == 0 and dist.is_main:
         sae.init_from_batch(first)  # b_pre (and b_router) from (rank 0's) first training batch
@@ -461,6 +506,6 @@ def _train(cfg: TrainConfig, run: RunDir, store: ActivationStore, dist: Dist, gr
     with open_tracker(cfg, run, step, logged, group, dist) as tracker:  # closed (failed) if training stops
         trainer = Trainer(cfg, run, dist, layout, sae, opt, base_lr, length, itertools.chain([first], batches),
                           step, state.get("seconds", 0.0) if state else 0.0, dead, flops_per_token,
-                          validator(cfg, held, dist, every), every, tracker)
+                          validator(cfg, held, dist, every), every, tracker, data_state)
         trainer.fit()
         return trainer.finish()

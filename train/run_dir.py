@@ -7,6 +7,8 @@
     checkpoint.pt     SAE, optimizer, schedule, data position and RNG (replaced atomically): tensors and
                       plain values only, read back with torch.load(weights_only=True)
     sae/              the trained SAE: sae.safetensors + sae.json (`train.saes.save` / `load`)
+    held_out/         a streaming run's (data.source=stream) store of held-out text: what validation and
+                      eval read (harvest/stream.py); `RunConfig.store` names it
     done.json         written last: {step, tokens, world_size}; a finished run has it
     train.lock        present while a launch writes the run (train, or import_saelens): {host, pid, started,
                       command} (runtime/lock.py, `RunDir.writer_lock`); results are refused meanwhile
@@ -53,6 +55,7 @@ class RunDir:
 
     CONFIG = "config.yaml"
     STORE = "store.json"
+    HELD_OUT = "held_out"  # a streaming run's store of held-out text
     METRICS = "metrics.jsonl"
     VALIDATION = "validation.jsonl"
     CHECKPOINT = "checkpoint.pt"
@@ -149,7 +152,8 @@ class RunDir:
             rule = RULES[f"data.{key}"]
             if not rule.ok(data.get(key)):
                 raise RunError(f"{self.path / self.CONFIG}: data.{key} must be {rule.allowed}, got {data.get(key)!r}")
-        return RunConfig(dict(config["model"]), data["store"], float(data["eval_frac"]), data.get("outlier_factor"))
+        store = str(self.path / self.HELD_OUT) if data.get("source") == "stream" else data["store"]
+        return RunConfig(dict(config["model"]), store, float(data["eval_frac"]), data.get("outlier_factor"))
 
     def write_import_config(self, store: str, eval_frac: float, outlier_factor: float | None,
                             model: dict[str, Any], imported: dict[str, Any]) -> None:
@@ -400,7 +404,7 @@ class RunConfig:
     """What later stages read of a run's config.yaml (`RunDir.run_config`)."""
 
     model: dict[str, Any]  # the model block: arch and the keys of conf/train/model/<arch>.yaml
-    store: str  # data.store: the activation store it trained on
+    store: str  # the activation store it trained on (data.store), or a streaming run's held-out store
     eval_frac: float  # data.eval_frac: the held-out split it trained without
     outlier_factor: float | None  # data.outlier_factor: the norm cut's factor (None: every row kept)
 
