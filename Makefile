@@ -10,7 +10,7 @@ HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
 # nproc=R: harvest and train run as R processes under torchrun (one per GPU; docs/distributed.md)
 LAUNCH       := $(if $(nproc),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(nproc),$(PY))
 
-.PHONY: help setup test docs harvest bench-harvest train sweep bench-loader bench-data gpu-check eval report geometry dashboard autointerp autointerp-demo demo s3-demo paper-cpu reproduce bench bench-dist bench-validation bench-store variants clean-venv
+.PHONY: help setup test docs harvest bench-harvest train sweep bench-loader bench-data bench-stream gpu-check eval report geometry dashboard autointerp autointerp-demo demo s3-demo paper-cpu reproduce bench bench-dist bench-validation bench-store variants clean-venv
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
@@ -33,6 +33,7 @@ help:
 	@echo "make bench-validation      wall-clock with vs without validation during training, demo settings -> results/bench/validation.json"
 	@echo "make bench-store           reading a store with vs without its chunk checksums -> results/bench/store_read.json"
 	@echo "make bench-data            loader, harvest writer, LM and training step rows/s side by side (and an H100 on paper) -> results/bench/data.json"
+	@echo "make bench-stream          training tokens/s streaming from the LM vs from the cached demo store -> results/bench/stream.json"
 	@echo "make gpu-check             on a CUDA machine: the cuda tests, step times fp32/bf16, GPU wait for data, a GPU harvest (<= 10 min)"
 	@echo "make s3-demo               the demo with its store in a bucket of a loopback S3 server (offline) -> results/s3-demo"
 	@echo "make variants              every SAE variant (BatchTopK, JumpReLU, AuxK, Switch top-2/shared/bias) at equal FLOPs -> results/variants"
@@ -89,6 +90,10 @@ bench-loader: .venv/.installed
 # The data path against what training consumes (docs/benchmarks.md); needs the demo store (make harvest preset=demo)
 bench-data: setup
 	$(PY) -m bench.data $(ARGS)
+
+# Training straight from the LM (data.source=stream) against the cached demo store, same run
+bench-stream: setup
+	$(PY) -m bench.stream $(ARGS)
 
 # The first thing to run on a GPU machine (docs/benchmarks.md): tests marked cuda, step times, loader wait, GPU harvest
 gpu-check: setup

@@ -1,5 +1,5 @@
 """Benchmarks (`make bench`, `bench-dist`, `bench-loader`, `bench-harvest`, `bench-validation`, `bench-data`,
-`gpu-check`): each prints ratios
+`bench-stream`, `gpu-check`): each prints ratios
 measured side by side in one run and writes its numbers as JSON under results/bench/.
 
     harvest_speed   tokens/s of forward-to-block vs harvest vs full forward, codecs
@@ -10,6 +10,7 @@ measured side by side in one run and writes its numbers as JSON under results/be
                     writer, the LM, training consumption here and on an H100 on paper
     gpu_check       on a CUDA machine: the cuda tests, step times fp32/bf16, GPU wait for data, a GPU harvest
     validation      wall-clock of training with vs without validation, at the demo's settings
+    stream          training tokens/s straight from the LM (data.source=stream) vs from the cached store
 
 They sit above the stages and import them; no stage imports a benchmark.
 """

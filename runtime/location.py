@@ -25,6 +25,7 @@ module prints or raises contains more than the URL.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import hashlib
 import os
@@ -434,8 +435,7 @@ class RemoteLocation(Location):
     def zarr_store(self, read_only: bool) -> Any:
         from zarr.storage import FsspecStore
 
-        # a new client each time: one cached by fsspec would keep the endpoint it was made for
-        return FsspecStore.from_url(self.url, read_only=read_only, storage_options={"skip_instance_cache": True})
+        return FsspecStore(fs=_filesystem(self.protocol, self.url, for_zarr=True), path=self.root, read_only=read_only)
 
     def check_readable(self) -> None:
         """One request that fails the way every later one would: missing credentials, an endpoint that
@@ -451,6 +451,9 @@ class RemoteLocation(Location):
 
     def check_writable(self) -> None:
         self._need_conditional()
+        if self.protocol != "memory" and "/" not in self.root:
+            raise LocationError(f"{self.url}: a store needs a path inside the bucket ({self.url}/<name>): its lock "
+                                "and its files lie beside and under that path")
         self.check_readable()
 
 
@@ -477,10 +480,11 @@ _filesystems: dict[tuple, Any] = {}
 CLIENT_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION")
 
 
-def _filesystem(protocol: str, url: str) -> Any:
-    """fsspec's filesystem for `protocol` (one per process and environment), or LocationError: unknown
-    protocol, or its implementation not installed."""
-    key = (protocol, *(os.environ.get(name) for name in CLIENT_ENV))
+def _filesystem(protocol: str, url: str, for_zarr: bool = False) -> Any:
+    """fsspec's filesystem for `protocol` (one per process and environment; `for_zarr`: the asynchronous
+    one zarr's FsspecStore drives from its event loop), or LocationError: unknown protocol, or its
+    implementation not installed."""
+    key = (protocol, for_zarr, *(os.environ.get(name) for name in CLIENT_ENV))
     if key not in _filesystems:
         import fsspec
         from fsspec.registry import known_implementations, registry
@@ -493,8 +497,31 @@ def _filesystem(protocol: str, url: str) -> Any:
         except ImportError as e:
             raise LocationError(f"{_safe(url)}: {protocol}:// needs a package that is not installed ({e})") from None
         # listings not cached: other processes write there too
-        _filesystems[key] = cls(use_listings_cache=False, skip_instance_cache=True)
+        options = {"use_listings_cache": False, "skip_instance_cache": True}
+        if not for_zarr:
+            _filesystems[key] = cls(**options)
+        elif cls.async_impl:
+            _filesystems[key] = cls(asynchronous=True, **options)
+        else:  # zarr drives every filesystem asynchronously
+            from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+            _filesystems[key] = AsyncFileSystemWrapper(cls(**options), asynchronous=True)
     return _filesystems[key]
+
+
+@atexit.register
+def _close_clients() -> None:
+    """Close the connections of the asynchronous S3 clients zarr drove, on zarr's event loop (which
+    zarr stops at exit after this runs), so that none is reported unclosed."""
+    for (_, for_zarr, *_), fs in list(_filesystems.items()):
+        client = getattr(fs, "_s3", None)
+        if for_zarr and client is not None:
+            from zarr.core.sync import sync
+
+            try:
+                sync(client.__aexit__(None, None, None))
+            except Exception:  # the loop may be gone already; the process ends either way
+                pass
 
 
 def _problem(error: BaseException) -> str | None:

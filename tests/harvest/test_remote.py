@@ -253,7 +253,9 @@ def test_credentials_appear_in_no_file_and_no_output(tiny_gpt2, corpus_jsonl, bu
     ("{bucket}/x", {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"},
      r"{bucket}/x: the endpoint does not answer \(http://127\.0\.0\.1:9, from AWS_ENDPOINT_URL\)"),
     ("s3://no-such-bucket-here/x", {}, r"s3://no-such-bucket-here/x: bucket 'no-such-bucket-here' does not exist"),
-], ids=["no-bucket", "unknown-protocol", "credentials-in-url", "no-credentials", "unreachable", "no-bucket-there"])
+    ("{bucket}", {}, r"{bucket}: a store needs a path inside the bucket \({bucket}/<name>\)"),
+], ids=["no-bucket", "unknown-protocol", "credentials-in-url", "no-credentials", "unreachable", "no-bucket-there",
+        "bucket-root"])
 def test_bad_locations_fail_in_one_line_before_any_work(store_url, env, message, tiny_gpt2, corpus_jsonl, bucket,
                                                         s3_server):
     store_url, message = store_url.replace("{bucket}", bucket), message.replace("{bucket}", bucket)
