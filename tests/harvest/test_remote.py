@@ -364,3 +364,22 @@ def test_two_ranks_write_one_store_in_a_bucket_and_resume_after_kill_9(tiny_gpt2
     s = ActivationStore(url)
     assert s.complete and s.n_rows == 3000 and s.attrs["parts"]["world"] == 2
     same_store(url, tmp_path / "local")
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}, "no credentials"),
+    ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "the endpoint does not answer"),
+], ids=["no-credentials", "unreachable"])
+def test_training_on_a_store_it_cannot_reach_fails_in_one_line(env, message, bucket, s3_server, tmp_path):
+    full = {**os.environ, **s3_server.env, **env}
+    for k, v in env.items():
+        if v == "":
+            full.pop(k)
+    out = subprocess.run([sys.executable, "-m", "train", f"data.store={bucket}/x.zarr", f"hydra.run.dir={tmp_path / 'r'}",
+                          "progress=false", "device=cpu"], cwd=ROOT, env=full, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"train: error: {bucket}/x.zarr: {message}"), out.stderr
+    assert SECRET not in out.stderr
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
