@@ -15,7 +15,8 @@ chunk_seqs * rows_per_seq rows, i.e. whole sequences, and is the unit of writing
 Group attributes: model, layer, site, d_model, context_size, tokenizer, n_tokens, complete,
 config (the full harvest config), mean and var (per dimension, over the rows written, computed in
 float64 from the stored 16-bit values), plus layout fields and, in a single-process store, the
-resume state `progress`.
+resume state `progress`; `held_out_only` marks a store of held-out text alone (a streaming run's,
+harvest/stream.py), all of whose chunks are held out.
 
 Integrity (format_version 2): when chunk i is committed, the size and CRC-32 of each of its three chunk
 files are recorded in `checksums/<i>.json` ({array: [bytes, crc32]}), written before the commit. Every
@@ -84,6 +85,9 @@ CHECKSUMS = "checksums"  # folder of per-chunk records {array: [bytes, crc32]}, 
 ARRAYS = ("acts", "tokens", "contexts")
 
 
+Where = str | Path | Location  # a store's location, or what names one
+
+
 class DamagedStore(ToolkitError):
     """A store's chunk or metadata is missing or damaged: named in one line, never read as zeros.
     `what` is the damage alone (`acts chunk 3 (acts/c/3/0) is missing`), as `verify` lists it."""
@@ -93,7 +97,7 @@ class DamagedStore(ToolkitError):
         self.what = what or message
 
 
-def _remedy(path: str | Path | Location) -> str:
+def _remedy(path: Where) -> str:
     return (f"`python -m harvest.verify store={path}` lists every bad chunk; rerun the harvest command that "
             "wrote it with repair=true to re-create them")
 
@@ -246,9 +250,6 @@ class Progress:
     def prefix(self) -> int:
         """Chunks 0..prefix-1 are all written: the largest budget this store's parts cover."""
         return min(d * self.world + r for r, d in enumerate(self.done))
-
-
-Where = str | Path | Location  # a store's location, or what names one
 
 
 def open_group(where: Where, mode: str = "r") -> zarr.Group:

@@ -33,6 +33,7 @@ import shutil
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -89,12 +90,6 @@ class Location(ABC):
 
     def __repr__(self) -> str:
         return f"Location({self.url!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Location) and self.identity == other.identity
-
-    def __hash__(self) -> int:
-        return hash(self.identity)
 
     @property
     def identity(self) -> str:
@@ -393,29 +388,29 @@ class RemoteLocation(Location):
     def create(self, key: str, data: bytes) -> bool:
         self._need_conditional()
         try:
-            with _MEMORY if self.protocol == "memory" else _NO_LOCK:
+            with _MEMORY if self.protocol == "memory" else nullcontext():
                 self._call(lambda: self.fs.pipe_file(self._k(key), data, mode="create"))
         except FileExistsError:
             return False
         return True
 
-    def replace_if(self, key: str, data: bytes, etag: str) -> bool:
-        """Replace the object `key` with `data` only if its ETag is still `etag` (compare-and-swap);
-        False if another writer changed it first. S3 (If-Match) and memory:// only."""
+    def replace_if(self, key: str, data: bytes, etag: str) -> str | None:
+        """Replace the object `key` with `data` only if its ETag is still `etag` (compare-and-swap): the
+        new object's ETag, as the write returned it (a later read could see another writer's), or None
+        if another writer changed it first. S3 (If-Match) and memory:// only."""
         self._need_conditional()
         if self.protocol == "memory":
             with _MEMORY:
                 if self.etag(key) != etag:
-                    return False
+                    return None
                 self.write(key, data)
-                return True
+                return f'"{hashlib.md5(data).hexdigest()}"'
         bucket, _, name = self._k(key).partition("/")
         try:
-            self._call(lambda: self.fs.call_s3("put_object", Bucket=bucket, Key=name, Body=data, IfMatch=etag))
+            done = self._call(lambda: self.fs.call_s3("put_object", Bucket=bucket, Key=name, Body=data, IfMatch=etag))
         except (OSError, FileNotFoundError):
-            return False
-        self.fs.invalidate_cache(self._k(key))
-        return True
+            return None
+        return done["ETag"]
 
     def _need_conditional(self) -> None:
         if self.protocol not in CONDITIONAL:
@@ -457,15 +452,6 @@ class RemoteLocation(Location):
         self.check_readable()
 
 
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_LOCK = _NoLock()
 _MEMORY = threading.Lock()  # memory:// lives in this process: its conditional writes are made atomic here
 
 

@@ -161,15 +161,17 @@ class WriterLock:
     def acquire(self) -> None:
         for _ in range(2):  # a second try after removing a stale lock
             if self.location.create("", self._me()):
-                self._hold()
+                # nobody swaps a lock inside its lease: the ETag read now is the one just created
+                self._hold(self.location.etag("") if isinstance(self.location, RemoteLocation) else None)
                 return
             info, etag = _holder(self.location)
             if info is not None:
                 raise self.error(self._refusal(info)) from None
             print(f"{self.what}: taking over a stale lock ({self.path})", file=sys.stderr)
             if isinstance(self.location, RemoteLocation):
-                if etag is not None and self.location.replace_if("", self._me(), etag):
-                    self._hold()
+                mine = self.location.replace_if("", self._me(), etag) if etag is not None else None
+                if mine is not None:
+                    self._hold(mine)
                     return
                 break  # another launch swapped it first
             try:
@@ -179,23 +181,24 @@ class WriterLock:
                                  f"removed ({e.strerror}); remove it and relaunch") from None
         raise self.error(f"{self.what}: could not take the lock {self.path}; another launch took it first")
 
-    def _hold(self) -> None:
+    def _hold(self, etag: str | None) -> None:
+        """Hold the lock, whose object (on object storage) has ETag `etag`, and renew it from now on."""
         self.held = True
         if isinstance(self.location, RemoteLocation):
             self._stop.clear()
-            self._renewer = threading.Thread(target=self._renew, args=(self.location,), daemon=True,
+            self._renewer = threading.Thread(target=self._renew, args=(self.location, etag), daemon=True,
                                              name="lock-lease")
             self._renewer.start()
 
-    def _renew(self, loc: RemoteLocation) -> None:
-        """Renew the lease every LEASE_SECONDS / 4 while held, by compare-and-swap on the object's ETag."""
-        etag = loc.etag("")
+    def _renew(self, loc: RemoteLocation, etag: str) -> None:
+        """Renew the lease every LEASE_SECONDS / 4 while held, by compare-and-swap on the ETag of the
+        object this process wrote last."""
         while not self._stop.wait(LEASE_SECONDS / 4):
             self._record["renewed"] = time.time()
-            if not loc.replace_if("", json.dumps(self._record).encode(), etag):
+            etag = loc.replace_if("", json.dumps(self._record).encode(), etag)
+            if etag is None:
                 self._lost = f"{self.what}: lost its lock {self.path} (not renewed in time, taken over by another launch)"
                 return
-            etag = loc.etag("")
 
     def ensure(self) -> None:
         """Raise if the lease on object storage was lost: the caller must stop writing."""
