@@ -2,8 +2,9 @@
 
 Before Hydra creates the run folder, `check` refuses in one line (runtime/cli.py) everything the
 run would refuse before its first step: an unknown key or model, any bad value, an unavailable
-device, a tracker whose package is missing (`logger=wandb` without wandb), and a store that cannot
-be trained on (missing, incomplete, too small to hold chunks out, too small for the budget)."""
+device, a tracker whose package is missing (`logger=wandb` without wandb), a store that cannot
+be trained on (missing, incomplete, too small to hold chunks out, too small for the budget), and with
+data.source=stream, a text or model that data.stream cannot harvest."""
 
 import os
 from pathlib import Path
@@ -36,16 +37,20 @@ def check(cfg: DictConfig) -> None:
 
     from runtime.device import pick_device
     from train.dist import Dist
-    from train.loop import open_store, run_length, split_chunks
+    from train.loop import check_stream, open_store, run_length, split_chunks
 
     typed = TrainConfig.from_omegaconf(cfg)
     pick_device(typed.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's number of ranks
     if typed.batch_size % world:
         raise TrainError(f"batch_size {typed.batch_size} is not divisible by the number of ranks {world}")
-    store = open_store(typed)
-    split_chunks(typed, store, Dist(0, world, 0, torch.device("cpu")))
-    run_length(typed, typed.flops_per_token(store.d_model))
+    if typed.data.streamed:
+        d = check_stream(typed)
+    else:
+        store = open_store(typed)
+        split_chunks(typed, store, Dist(0, world, 0, torch.device("cpu")))
+        d = store.d_model
+    run_length(typed, typed.flops_per_token(d))
 
 
 if __name__ == "__main__":

@@ -398,6 +398,16 @@ def training_batches(cfg: TrainConfig, store: ActivationStore, train_ids: list[i
                         threads=thread_count(cfg.data.threads), read_ahead=cfg.data.read_ahead))
 
 
+def check_stream(cfg: TrainConfig) -> int:
+    """data.source=stream, before any work: the text and the model of data.stream (their config alone,
+    no weights) and one process; the width d of the rows it will give. TrainError in one line."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise TrainError("data.source=stream trains on one process (its LM reads the text in one order); "
+                         "launch without torchrun, or harvest a store for data-parallel training")
+    with reraise_as(TrainError):
+        return check_model(cfg.data.stream_config())[0].d_model
+
+
 def open_stream(cfg: TrainConfig, run: RunDir) -> tuple[StreamLM, ActivationStore]:
     """data.source=stream: the LM of data.stream, and the run's store of held-out text (harvested now
     unless the folder holds it complete: harvest/stream.py)."""
@@ -453,12 +463,8 @@ def train(cfg: TrainConfig, run_dir: Path, group: str | None = None) -> Path:
     device = pick_device(cfg.device)
     store = None if cfg.data.streamed else open_store(cfg)  # a stream's LM loads once the run is locked ...
     if cfg.data.streamed:
-        with reraise_as(TrainError):
-            check_model(cfg.data.stream_config())  # ... but its text and model are checked now
+        check_stream(cfg)  # ... but its text and model are checked now
     dist = init(device)  # one process: a Dist whose collectives do nothing
-    if cfg.data.streamed and dist.world > 1:
-        raise TrainError("data.source=stream trains on one process (its LM reads the text in one order); "
-                         "launch without torchrun, or harvest a store for data-parallel training")
     lock = run.writer_lock(f"run {run}", TrainError)
     lock.check()  # on every rank, so that all refuse together; rank 0 takes it once all have looked
     dist.barrier()
