@@ -22,6 +22,7 @@ from train.metrics import reconstruction_metrics
 from eval.options import HeldOutOptions
 from eval.result import EvalResult
 from harvest.lm import load_config, load_lm
+from harvest.synth import is_synthetic
 from runtime.config import FLAG, NULL, Rule, integer, one_of
 from runtime.device import pick_device
 from runtime.errors import ToolkitError, reraise_as
@@ -127,15 +128,19 @@ def evaluate(cfg: EvalConfig) -> list[EvalResult]:
                 print(f"{d}: {RunDir.EVAL} is up to date (redo=true evaluates again)")
             dirs = [d for d in dirs if d not in fresh]
         runs = [d.open(device, cfg.store, cfg.outlier_factor) for d in dirs]  # every check before any work
+        with_lm = [r for r in runs if not is_synthetic(r.store)]  # a synthetic store has no LM to measure CE on
         if cfg.ce:
-            for name in {r.store.model for r in runs}:
+            for name in {r.store.model for r in with_lm}:
                 try:
                     load_config(name)
                 except ToolkitError as e:
                     raise EvalError(f"cannot load the LM for CE loss ({e}); ce=false skips it") from None
     results = {r.dir.path: recon_and_cost(r, cfg) for r in runs}
     if cfg.ce:
-        _add_ce(runs, results, cfg, device)
+        _add_ce(with_lm, results, cfg, device)
+        for r in runs:
+            if is_synthetic(r.store):
+                results[r.dir.path]["notes"].append("no CE loss: the store is synthetic (harvest/synth.py), without an LM")
     final = [EvalResult(**results[r.dir.path]) for r in runs]
     for r, result in zip(runs, final, strict=True):
         result.write(r.dir)

@@ -1,0 +1,109 @@
+"""harvest/synth.py: a synthetic store with a recorded ground truth; eval/truth.py scores directions against it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from eval.truth import recovery
+from harvest.config import HarvestError
+from harvest.store import ActivationStore, DamagedStore, verify
+from harvest.synth import DICTIONARY, SynthConfig, Truth, read_truth, synthesize
+from runtime.config import compose_app
+from runtime.location import Location
+from tests.conftest import ROOT
+
+SMALL = ["tokens=2048", "chunk_rows=512", "d=32", "features=96", "l0=4", "clusters=4", "parents=4", "children=3",
+         "groups=4", "group_size=2", "group_rate=0.05", "progress=false"]
+
+
+def cfg(path, *extra) -> SynthConfig:
+    return SynthConfig.from_omegaconf(compose_app("synth", [f"store={path}", *SMALL, *extra]))
+
+
+def test_the_store_is_seeded_and_records_its_truth(tmp_path):
+    a = synthesize(cfg(tmp_path / "a"))
+    b = synthesize(cfg(tmp_path / "b"))
+    c = synthesize(cfg(tmp_path / "c", "seed=1"))
+    assert a.complete and a.n_rows == 2048 and a.d_model == 32 and verify(a.path, progress=False).ok
+    same = [np.array_equal(a.read_chunk_raw(i), b.read_chunk_raw(i)) for i in range(a.n_chunks)]
+    assert all(same) and not np.array_equal(a.read_chunk_raw(0), c.read_chunk_raw(0))
+    truth = read_truth(a)
+    drawn = Truth.draw(cfg(tmp_path / "a"))
+    assert np.array_equal(truth.dictionary, drawn.dictionary) and truth.parents == drawn.parents
+    assert truth.dictionary.shape == (96, 32) and np.allclose(np.linalg.norm(truth.dictionary, axis=1), 1, atol=1e-6)
+    # the rows are the recorded model: codes @ dictionary + noise, as stored (float16)
+    codes, x = drawn.rows(cfg(tmp_path / "a"), 1)
+    assert np.array_equal(a.read_chunk_raw(1), x.astype(np.float16))
+    assert np.abs(x - codes @ truth.dictionary).std() < 0.01
+
+
+def test_the_structure_holds_in_the_codes(tmp_path):
+    config = cfg(tmp_path / "x", "tokens=20480", "chunk_rows=20480")
+    truth = Truth.draw(config)
+    codes, _ = truth.rows(config, 0)
+    fires = codes > 0
+    for parent, kids in truth.parents.items():
+        assert not (fires[:, kids] & ~fires[:, [parent]]).any()  # a child never fires without its parent
+        assert fires[:, kids].any()
+    for group in truth.groups:
+        together = fires[:, group].all(axis=1).mean()
+        assert together > 0.03  # group_rate 0.05, besides chance
+    free = truth.rates > 0
+    # l0 = 4 features fire on their own, and 4 groups of 2 fire together in 5% of the rows besides
+    assert abs(fires[:, free].sum(1).mean() - (4 + 4 * 2 * 0.05)) < 0.15
+    order = np.argsort(-truth.rates[free])
+    observed = fires[:, free].mean(0)[order]
+    assert observed[:5].mean() > 10 * observed[-20:].mean()  # a power law: frequent and rare features
+
+
+def test_recovery_is_one_for_the_truth_and_near_zero_for_random_directions(tmp_path):
+    truth = read_truth(synthesize(cfg(tmp_path / "s")))
+    true = torch.from_numpy(truth.dictionary)
+    exact = recovery(true, true)
+    assert exact["recovered"] == 1.0 and exact["duplicates"] == 0 and exact["matched_latents"] == 96
+    twice = recovery(torch.cat([true, true[:10] * 2]), true)
+    assert twice["recovered"] == 1.0 and twice["duplicates"] == 10
+    random = recovery(torch.randn(200, 32, generator=torch.Generator().manual_seed(0)), true)
+    assert random["recovered"] < 0.05 and random["best_cos_mean"] < 0.8
+
+
+def test_a_damaged_truth_is_named(tmp_path):
+    s = synthesize(cfg(tmp_path / "s"))
+    data = bytearray(Location.of(s.path).read(DICTIONARY))
+    data[-1] ^= 1
+    Location.of(s.path).write(DICTIONARY, bytes(data))
+    with pytest.raises(DamagedStore, match=r"its truth truth/dictionary\.npy does not match its recorded CRC-32"):
+        read_truth(ActivationStore(s.path))
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["chunk_rows=200"], "chunk_rows must be a multiple of 128, got 200"),
+    (["features=10"], r"parents x \(1 \+ children\) \+ groups x group_size = 24 features, more than features=10"),
+    (["child_rate=2"], "child_rate must be a number in"),
+], ids=["chunk", "too-few-features", "rate"])
+def test_bad_values_fail_in_one_line(extra, message, tmp_path):
+    with pytest.raises(HarvestError, match=message):
+        cfg(tmp_path / "s", *extra)
+
+
+def test_the_cli_writes_a_store_an_sae_trains_on(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "harvest.synth", f"store={tmp_path / 's'}", *SMALL], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "96 true features" in out.stdout
+    again = subprocess.run([sys.executable, "-m", "harvest.synth", f"store={tmp_path / 's'}", *SMALL, "seed=3"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and again.stderr.strip().splitlines() == [
+        f"synth: error: store {tmp_path / 's'} holds other rows than this config makes; pass overwrite=true to "
+        "replace it, or choose another store="]
+    from tests.train.test_loop import make_cfg
+    from train.loop import train
+
+    train(make_cfg(tmp_path / "s", "model.width=64", "model.k=4", "budget=steps:10", "batch_size=64",
+                   "data.eval_frac=0.25", "eval_every=5", "eval_tokens=64"), tmp_path / "run")
+    assert (tmp_path / "run" / "sae").is_dir()
