@@ -67,6 +67,10 @@ class EvalResult:
     kl: float | None = None  # mean KL(clean || patched) of the next-token distributions
     ce_tokens: int | None = None  # predictions scored
     ce_rows_kept_clean: int | None = None  # outlier rows left unpatched in the CE passes
+    # against the ground truth of a synthetic store (eval/truth.py; null on any other store)
+    truth_recovered: float | None = None  # true features whose best-matching decoder direction has cosine > 0.9
+    truth_best_cos_mean: float | None = None  # mean over true features of that best cosine
+    truth_duplicates: int | None = None  # latents matching (cos > 0.9) a true feature another latent matches better
     notes: list[str] = field(default_factory=list)  # what the numbers include and leave out, in words
 
     def __post_init__(self) -> None:

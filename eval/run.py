@@ -18,15 +18,16 @@ import torch
 from omegaconf import DictConfig
 
 from eval.ce import ce_metrics
-from train.metrics import reconstruction_metrics
 from eval.options import HeldOutOptions
 from eval.result import EvalResult
+from eval.truth import recovery
 from harvest.lm import load_config, load_lm
-from harvest.synth import is_synthetic
+from harvest.synth import is_synthetic, read_truth
 from runtime.config import FLAG, NULL, Rule, integer, one_of
 from runtime.device import pick_device
 from runtime.errors import ToolkitError, reraise_as
 from runtime.tracking import reopen
+from train.metrics import reconstruction_metrics
 from train.run_dir import RunDir, TrainedRun
 from train.saes.flops import algorithmic_cost, sae_cost
 
@@ -108,8 +109,18 @@ def recon_and_cost(run: TrainedRun, cfg: EvalConfig) -> dict[str, Any]:
         "params": cost.params, "flops_forward_per_token": cost.forward, "flops_train_per_token": cost.train,
         "flops_train_dense_per_token": dense.train,
         "train_flops": cost.train * train_tokens,
+        **truth_metrics(run),
         "notes": notes,
     }
+
+
+def truth_metrics(run: TrainedRun) -> dict[str, Any]:
+    """The decoder directions against a synthetic store's true ones (eval/truth.py); {} on other stores."""
+    if not is_synthetic(run.store):
+        return {}
+    found = recovery(run.sae.decoder_directions().detach().cpu(), torch.from_numpy(read_truth(run.store).dictionary))
+    return {"truth_recovered": found["recovered"], "truth_best_cos_mean": found["best_cos_mean"],
+            "truth_duplicates": found["duplicates"]}
 
 
 def held_out_contexts(run: TrainedRun, n_seqs: int) -> torch.Tensor:

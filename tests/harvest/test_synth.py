@@ -15,7 +15,9 @@ from harvest.store import ActivationStore, DamagedStore, verify
 from harvest.synth import DICTIONARY, SynthConfig, Truth, read_truth, synthesize
 from runtime.config import compose_app
 from runtime.location import Location
-from tests.conftest import ROOT
+from eval.run import evaluate
+from tests.conftest import ROOT, eval_config
+from train.saes import load
 
 SMALL = ["tokens=2048", "chunk_rows=512", "d=32", "features=96", "l0=4", "clusters=4", "parents=4", "children=3",
          "groups=4", "group_size=2", "group_rate=0.05", "progress=false"]
@@ -106,4 +108,10 @@ def test_the_cli_writes_a_store_an_sae_trains_on(tmp_path):
 
     train(make_cfg(tmp_path / "s", "model.width=64", "model.k=4", "budget=steps:10", "batch_size=64",
                    "data.eval_frac=0.25", "eval_every=5", "eval_tokens=64"), tmp_path / "run")
-    assert (tmp_path / "run" / "sae").is_dir()
+    # eval scores it against the truth and skips CE (there is no LM), saying so
+    [result] = evaluate(eval_config(tmp_path / "run", ce=True))
+    assert result.ce_sae is None and any("no CE loss: the store is synthetic" in n for n in result.notes)
+    assert 0 <= result.truth_recovered <= 1 and 0 < result.truth_best_cos_mean < 1 and result.truth_duplicates >= 0
+    sae = load(tmp_path / "run" / "sae")
+    found = recovery(sae.decoder_directions().detach(), torch.from_numpy(read_truth(ActivationStore(tmp_path / "s")).dictionary))
+    assert result.truth_recovered == found["recovered"]
