@@ -183,7 +183,8 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 
 def is_synthetic(s: store.ActivationStore) -> bool:
-    return s.model == MODEL
+    """Whether the store was written here (it records a truth), whatever its `model` attribute says."""
+    return "synthetic" in s.attrs
 
 
 def read_truth(s: store.ActivationStore) -> Truth:
