@@ -59,7 +59,7 @@ class ChunkCache:
         self.files.write(key, bytes(data))
         with self._lock:
             if self._used is None:
-                self._used = _bytes_under(self.folder)
+                self._used = LocalLocation(self.folder).sizes()
             else:
                 self._used += len(data)
             if self._used > self.max_bytes:
@@ -83,7 +83,3 @@ class ChunkCache:
             f.unlink(missing_ok=True)
             used -= size
         return used
-
-
-def _bytes_under(folder: Path) -> int:
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())

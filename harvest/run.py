@@ -84,10 +84,15 @@ def preflight(cfg: HarvestConfig) -> list[Plan]:
     plans = []
     for layer, site in cfg.sites:
         one = cfg.for_site(layer, site)
-        meta = {"model": one.model, "layer": layer, "site": site, "config": one.to_dict(),
-                "tokenizer": one.model, "n_layers": depth}  # lm.load_lm reads the tokenizer from the model's name
+        meta = store_meta(one, depth)
         plans.append(Plan(one, ranks, layout, meta, progress=_check_store(one, ranks.world), writer_threads=threads))
     return plans
+
+
+def store_meta(cfg: HarvestConfig, n_layers: int) -> dict:
+    """The attributes a store of one (layer, site) records about where its rows come from."""
+    return {"model": cfg.model, "layer": cfg.layer, "site": cfg.site, "config": cfg.to_dict(),
+            "tokenizer": cfg.model, "n_layers": n_layers}  # lm.load_lm reads the tokenizer from the model's name
 
 
 def check_model(cfg: HarvestConfig) -> tuple[store.Layout, int]:

@@ -214,6 +214,11 @@ class Layout:
         return self.context_size - self.first_pos
 
     @property
+    def stored_dtype(self) -> np.dtype:
+        """How the rows are kept: float16, or bfloat16 as its uint16 bits."""
+        return np.dtype(np.float16 if self.acts_dtype == "float16" else np.uint16)
+
+    @property
     def chunk_rows(self) -> int:
         return self.chunk_seqs * self.rows_per_seq
 
@@ -553,7 +558,7 @@ def _create_arrays(group: zarr.Group, layout: Layout, compressors: list) -> None
     """The three empty arrays of a store with this layout (acts compressed with `compressors`)."""
     L = layout
     group.create_array("acts", shape=(L.n_rows, L.d_model), chunks=(L.chunk_rows, L.d_model),
-                       dtype="float16" if L.acts_dtype == "float16" else "uint16",
+                       dtype=L.stored_dtype,
                        compressors=compressors, fill_value=0)
     group.create_array("tokens", shape=(L.n_rows,), chunks=(L.chunk_rows,), dtype="int32",
                        compressors=[zarr.codecs.ZstdCodec(level=3)], fill_value=0)
@@ -858,8 +863,8 @@ class ActivationStore:
         (a new array when None): directly for blosc alone, whose header states the decoded size, else
         by a copy of what the codecs return."""
         array = self._array(name)
-        data = self._fetch(name, i)
-        _, where = self._chunk_file(name, i)
+        key, where = self._chunk_file(name, i)
+        data = self._fetch(name, i, key, where)
         shape, dtype = array.chunks, np.dtype(array.dtype).newbyteorder("<")
         size = int(np.prod(shape))
         out = np.empty(shape, dtype=dtype) if out is None else out
@@ -905,11 +910,10 @@ class ActivationStore:
             self._check(i, name, where, mapped)
         return np.frombuffer(mapped, dtype=dtype).reshape(array.chunks)
 
-    def _fetch(self, name: str, i: int) -> memoryview | bytes:
-        """The bytes of chunk i's file of array `name`, checked against its record (version 2): from the
-        local cache when it holds a copy that matches, else from the store (and then cached; a remote
+    def _fetch(self, name: str, i: int, key: str, where: str) -> memoryview | bytes:
+        """The bytes of chunk i's file `key` of array `name`, checked against its record (version 2): from
+        the local cache when it holds a copy that matches, else from the store (and then cached; a remote
         file of known size is fetched in parallel ranges)."""
-        key, where = self._chunk_file(name, i)
         want = self._want(i, name, where) if self.checked else None
         if self.cache is not None and want is not None:
             cached = self.cache.get(key)

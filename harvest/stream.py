@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from harvest import lm, store, text
 from harvest.config import HarvestConfig, HarvestError
-from harvest.run import check_model, forward_chunk
+from harvest.run import check_model, forward_chunk, store_meta
 from runtime.device import pick_device, pick_dtype
 
 TRAIN, HELD_OUT = "train", "held_out"
@@ -74,10 +74,6 @@ class StreamLM:
                              packing=self.cfg.dataset.packing)
         return Chunks(self, packer)
 
-    def meta(self) -> dict[str, Any]:
-        """A store's attributes for rows of this LM (as harvest/run.py writes them)."""
-        return {"model": self.cfg.model, "layer": self.cfg.layer, "site": self.cfg.site, "config": self.cfg.to_dict(),
-                "tokenizer": self.cfg.model, "n_layers": self.n_layers}
 
 
 class Chunks:
@@ -106,7 +102,7 @@ def write_held_out(source: StreamLM, period: int, path: str, n_chunks: int, prog
     """The store at `path` of the first n_chunks chunks of held-out text (fewer if the held-out text
     runs out; at least one), marked `held_out_only` (every chunk is held out: harvest/held_out.py). A
     complete one of the same LM, site and size is reused; anything else at `path` is replaced."""
-    meta = {**source.meta(), "held_out_only": True}
+    meta = {**store_meta(source.cfg, source.n_layers), "held_out_only": True}
     if store.is_store(path):
         found = store.ActivationStore(path)
         if found.complete and found.n_chunks == n_chunks and found.harvest_config == meta["config"]:

@@ -105,7 +105,7 @@ class StreamBatches:
             self._pool.shutdown(wait=True, cancel_futures=True)
 
     def _batch(self, step: int) -> torch.Tensor:
-        out = np.empty((self.batch_size, self.source.layout.d_model), dtype=self._dtype())
+        out = np.empty((self.batch_size, self.source.layout.d_model), dtype=self.source.layout.stored_dtype)
         row, at = step * self.batch_size, 0
         while at < self.batch_size:
             g, lo = divmod(row + at, self.window_rows)
@@ -114,6 +114,3 @@ class StreamBatches:
             out[at : at + take] = rows[order[lo : lo + take]]
             at += take
         return stored_tensor(out).to(self.device, torch.float32)
-
-    def _dtype(self) -> np.dtype:
-        return np.dtype(np.uint16 if self.source.layout.acts_dtype == "bfloat16" else np.float16)
