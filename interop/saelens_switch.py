@@ -29,6 +29,7 @@ The forward (eq. 3-4 of the paper, with the toolkit's variants):
     chosen   = the m experts with the largest p + router_bias (argmax for m = 1)   [T, m]
     pre      = (x - b_dec) W_enc                                             [T, M]
     for each chosen expert i:  f[i's latents] = p_i * ReLU(TopK_{k_r}(pre[i's latents]))
+      (routing = "global": instead the k - shared_k largest of p_i ReLU(pre) over all chosen experts' latents)
     shared expert (s > 0):     f[shared]      = ReLU(TopK_{shared_k}(pre[shared]))   (no gate)
     x_hat    = f W_dec + b_dec
 
@@ -56,6 +57,7 @@ class SwitchSAEConfig(SAEConfig):
     n_experts       N routed experts
     k               active latents per token, all experts together
     active_experts  m experts each token is routed to (its top-m); each gets (k - shared_k) / m latents
+    routing         "split" (as above) or "global": the k - shared_k largest gated codes over the m experts
     shared_width    s latents of an always-active, ungated expert (0: none)
     shared_k        active latents of the shared expert, out of k
     router_bias     experts are chosen by p + router_bias (a weight `router_bias` [N]), still gated by p
@@ -64,6 +66,7 @@ class SwitchSAEConfig(SAEConfig):
     n_experts: int = 1
     k: int = 1
     active_experts: int = 1
+    routing: str = "split"
     shared_width: int = 0
     shared_k: int = 0
     router_bias: bool = False
@@ -83,6 +86,13 @@ class SwitchSAEConfig(SAEConfig):
         if bool(self.shared_width) != bool(self.shared_k) or self.shared_k > self.shared_width:
             raise ValueError(f"shared_k={self.shared_k} must be in 1..shared_width={self.shared_width} "
                              "(both 0: no shared expert)")
+        if self.routing not in ("split", "global"):
+            raise ValueError(f"routing={self.routing!r} must be split or global")
+        if self.routing == "global":
+            if not 0 < self.k - self.shared_k <= self.active_experts * self.expert_width:
+                raise ValueError(f"k - shared_k = {self.k - self.shared_k} active latents do not fit in "
+                                 f"{self.active_experts} experts of {self.expert_width} latents")
+            return
         k_routed, rest = divmod(self.k - self.shared_k, self.active_experts)
         if k_routed < 1 or rest or k_routed > self.expert_width:
             raise ValueError(f"k - shared_k = {self.k - self.shared_k} active latents do not split evenly over "
@@ -144,9 +154,14 @@ class SwitchSAE(SAE[SwitchSAEConfig]):
         # routed experts: each chosen expert's own latents, its top k_r, scaled by its gate p_i
         per_expert = pre[:, :n_routed].view(len(x), cfg.n_experts, cfg.expert_width)  # [T, N, e]
         picked = per_expert.gather(1, chosen[..., None].expand(-1, -1, cfg.expert_width))  # [T, m, e]
-        vals, idx = picked.topk(cfg.k_routed, dim=-1)  # [T, m, k_r]
-        vals = vals.relu() * probs.gather(1, chosen)[..., None]
-        latents = chosen[..., None] * cfg.expert_width + idx  # [T, m, k_r] in 0..N e - 1
+        if cfg.routing == "global":  # one top-k over the m experts' gated codes
+            gated = picked.relu() * probs.gather(1, chosen)[..., None]  # [T, m, e]
+            vals, flat = gated.flatten(1).topk(cfg.k - cfg.shared_k, dim=-1)  # [T, k_r]
+            latents = chosen.gather(1, flat // cfg.expert_width) * cfg.expert_width + flat % cfg.expert_width
+        else:  # each chosen expert's own top k_r
+            vals, idx = picked.topk(cfg.k_routed, dim=-1)  # [T, m, k_r]
+            vals = vals.relu() * probs.gather(1, chosen)[..., None]
+            latents = chosen[..., None] * cfg.expert_width + idx  # [T, m, k_r] in 0..N e - 1
         codes.scatter_(1, latents.flatten(1), vals.flatten(1))
         if cfg.shared_width:  # the shared expert: every token, no gate
             s_vals, s_idx = pre[:, n_routed:].topk(cfg.shared_k, dim=-1)  # [T, shared_k]

@@ -55,6 +55,10 @@ OURS = [
     ("switch", "switch", dict(n_experts=4, expert_width=16, k=4, alpha=1.0)),
     ("switch-top2-shared-bias", "switch", dict(n_experts=4, expert_width=16, k=6, alpha=1.0, active_experts=2,
                                                 shared_width=8, shared_k=2, balance="bias", bias_rate=0.01)),
+    ("switch-global", "switch", dict(n_experts=4, expert_width=16, k=6, alpha=1.0, active_experts=2, routing="global")),
+    ("matryoshka", "matryoshka", dict(width=64, k=4, theta_decay=0.99, prefixes=[0.125, 0.5])),
+    ("matryoshka-switch", "matryoshka_switch", dict(n_experts=4, expert_width=16, k=4, alpha=1.0,
+                                                    nesting="dictionary")),
 ]
 
 
@@ -177,7 +181,8 @@ def test_architectures_map_as_documented(exported):
     arch = {case: json.loads((folder / "cfg.json").read_text())["architecture"]
             for case, (_, _, folder) in exported.items()}
     assert arch == {"topk": "topk", "relu": "standard", "gated": "gated", "jumprelu": "jumprelu",
-                    "batchtopk": "jumprelu", "switch": "switch", "switch-top2-shared-bias": "switch"}
+                    "batchtopk": "jumprelu", "switch": "switch", "switch-top2-shared-bias": "switch",
+                    "switch-global": "switch", "matryoshka": "jumprelu", "matryoshka-switch": "switch"}
     variant = json.loads((exported["switch-top2-shared-bias"][2] / "cfg.json").read_text())
     assert (variant["active_experts"], variant["shared_width"], variant["shared_k"], variant["router_bias"]) == \
         (2, 8, 2, True)

@@ -23,11 +23,14 @@ KWARGS = {
     "gated": dict(width=M),
     "batchtopk": dict(width=M, k=K),
     "jumprelu": dict(width=M),
+    "matryoshka": dict(width=M, k=K),
+    "matryoshka_switch": dict(n_experts=N, expert_width=E, k=K),
 }
 ARCHS = list(KWARGS)
 # the constructor arguments that do not change the cost (conf/train/model/*.yaml's values)
 TRAINING = {"switch": dict(alpha=3.0), "relu": dict(l1_coeff=5.0, warmup_frac=0.05), "gated": dict(l1_coeff=1.0),
-            "batchtopk": dict(theta_decay=0.99),
+            "batchtopk": dict(theta_decay=0.99), "matryoshka": dict(theta_decay=0.99, prefixes=[0.125, 0.5]),
+            "matryoshka_switch": dict(alpha=3.0, prefixes=[0.25, 0.5]),
             "jumprelu": dict(l0_coeff=0.003, warmup_frac=0.05, bandwidth=0.01, threshold_init=0.03)}
 
 
@@ -92,7 +95,7 @@ def test_dense_train_matches_flop_counter(arch):
     assert all(p.grad is not None for p in sae.parameters())
 
 
-@pytest.mark.parametrize("arch", ["topk", "switch", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "switch", "batchtopk", "matryoshka", "matryoshka_switch"])
 @pytest.mark.parametrize("backward", ["sparse", "dense"])
 def test_the_fast_paths_run_their_counts(arch, backward):
     """train.saes.kernels: embedding bag + sparse matmul, or grouped matmuls (the dense count)."""
@@ -115,7 +118,7 @@ def test_dense_decoder_and_algorithmic_counts():
     for arch in ARCHS:
         sae, _ = make(arch)
         sae.kernels = "dense"
-        assert algorithmic_cost(sae) == cost(arch, D, **KWARGS[arch], sparse_backward=arch in ("topk", "switch", "batchtopk"))
+        assert algorithmic_cost(sae) == cost(arch, D, **KWARGS[arch], sparse_backward=type(sae).sparse_codes)
 
 
 def test_closed_forms_of_the_small_shapes():
@@ -273,9 +276,9 @@ def test_paper_scale_switch_vs_topk():
     ("relu", dict(width=True), "positive integer"),
     ("batchtopk", dict(width=M, k=M + 1), "at most"),
     ("batchtopk", dict(width=M, k=0), "positive integer"),
-    ("relu", dict(width=M, sparse_backward=True), "applies to topk, switch and batchtopk only; relu has dense codes"),
-    ("gated", dict(width=M, sparse_backward=True), "applies to topk, switch and batchtopk only; gated has dense"),
-    ("jumprelu", dict(width=M, sparse_backward=True), "and batchtopk only; jumprelu has dense codes"),
+    ("relu", dict(width=M, sparse_backward=True), "applies to topk, switch, batchtopk, matryoshka and matryoshka_switch only; relu has dense codes"),
+    ("gated", dict(width=M, sparse_backward=True), "matryoshka_switch only; gated has dense"),
+    ("jumprelu", dict(width=M, sparse_backward=True), "and matryoshka_switch only; jumprelu has dense codes"),
     ("jumprelu", dict(width=M, dense_decoder=True), "switch only, not jumprelu"),
 ])
 def test_bad_arguments(arch, kwargs, match):
@@ -287,7 +290,7 @@ def test_bad_d_and_bad_sae():
     with pytest.raises(ValueError, match="d must be"):
         cost("relu", 0, width=M)
     sae, _ = make("relu")
-    with pytest.raises(ValueError, match="topk, switch and batchtopk only"):
+    with pytest.raises(ValueError, match="topk, switch, batchtopk, matryoshka and matryoshka_switch only"):
         sae_cost(sae, sparse_backward=True)
 
     class Other(torch.nn.Module):

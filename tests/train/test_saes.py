@@ -129,6 +129,9 @@ def test_gated_equals_its_definition_and_aux_trains_only_the_gate():
                                      ("relu", {"width": 32, "l1_coeff": 3.0, "warmup_frac": 0.05}),
                                      ("gated", {"width": 32, "l1_coeff": 1.0}),
                                      ("batchtopk", {"width": 32, "k": 4, "theta_decay": 0.99}),
+                                     ("matryoshka", {"width": 32, "k": 4, "prefixes": [0.25, 0.5]}),
+                                     ("matryoshka_switch", {"n_experts": 2, "expert_width": 16, "k": 4,
+                                                            "nesting": "dictionary"}),
                                      ("jumprelu", {"width": 32, "l0_coeff": 0.003, "warmup_frac": 0.05,
                                                    "bandwidth": 0.01, "threshold_init": 0.03})])
 def test_save_load_round_trip(tmp_path, arch, kw):

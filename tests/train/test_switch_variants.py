@@ -56,6 +56,50 @@ def test_several_active_experts_equal_a_per_token_derivation(kernels):
     torch.testing.assert_close(out.stats["expert_load"], torch.bincount(slots.reshape(-1), minlength=4) / slots.numel())
 
 
+def global_topk_reference(sae, x: torch.Tensor) -> torch.Tensor:
+    """routing=global by plain autograd over the dense [B, N, e] pre-activations: every expert's codes
+    ReLU(W_enc,i (x - b_pre)) gated by p_i, zero outside the token's top-m experts, then one TopK_k over
+    all N e of them, decoded through W_dec."""
+    p = torch.softmax((x - sae.b_router) @ sae.W_router.T, dim=-1)  # [B, N]
+    chosen = torch.zeros_like(p, dtype=torch.bool).scatter_(1, p.topk(sae.active_experts, dim=-1).indices, True)
+    pre = torch.einsum("bd,ned->bne", x - sae.b_pre, sae.W_enc).relu()  # [B, N, e]
+    gated = (pre * (p * chosen)[..., None]).flatten(1)  # [B, N e]
+    vals, idx = gated.topk(sae.k, dim=-1)
+    z = torch.zeros_like(gated).scatter(1, idx, vals)
+    return z @ sae.W_dec.reshape(-1, sae.d) + sae.b_pre
+
+
+@pytest.mark.parametrize("kernels", ["reference", "sparse", "dense"])
+def test_global_topk_routing_equals_a_dense_reference_loss_and_gradients(kernels):
+    torch.manual_seed(0)
+    sae = build("switch", **BASE, k=6, active_experts=2, routing="global")
+    sae.kernels = kernels
+    _randomise(sae)
+    x = _x()
+    out = sae(x)
+    ref = global_topk_reference(sae, x)
+    torch.testing.assert_close(out.recon, ref, rtol=1e-4, atol=1e-4)
+    mse_ref = ((x - ref) ** 2).sum(-1).mean()
+    fast = torch.autograd.grad(out.losses["mse"], list(sae.parameters()))
+    slow = torch.autograd.grad(mse_ref, list(sae.parameters()))
+    for (name, _), a, b in zip(sae.named_parameters(), fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+    torch.testing.assert_close(sae.decode(sae.encode(x)), out.recon)
+    # tokens do take unequal shares from their two experts (the split routing would give 3 and 3)
+    owner = out.codes.idx // 16
+    first = (owner == out.codes.expert[:, None]).sum(1)
+    assert len(first.unique()) > 1 and out.codes.idx.shape == (len(x), 6)
+
+
+def test_global_routing_with_one_expert_is_the_paper_switch():
+    torch.manual_seed(0)
+    plain = build("switch", **BASE, k=4)
+    glob = build("switch", **BASE, k=4, routing="global")
+    glob.load_state_dict(plain.state_dict())
+    x = _x()
+    torch.testing.assert_close(glob(x).recon, plain(x).recon)
+
+
 def test_a_shared_expert_equals_a_per_token_derivation():
     torch.manual_seed(0)
     sae = build("switch", **BASE, k=5, shared_width=8, shared_k=2)
@@ -102,7 +146,7 @@ def test_aux_free_balancing_moves_a_collapsed_router_towards_uniform_load():
 
 
 @pytest.mark.parametrize("variant", [dict(active_experts=2), dict(shared_width=16, shared_k=2),
-                                     dict(balance="bias", bias_rate=0.001)])
+                                     dict(balance="bias", bias_rate=0.001), dict(active_experts=2, routing="global")])
 def test_routed_variants_never_make_a_tensor_as_large_as_b_by_m(variant):
     B, d, n, e = 512, 8, 16, 16  # B x M = 131072
     sae = build("switch", d=d, n_experts=n, expert_width=e, k=4, alpha=3.0, **variant)
@@ -135,6 +179,12 @@ def test_cost_of_the_variants():
     assert shared.forward - plain.forward == 2 * d * 1024
     assert shared.params - plain.params == 2 * 1024 * d
     assert two.params == plain.params
+    # one TopK over the union: each of the 2 experts returns min(k, e) = 32 candidates, all in the sparse backward
+    union = cost("switch", d, n_experts=n, expert_width=e, k=32, active_experts=2, routing="global",
+                 sparse_backward=True)
+    assert union.forward == two.forward and union.train - two.train == 4 * (2 * 32 - 32) * d
+    with pytest.raises(ValueError, match="routing must be one of split, global, got 'both'"):
+        cost("switch", d, n_experts=n, expert_width=e, k=32, routing="both")
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +195,7 @@ def store(tmp_path_factory):
 # Measured here at 800 steps: two experts at width 64 (2 latents in each of 2 experts of 16) reach an
 # FVE of 0.85 only, at width 128 0.94; the bias at rate 0.01 0.90, at 0.0001 0.94 (plain Switch 0.95).
 VARIANTS = {"two_experts": ["model.active_experts=2", "model.width=128"],
+            "two_experts_global": ["model.active_experts=2", "model.routing=global", "model.width=128"],
             "shared": ["model.width=64", "model.shared_width=16", "model.shared_k=1"],
             "bias": ["model.width=64", "model.balance=bias", "model.bias_rate=0.0001"]}
 
@@ -168,12 +219,17 @@ def test_a_resumed_variant_run_ends_with_the_same_weights(store, tmp_path, monke
 @pytest.mark.parametrize(("extra", "message"), [
     (["model.active_experts=5"], "model.active_experts=5 is more than model.n_experts=4"),
     (["model.active_experts=3"], "cannot be split evenly over model.active_experts=3"),
+    (["model.active_experts=5", "model.routing=global"], "model.active_experts=5 is more than model.n_experts=4"),
+    (["model.active_experts=2", "model.routing=global", "model.k=40"],
+     "model.k - model.shared_k = 40 routed active latents must be in 1..32"),
+    (["model.routing=union"], "model.routing must be one of split, global"),
     (["model.shared_width=8"], "a shared expert needs both > 0"),
     (["model.shared_width=8", "model.shared_k=9"], "model.shared_k=9 is larger than model.shared_width=8"),
     (["model.balance=bias", "model.bias_rate=0"], "model.balance=bias needs model.bias_rate > 0"),
     (["model.balance=none"], "model.balance must be one of aux_loss, bias"),
     (["model.active_experts=2", "expert_parallel=2"], "expert_parallel runs the paper's Switch only, not "
                                                       "model.active_experts=2"),
+    (["model.active_experts=2", "model.routing=global", "expert_parallel=2"], "model.routing=global"),
 ])
 def test_bad_variant_settings_fail_in_one_line(store, extra, message):
     with pytest.raises(TrainError, match=message) as e:

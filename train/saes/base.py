@@ -150,7 +150,9 @@ class SAE(nn.Module):
     # the constructor arguments that set the size: what `flops.cost(arch, d, ...)` takes besides d
     size_args: ClassVar[tuple[str, ...]]
     # size_args that may be left out, with their value then (one that defaults to 0 may be 0: an absent part)
-    size_defaults: ClassVar[dict[str, int]] = {}
+    size_defaults: ClassVar[dict[str, int | str]] = {}
+    # size_args that are a choice between named forms rather than a number (e.g. Switch's routing), with the choices
+    size_choices: ClassVar[dict[str, tuple[str, ...]]] = {}
     # TopK-style codes (idx, vals [B, k]): training can run the sparse backward (`sparse_backward`)
     sparse_codes: ClassVar[bool] = False
     # a router sends every token to one of `n_experts` experts: the only kind of SAE expert parallel

@@ -90,6 +90,13 @@ def _size(name: str, value: Any) -> int | tuple[int, ...]:
     return _positive(name, value)
 
 
+def _choice(arch: str, name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """A size argument that names a form (one of `choices`), such as Switch's routing."""
+    if value not in choices:
+        raise ValueError(f"{arch}'s {name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def _unknown(arch: Any) -> ValueError:
     return ValueError(f"unknown SAE architecture {arch!r}; choose one of {', '.join(REGISTRY)}")
 
@@ -105,8 +112,8 @@ def cost(arch: str, d: int, *, sparse_backward: bool = False, dense_decoder: boo
     """Parameters and FLOPs per token of an `arch` SAE on d-dimensional inputs (see the module doc).
 
     `sizes` are the architecture's `size_args` (each a positive integer, or a list of them for an
-    architecture whose size is one, such as nested prefix widths), all required but those in its
-    `size_defaults`. Raises ValueError for an unknown arch, a missing, non-positive or inapplicable
+    architecture whose size is one, such as nested prefix widths, or one of the names its
+    `size_choices` lists, such as Switch's routing), all required but those in its `size_defaults`. Raises ValueError for an unknown arch, a missing, non-positive or inapplicable
     argument, k larger than the (expert) width, sparse_backward with dense codes (relu, gated), or
     dense_decoder without experts.
     """
@@ -121,7 +128,8 @@ def cost(arch: str, d: int, *, sparse_backward: bool = False, dense_decoder: boo
     if missing:
         raise ValueError(f"{arch} needs {', '.join(missing)}")
     d = _positive("d", d)
-    a = {name: 0 if cls.size_defaults.get(name) == 0 and given[name] == 0 else _size(name, given[name])
+    a = {name: _choice(arch, name, given[name], cls.size_choices[name]) if name in cls.size_choices
+         else 0 if cls.size_defaults.get(name) == 0 and given[name] == 0 else _size(name, given[name])
          for name in cls.size_args}
     if sparse_backward and not cls.sparse_codes:
         raise ValueError(f"sparse_backward applies to {_archs_with('sparse_codes')} only; {arch} has dense codes")

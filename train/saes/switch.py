@@ -16,6 +16,16 @@ Variants the paper leaves as future work (section 6), each off by default (the p
                            expert's code is scaled by its own gate p_i (no renormalisation):
                            x_hat = sum_{i in top-m} p_i W_dec,i^T TopK_{k_r/m}(W_enc,i (x - b_pre)) + ...
                            The tokens are replicated m times into the same grouped kernels (B m rows).
+  routing = global         with m > 1, one TopK over the union of the m chosen experts instead of k_r / m
+                           in each (the "Beyond Redundancy" follow-up's routing, arXiv 2511.05745, as
+                           we understand it without having read its equations; stated in
+                           docs/architectures/switch.md): each chosen expert's latents are gated by
+                           its p_i first, and the k_r largest gated values over the m e latents are kept,
+                           x_hat = sum_{(i,j) in TopK_{k_r}(p_i a_ij)} p_i a_ij W_dec,ij + ...,
+                           a_ij = ReLU(W_enc,ij (x - b_pre)). A token may then draw all k_r latents
+                           from one expert, or spread them. Computed without a [B, M] tensor: each chosen
+                           expert returns its top min(k_r, e) (no more can enter the union's top k_r), then
+                           one top-k over those m min(k_r, e) candidates.
   shared_width = s > 0     one always-active TopK expert of s latents beside the routed ones, meant to
                            hold the features every expert would otherwise duplicate; it takes
                            shared_k of the k active latents (k_r = k - shared_k for the routed experts)
@@ -48,14 +58,16 @@ from train.saes.kernels import decode_grouped, decode_rows, runs_sparse, topk_en
 
 MATCHES = ("width", "flops")  # model.match: how the configured width sizes the experts
 BALANCES = ("aux_loss", "bias")  # model.balance: the paper's alpha * d * L_aux, or the router-bias update
+ROUTINGS = ("split", "global")  # model.routing with m > 1 experts per token: k_r / m in each, or one TopK over all
 
 
 @register
 class SwitchSAE(SAE):
     arch = "switch"
     display_name = "Switch"
-    size_args = ("n_experts", "expert_width", "k", "active_experts", "shared_width", "shared_k")
-    size_defaults = {"active_experts": 1, "shared_width": 0, "shared_k": 0}  # the paper's Switch
+    size_args = ("n_experts", "expert_width", "k", "active_experts", "shared_width", "shared_k", "routing")
+    size_defaults = {"active_experts": 1, "shared_width": 0, "shared_k": 0, "routing": "split"}  # the paper's Switch
+    size_choices = {"routing": ROUTINGS}
     sparse_codes = True
     has_experts = True
     # Data parallel (train.dist): the loop sets this to a differentiable mean over ranks, so that f_i
@@ -65,19 +77,21 @@ class SwitchSAE(SAE):
     def __init__(self, d: int, n_experts: int, expert_width: int, k: int, alpha: float | None = None,
                  active_experts: int | None = None, shared_width: int | None = None, shared_k: int | None = None,
                  balance: str | None = None, bias_rate: float | None = None, aux_k: int | None = None,
-                 aux_coeff: float | None = None):
+                 aux_coeff: float | None = None, routing: str | None = None):
         super().__init__(d)
-        alpha, active_experts, shared_width, shared_k, balance, bias_rate, aux_k, aux_coeff = self.defaults(
+        alpha, active_experts, shared_width, shared_k, balance, bias_rate, aux_k, aux_coeff, routing = self.defaults(
             alpha=alpha, active_experts=active_experts, shared_width=shared_width, shared_k=shared_k, balance=balance,
-            bias_rate=bias_rate, aux_k=aux_k, aux_coeff=aux_coeff)
-        problem = _split_problem(n_experts, expert_width, k, active_experts, shared_width, shared_k)
+            bias_rate=bias_rate, aux_k=aux_k, aux_coeff=aux_coeff, routing=routing)
+        problem = _split_problem(n_experts, expert_width, k, active_experts, shared_width, shared_k, routing)
         if problem:
             raise ValueError(problem)
         self.n_experts, self.expert_width, self.k, self.alpha = n_experts, expert_width, k, alpha
         self.active_experts, self.shared_width, self.shared_k = active_experts, shared_width, shared_k
-        self.balance_by, self.bias_rate = balance, bias_rate
+        self.balance_by, self.bias_rate, self.routing = balance, bias_rate, routing
         self.aux_k, self.aux_coeff = aux_k, aux_coeff
-        self.k_routed = (k - shared_k) // active_experts  # active latents in each chosen expert
+        # what each chosen expert's TopK returns: its share k_r / m of the routed latents, or with
+        # routing=global its candidates for the union's top k_r
+        self.k_routed = _per_expert(expert_width, k - shared_k, active_experts, routing)
         self.W_router = nn.Parameter(torch.zeros(n_experts, d))
         self.b_router = nn.Parameter(torch.zeros(d))
         self.W_enc = nn.Parameter(torch.empty(n_experts, expert_width, d))
@@ -95,7 +109,7 @@ class SwitchSAE(SAE):
     model_rules = {"n_experts": integer(1), "match": one_of(*MATCHES), "width": integer(1), "k": integer(1),
                    "alpha": number(0), "active_experts": integer(1), "shared_width": integer(0),
                    "shared_k": integer(0), "balance": one_of(*BALANCES), "bias_rate": number(0),
-                   "aux_k": integer(0), "aux_coeff": number(0)}
+                   "aux_k": integer(0), "aux_coeff": number(0), "routing": one_of(*ROUTINGS)}
 
     @classmethod
     def check_model(cls, model: Mapping[str, Any]) -> None:
@@ -105,7 +119,8 @@ class SwitchSAE(SAE):
             raise ValueError(f"model.width={width} is not divisible by model.n_experts={n} (model.match=width "
                              "splits the width over the experts)")
         e = cls.expert_width(model)
-        problem = _split_problem(n, e, model["k"], model["active_experts"], model["shared_width"], model["shared_k"])
+        problem = _split_problem(n, e, model["k"], model["active_experts"], model["shared_width"], model["shared_k"],
+                                 model["routing"])
         if problem:
             raise ValueError(problem)
         if model["balance"] == "bias" and model["bias_rate"] <= 0:
@@ -125,7 +140,8 @@ class SwitchSAE(SAE):
             return (f"expert_parallel={groups} needs model={cls.arch} with n_experts divisible by it (got "
                     f"model={cls.arch}, n_experts={model['n_experts']})")
         variants = [f"model.{key}={model[key]}" for key, plain in
-                    (("active_experts", 1), ("shared_width", 0), ("balance", "aux_loss"), ("aux_k", 0))
+                    (("active_experts", 1), ("shared_width", 0), ("balance", "aux_loss"), ("aux_k", 0),
+                     ("routing", "split"))
                     if model[key] != plain]
         if variants:
             return (f"expert_parallel runs the paper's Switch only, not {', '.join(variants)}; train this variant "
@@ -149,7 +165,7 @@ class SwitchSAE(SAE):
 
     @classmethod
     def cost_formula(cls, d: int, *, n_experts: int, expert_width: int, k: int, active_experts: int = 1,
-                     shared_width: int = 0, shared_k: int = 0, sparse_backward: bool = False,
+                     shared_width: int = 0, shared_k: int = 0, routing: str = "split", sparse_backward: bool = False,
                      dense_decoder: bool = False) -> Cost:
         """N = n_experts, e = expert_width, m = active_experts, s = shared_width. The paper's Switch
         (m = 1, s = 0): forward 2dN + 2de + 2kd; train 6dN + 6de + 6kd (dense backward), 6dN + 2de +
@@ -163,9 +179,11 @@ class SwitchSAE(SAE):
         (`decode_grouped`): the dense codes over the chosen experts' e latents times their decoders,
         2dem forward, 4dem backward. A shared expert is a TopK SAE of s latents beside them: encoder
         2ds forward, 4ds backward (4 shared_k d sparse), its shared_k rows in the embedding bag.
+        routing=global: the sparse backward runs over every candidate each chosen expert returned,
+        m min(k_r, e) rows (the unselected ones carry a zero gradient), 4 m min(k_r, e) d instead of 4 k_r d.
         Parameters 2Md + Nd + 2d with M = N e + s."""
         n, e, m, s = n_experts, expert_width, active_experts, shared_width
-        problem = _split_problem(n, e, k, m, s, shared_k)
+        problem = _split_problem(n, e, k, m, s, shared_k, routing)
         if problem:
             raise ValueError(problem)
         params = 2 * (n * e + s) * d + n * d + 2 * d  # W_enc, W_dec [N, e, d] (+ [s, d]); W_router; biases
@@ -176,7 +194,8 @@ class SwitchSAE(SAE):
         forward = router + encoder + decoder
         # backward: router grad W_router + grad of x - b_router; decoder grad of vals + grad of its
         # rows; encoder grad W_enc[i] + grad of x - b_pre, dense over e latents or only the k active
-        encoder_backward = 2 * (2 * (k_routed + shared_k) * d) if sparse_backward else 2 * encoder
+        candidates = m * _per_expert(e, k_routed, m, routing)  # rows the experts' TopKs return
+        encoder_backward = 2 * (2 * (candidates + shared_k) * d) if sparse_backward else 2 * encoder
         train = forward + 2 * router + 2 * decoder + encoder_backward
         return Cost(params=params, forward=float(forward), train=float(train))
 
@@ -214,7 +233,7 @@ class SwitchSAE(SAE):
             tensors["router_bias"] = self.router_bias
         fields = {"apply_b_dec_to_input": True, "n_experts": self.n_experts, "k": self.k,
                   "active_experts": self.active_experts, "shared_width": self.shared_width, "shared_k": self.shared_k,
-                  "router_bias": biased}
+                  "router_bias": biased, "routing": self.routing}
         return SAELensForm("switch", fields, tensors, needs_plugin=True)
 
     @classmethod
@@ -247,14 +266,14 @@ class SwitchSAE(SAE):
             state["router_bias"] = tensors["router_bias"]
         sizes = {"n_experts": n, "match": "width", "width": n * e, "k": cfg["k"],
                  "active_experts": cfg.get("active_experts", 1), "shared_width": s, "shared_k": cfg.get("shared_k", 0),
-                 "balance": "bias" if cfg.get("router_bias") else "aux_loss"}
+                 "balance": "bias" if cfg.get("router_bias") else "aux_loss", "routing": cfg.get("routing", "split")}
         return FromSAELens(sizes, state)
 
     def config(self) -> dict[str, Any]:
         return {"d": self.d, "n_experts": self.n_experts, "expert_width": self.expert_width,
                 "k": self.k, "alpha": self.alpha, "active_experts": self.active_experts,
                 "shared_width": self.shared_width, "shared_k": self.shared_k, "balance": self.balance_by,
-                "bias_rate": self.bias_rate, "aux_k": self.aux_k, "aux_coeff": self.aux_coeff}
+                "bias_rate": self.bias_rate, "aux_k": self.aux_k, "aux_coeff": self.aux_coeff, "routing": self.routing}
 
     def unit_norm_decoders(self) -> list[nn.Parameter]:
         return [self.W_dec, self.W_dec_shared] if self.shared_width else [self.W_dec]
@@ -265,9 +284,10 @@ class SwitchSAE(SAE):
 
     @property
     def dense_decoder(self) -> bool:
-        """Narrow experts decode with grouped matmuls (kernels="dense", or "auto" for them),
-        otherwise an embedding bag (train/saes/kernels.py)."""
-        return self.kernels != "reference" and not self.sparse_backward
+        """The paper's Switch with narrow experts decodes with grouped matmuls (kernels="dense", or "auto"
+        for them), otherwise an embedding bag (train/saes/kernels.py); the variants, whose tokens have
+        codes in several experts, always decode with the embedding bag."""
+        return self.plain and self.kernels != "reference" and not self.sparse_backward
 
     @property
     def plain(self) -> bool:
@@ -307,6 +327,9 @@ class SwitchSAE(SAE):
             vals, idx = self.encode_experts(xc.repeat_interleave(m, dim=0), chosen.reshape(-1), self.k_routed)
             vals = (probs.gather(1, chosen)[..., None] * vals.view(len(x), m, -1)).reshape(len(x), -1)
             idx, expert = idx.view(len(x), -1), chosen[:, 0]
+            if self.routing == "global":  # the k_r largest gated values of the m k_routed candidates
+                vals, pos = vals.topk(self.k - self.shared_k, dim=1)
+                idx = idx.gather(1, pos)
         if self.shared_width:
             s_vals, s_idx = self.encode_shared(xc)
             vals, idx = torch.cat([vals, s_vals], dim=1), torch.cat([idx, s_idx + self.n_routed], dim=1)
@@ -370,18 +393,19 @@ class SwitchSAE(SAE):
         recon = self.decode(codes)
         return self.output(x, recon, codes, chosen, probs)
 
-    def output(self, x: torch.Tensor, recon: torch.Tensor, codes: Codes, expert: torch.Tensor, probs: torch.Tensor
-               ) -> Output:
+    def output(self, x: torch.Tensor, recon: torch.Tensor, codes: Codes, expert: torch.Tensor, probs: torch.Tensor,
+               objective: torch.Tensor | None = None) -> Output:
         """The Output of a forward pass: x, recon [B, d], the routing of x (chosen experts [B] or [B, m],
-        probs [B, N]). With balance=bias, a training forward also moves the router bias."""
+        probs [B, N]); `objective` is the reconstruction term of the loss (None: the MSE of recon).
+        With balance=bias, a training forward also moves the router bias."""
         mse = sq_error(x, recon)
+        loss = mse if objective is None else objective
         aux, load = self.balance(expert, probs)
         if self.balance_by == "bias":
-            loss = mse
             if self.training:
                 self.nudge_bias(load)
         else:
-            loss = mse + self.alpha * self.d * aux
+            loss = loss + self.alpha * self.d * aux
         losses = {"loss": loss, "mse": mse, "aux": aux}
         if self.aux_k:
             auxk = self.auxk(x, recon, codes.expert)
@@ -400,9 +424,14 @@ class SwitchSAE(SAE):
                           self.kernels) / len(x)
 
 
-def _split_problem(n: int, e: int, k: int, m: int, s: int, shared_k: int) -> str | None:
-    """Why k active latents cannot be split over m of n experts of width e and a shared expert of s
-    latents taking shared_k of them, or None."""
+def _per_expert(e: int, routed: int, m: int, routing: str) -> int:
+    """The latents each of a token's m chosen experts (width e) returns for `routed` active routed latents."""
+    return min(routed, e) if routing == "global" else routed // m
+
+
+def _split_problem(n: int, e: int, k: int, m: int, s: int, shared_k: int, routing: str = "split") -> str | None:
+    """Why k active latents cannot be split over m of n experts of width e (evenly, or with routing=global
+    one TopK over their union) and a shared expert of s latents taking shared_k of them, or None."""
     if m > n:
         return f"model.active_experts={m} is more than model.n_experts={n}"
     if bool(s) != bool(shared_k):
@@ -411,6 +440,11 @@ def _split_problem(n: int, e: int, k: int, m: int, s: int, shared_k: int) -> str
     if shared_k > s:
         return f"model.shared_k={shared_k} is larger than model.shared_width={s}"
     routed = k - shared_k
+    if routing == "global":
+        if not 0 < routed <= m * e:
+            return (f"model.k - model.shared_k = {routed} routed active latents must be in 1..{m * e}, the latents of "
+                    f"model.active_experts={m} experts of width {e}")
+        return None
     if routed < m or routed % m:
         return (f"model.k - model.shared_k = {routed} routed active latents cannot be split evenly over "
                 f"model.active_experts={m} experts")
