@@ -4,7 +4,9 @@
 
 Per run: geometry.json, geometry_nn_cos.png (nearest-neighbour cosine histograms of decoder and encoder
 features, Fig. 4a-b), for Switch runs geometry_experts.png (expert x expert mean nearest-neighbour cosine
-next to a baseline of random equal-size blocks, Fig. 4c), and geometry_tsne.png (Fig. 5). With several
+next to a baseline of random equal-size blocks, Fig. 4c) and the redundancy block (`redundancy`: overlap
+between experts against random directions, and co-firing of near-duplicates on held-out tokens), and
+geometry_tsne.png (Fig. 5). With several
 runs also geometry_compare.png (their histograms overlaid).
 
 Shapes: M features, d input dims, N experts of e features each (M = N e). Features are rows of W_dec /
@@ -96,6 +98,47 @@ def cross_expert_max(gmax: torch.Tensor) -> torch.Tensor:
     return gmax.scatter(1, own[:, None], -torch.inf).amax(1)
 
 
+@torch.no_grad()
+def cross_expert_partner(w: torch.Tensor, groups: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [M, d], rows in `groups` equal experts -> (each row's max cosine to a row of ANOTHER expert [M], that
+    row's index [M])."""
+    m = w.shape[0]
+    w = unit_rows(w)
+    size = m // groups
+    best, partner = torch.empty(m, device=w.device), torch.empty(m, dtype=torch.long, device=w.device)
+    for start in range(0, m, block):
+        sims = w[start:start + block] @ w.T  # [b, M]
+        own = (torch.arange(start, start + len(sims), device=w.device) // size)[:, None]
+        sims.masked_fill_(torch.arange(m, device=w.device)[None] // size == own, -torch.inf)
+        best[start:start + len(sims)], partner[start:start + len(sims)] = sims.max(1)
+        del sims
+    return best, partner
+
+
+def overlap_excess(observed: float, random: float) -> float:
+    """How far the mean cross-expert overlap lies from random directions' towards 1 (all duplicated):
+    (observed - random) / (1 - random); 0 = as random directions, 1 = every feature has an exact copy in
+    another expert, below 0 = experts further apart than random."""
+    return (observed - random) / (1 - random)
+
+
+@torch.no_grad()
+def cofiring(rows: torch.Tensor, latents: torch.Tensor, pairs: torch.Tensor, n_latents: int) -> dict[str, Any]:
+    """Firings (row [F], latent [F]) of a sample of tokens and near-duplicate pairs [P, 2] (latent, partner)
+    -> how often a duplicated latent fires on a token where its partner fires too:
+    cofire = sum over pairs of #tokens where both fire / #tokens where the latent fires, and the share of all
+    firings that are by a latent with a near-duplicate in another expert."""
+    keys = rows * n_latents + latents
+    fired = torch.unique(keys)  # sorted
+    partner = torch.full((n_latents,), -1, dtype=torch.long, device=latents.device)
+    partner[pairs[:, 0]] = pairs[:, 1]
+    dup = partner[latents] >= 0
+    both = torch.isin(rows[dup] * n_latents + partner[latents[dup]], fired)
+    n_dup = int(dup.sum())
+    return {"firings": len(keys), "duplicate_firings": n_dup, "duplicate_firing_share": n_dup / max(len(keys), 1),
+            "cofire": int(both.sum()) / n_dup if n_dup else None}
+
+
 def feature_vectors(sae: SAE, m: int) -> dict[str, torch.Tensor]:
     """{"decoder": the decoder directions, "encoder": the encoder directions (W_gate's rows for gated)},
     each the first m rows [m, d] of the architecture's [M, d] (the SAE contract, train/saes/base.py)."""
@@ -150,6 +193,7 @@ class GeometryConfig:
     tsne_perplexity: float
     tsne_pca: int
     tsne_iter: int
+    cofire_tokens: int
     device: str
 
     @classmethod
@@ -178,6 +222,7 @@ RULES: dict[str, Rule] = {
     "tsne_perplexity": number(0, lo_open=True),
     "tsne_pca": integer(0),
     "tsne_iter": integer(250),  # sklearn's TSNE refuses fewer steps
+    "cofire_tokens": integer(0),
     "device": DEVICE,
 }
 
@@ -245,6 +290,12 @@ def plan(cfg: GeometryConfig) -> tuple[list[Target], Target | None, Path | None]
             if t.n_experts and (t.m, t.d) != (base.m, base.d):
                 raise GeometryError(f"topk_run {base.dir} has M={base.m}, d={base.d} but {t.arch} run {t.dir} has "
                                     f"M={t.m}, d={t.d}: the baseline needs the same total width and d")
+    if cfg.cofire_tokens:  # the stores the redundancy block reads, reachable before any work
+        for t in targets:
+            run = RunDir(t.dir)
+            if t.n_experts and run.has_config:
+                with reraise_as(GeometryError):
+                    run.open(torch.device("cpu"))
     compare = None
     if len(targets) > 1:
         compare = Path(cfg.out) if cfg.out is not None else Path(os.path.commonpath([t.dir.resolve() for t in targets]))
@@ -378,7 +429,7 @@ def analyse(t: Target, cfg: GeometryConfig, base: Target | None, device: torch.d
         nns[matrix] = nn.cpu().numpy()
     dec = result["decoder"]
     result.update(nn_cos_mean=dec["nn_cos_mean"], dup_frac=dec["dup_frac"],
-                  cross_expert_dup_frac=dec.get("cross_expert_dup_frac"), baseline=None, tsne=None)
+                  cross_expert_dup_frac=dec.get("cross_expert_dup_frac"), baseline=None, redundancy=None, tsne=None)
     plot_hist({t.dir.name: nns}, cfg.threshold, cfg.bins, t.out / "geometry_nn_cos.png")
     if t.n_experts:
         n, e = t.n_experts, t.m // t.n_experts
@@ -387,6 +438,7 @@ def analyse(t: Target, cfg: GeometryConfig, base: Target | None, device: torch.d
             cache[key] = _baseline(base, n, e, t.d, cfg, device)
         label, bmat = cache[key]
         result["baseline"] = {"kind": label, **within_between(bmat), "expert_similarity": bmat.cpu().tolist()}
+        result["redundancy"] = redundancy(t, sae, vecs["decoder"], cfg, device)
         plot_experts([(f"{t.dir.name}: switch decoder", np.array(dec["expert_similarity"], dtype=float)),
                       (f"baseline: {label}", bmat.cpu().numpy())], t.out / "geometry_experts.png")
         files.append("geometry_experts.png")
@@ -409,6 +461,49 @@ def analyse(t: Target, cfg: GeometryConfig, base: Target | None, device: torch.d
     t.out.mkdir(parents=True, exist_ok=True)
     write_text(t.out / RunDir.GEOMETRY, json.dumps(result, indent=2) + "\n")
     return result, nns
+
+
+@torch.no_grad()
+def redundancy(t: Target, sae: SAE, w: torch.Tensor, cfg: GeometryConfig, device: torch.device) -> dict[str, Any]:
+    """Features duplicated across the experts of a routed run, measured two ways that do not rest on the
+    cosine threshold alone (the "redundancy" block of geometry.json):
+
+    overlap         each decoder feature's max cosine to a feature of another expert, averaged; next to
+                    the same for random unit directions of the same shape (seeded) and `excess`, where the
+                    run lies between the two (0 random, 1 every feature duplicated; `overlap_excess`)
+    near-duplicates pairs (feature, its nearest feature in another expert) above the threshold, and how
+                    often both fire on the same held-out token (`cofiring`, over `cofire_tokens` rows):
+                    with one expert per token they cannot (they sit in different experts); with several,
+                    co-firing duplicates spend two of a token's k latents on one direction."""
+    n, m = t.n_experts, t.m
+    best, partner = cross_expert_partner(w.reshape(m, t.d), n, cfg.block)
+    g = torch.Generator().manual_seed(cfg.seed + 0x51ED)
+    rand_best, _ = cross_expert_partner(torch.randn(m, t.d, generator=g).to(device), n, cfg.block)
+    observed, random = best.mean().item(), rand_best.mean().item()
+    dup = best > cfg.threshold
+    pairs = torch.stack([dup.nonzero().squeeze(1), partner[dup]], dim=1)
+    out: dict[str, Any] = {"overlap": observed, "overlap_random": random, "excess": overlap_excess(observed, random),
+                           "overlap_quantiles": dict(zip(("p50", "p90", "p99"), np.quantile(
+                               best.double().cpu().numpy(), [0.5, 0.9, 0.99]).tolist(), strict=True)),
+                           "near_duplicate_pairs": len(pairs), "cofire_tokens": 0, "cofire": None,
+                           "duplicate_firing_share": None}
+    run = RunDir(t.dir)
+    if not cfg.cofire_tokens or not run.has_config:
+        out["cofire_note"] = "not measured: " + ("cofire_tokens=0" if not cfg.cofire_tokens else
+                                                 "the run records no store (no config.yaml)")
+        return out
+    with reraise_as(GeometryError):
+        held = run.open(device).held
+    sae.eval()
+    firings, seen = [], 0
+    for x in held.rows(cfg.cofire_tokens):
+        rows, latents, _ = sae.encode(x.to(device)).nonzero()
+        routed = latents < m  # a shared expert's latents are in no expert
+        firings.append((rows[routed] + seen, latents[routed]))
+        seen += len(x)
+    rows, latents = (torch.cat(parts) for parts in zip(*firings, strict=True))
+    out.update(cofire_tokens=seen, **cofiring(rows, latents, pairs, m))
+    return out
 
 
 def geometry(cfg: GeometryConfig) -> tuple[list[dict[str, Any]], list[Path]]:
@@ -435,18 +530,21 @@ def table(results: list[dict[str, Any]]) -> str:
     def f(x: Any) -> str:
         return "-" if x is None else f"{x:.4f}"
 
-    head = ("run", "arch", "M", "vectors", "nn_cos_mean", "dup_frac", "cross_dup", "within", "between")
+    head = ("run", "arch", "M", "vectors", "nn_cos_mean", "dup_frac", "cross_dup", "within", "between", "excess",
+            "cofire")
     rows = []
     for r in results:
         name = Path(r["run"]).name
         for matrix in MATRICES:
             e = r[matrix]
+            red = (r.get("redundancy") or {}) if matrix == "decoder" else {}
             rows.append((name, r["arch"], str(r["n_latents"]), matrix, f(e["nn_cos_mean"]), f(e["dup_frac"]),
-                         f(e.get("cross_expert_dup_frac")), f(e.get("within_expert")), f(e.get("between_experts"))))
+                         f(e.get("cross_expert_dup_frac")), f(e.get("within_expert")), f(e.get("between_experts")),
+                         f(red.get("excess")), f(red.get("cofire"))))
         if r.get("baseline"):
             b = r["baseline"]
             kind = "baseline (topk blocks)" if b["kind"].startswith("random blocks") else "baseline (random unit)"
-            rows.append((name, "", "", kind, "-", "-", "-", f(b["within_expert"]), f(b["between_experts"])))
+            rows.append((name, "", "", kind, "-", "-", "-", f(b["within_expert"]), f(b["between_experts"]), "-", "-"))
     widths = [max(len(x) for x in col) for col in zip(head, *rows, strict=False)]
     return "\n".join("  ".join(x.ljust(w) for x, w in zip(row, widths, strict=False)) for row in [head, *rows])
 

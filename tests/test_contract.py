@@ -108,6 +108,11 @@ def test_every_architecture_keeps_the_whole_contract(arch, store, tmp_path, monk
     geo = geometry(GeometryConfig.from_omegaconf(compose_app("eval", [f"run={run.path}", "tsne=false", "device=cpu"],
                                                                      name="geometry")))[0][0]
     assert geo["n_latents"] == (layout.routed or layout.n_latents) and geo["n_experts"] == (layout.n_experts or None)
+    if layout.n_experts:  # every routed run: the redundancy block, co-firing measured on its held-out tokens
+        red = geo["redundancy"]
+        assert -1 <= red["overlap_random"] <= 1 and red["cofire_tokens"] > 0 and red["firings"] > 0
+    else:
+        assert geo["redundancy"] is None
     index = build_dashboard(DashboardConfig.from_omegaconf(compose_app(
         "eval", [f"run={run.path}", "n_features=3", "device=cpu", "progress=false"], name="dashboard")))
     pages = list(index.parent.glob("feature_*.html"))  # features that fired on the held-out rows, at most 3

@@ -12,8 +12,8 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from eval.geometry import (GeometryConfig, GeometryError, cross_expert_max, expert_similarity, group_max,
-                           nn_cosine, plan)
+from eval.geometry import (GeometryConfig, GeometryError, cofiring, cross_expert_max, cross_expert_partner,
+                           expert_similarity, group_max, nn_cosine, overlap_excess, plan)
 from tests.conftest import CONF, ROOT
 from train.saes import build, save
 
@@ -93,6 +93,36 @@ def test_cross_expert_duplicates():
 
 
 # ---------------------------------------------------------------------------------- config and CLI
+
+def test_cross_expert_partner_matches_brute_force():
+    torch.manual_seed(0)
+    w = torch.randn(24, 8)
+    best, partner = cross_expert_partner(w, 3, block=5)
+    unit = w / w.norm(dim=1, keepdim=True)
+    sims = unit @ unit.T
+    own = torch.arange(24) // 8
+    sims[own[:, None] == own[None]] = -torch.inf
+    torch.testing.assert_close(best, sims.max(1).values)
+    assert torch.equal(partner, sims.max(1).indices)
+
+
+def test_overlap_excess_is_0_for_random_and_1_for_copies():
+    torch.manual_seed(0)
+    random = cross_expert_partner(torch.randn(512, 16), 4, 128)[0].mean().item()
+    again = cross_expert_partner(torch.randn(512, 16), 4, 128)[0].mean().item()
+    assert abs(overlap_excess(again, random)) < 0.05
+    copies = torch.randn(128, 16).repeat(4, 1)  # every expert holds the same 128 directions
+    assert overlap_excess(cross_expert_partner(copies, 4, 128)[0].mean().item(), random) == pytest.approx(1.0)
+
+
+def test_cofiring_by_hand():
+    """Firings (token, latent): (0, 0), (0, 5), (1, 0), (2, 5), (2, 1); latents 0 and 5 are each other's
+    near-duplicates. Their firings: 4, of which 2 (token 0) have the partner firing too."""
+    rows, latents = torch.tensor([0, 0, 1, 2, 2]), torch.tensor([0, 5, 0, 5, 1])
+    got = cofiring(rows, latents, torch.tensor([[0, 5], [5, 0]]), 8)
+    assert got == {"firings": 5, "duplicate_firings": 4, "duplicate_firing_share": 0.8, "cofire": 0.5}
+    assert cofiring(rows, latents, torch.zeros(0, 2, dtype=torch.long), 8)["cofire"] is None
+
 
 def cfg(*overrides: str) -> GeometryConfig:
     with initialize_config_dir(config_dir=str(CONF / "eval"), version_base="1.3"):
