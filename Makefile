@@ -10,7 +10,7 @@ HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
 # nproc=R: harvest and train run as R processes under torchrun (one per GPU; docs/distributed.md)
 LAUNCH       := $(if $(nproc),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(nproc),$(PY))
 
-.PHONY: help setup test docs harvest bench-harvest train sweep bench-loader bench-data bench-stream gpu-check eval report geometry dashboard autointerp autointerp-demo demo s3-demo synth paper-cpu reproduce bench bench-dist bench-validation bench-store variants clean-venv
+.PHONY: help setup test docs harvest bench-harvest train sweep bench-loader bench-data bench-stream gpu-check eval report geometry dashboard autointerp autointerp-demo demo s3-demo synth synth-compare paper-cpu reproduce bench bench-dist bench-validation bench-store variants clean-venv
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
@@ -36,6 +36,7 @@ help:
 	@echo "make bench-stream          training tokens/s streaming from the LM vs from the cached demo store -> results/bench/stream.json"
 	@echo "make gpu-check             on a CUDA machine: the cuda tests, step times fp32/bf16, GPU wait for data, a GPU harvest (<= 10 min)"
 	@echo "make synth [ARGS='features=... d=...']   synthetic activations with a recorded ground truth -> data/activations/synth"
+	@echo "make synth-compare         every TopK-style architecture and routing against a synthetic truth at equal FLOPs -> results/synth"
 	@echo "make s3-demo               the demo with its store in a bucket of a loopback S3 server (offline) -> results/s3-demo"
 	@echo "make variants              every SAE variant (BatchTopK, JumpReLU, AuxK, Switch top-2/shared/bias) at equal FLOPs -> results/variants"
 	@echo "make paper-cpu             Figures 1 and 3 at CPU scale, 1.95M offline tokens -> results/paper_cpu (~60 min, 2 CPUs)"
@@ -137,6 +138,10 @@ synth: setup
 	$(PY) -m harvest.synth $(ARGS)
 
 # The demo against a loopback S3 server (conf/demo/s3.yaml): harvest into s3://, train through the cache, eval
+# The architectures against a known truth at equal training FLOPs (conf/demo/synth.yaml)
+synth-compare: setup
+	$(PY) -m pipeline.synth_compare $(ARGS)
+
 s3-demo: setup
 	$(PY) -m pipeline.s3_demo $(ARGS)
 

@@ -71,6 +71,10 @@ class EvalResult:
     truth_recovered: float | None = None  # true features whose best-matching decoder direction has cosine > 0.9
     truth_best_cos_mean: float | None = None  # mean over true features of that best cosine
     truth_duplicates: int | None = None  # latents matching (cos > 0.9) a true feature another latent matches better
+    # mean over the hierarchies' parents of 1 - (their best latent's recall where a child fires too) / (its recall
+    # where the parent fires alone): 0 = no absorption, 1 = a child always silences the parent's latent
+    truth_absorption: float | None = None
+    truth_parent_recall: float | None = None  # that latent's recall where the parent fires alone, mean over parents
     notes: list[str] = field(default_factory=list)  # what the numbers include and leave out, in words
 
     def __post_init__(self) -> None:

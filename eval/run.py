@@ -20,9 +20,9 @@ from omegaconf import DictConfig
 from eval.ce import ce_metrics
 from eval.options import HeldOutOptions
 from eval.result import EvalResult
-from eval.truth import recovery
+from eval.truth import absorption, best_match, recovery
 from harvest.lm import load_config, load_lm
-from harvest.synth import is_synthetic, read_truth
+from harvest.synth import is_synthetic, read_truth, true_codes
 from runtime.config import FLAG, NULL, Rule, integer, one_of
 from runtime.device import pick_device
 from runtime.errors import ToolkitError, reraise_as
@@ -109,18 +109,42 @@ def recon_and_cost(run: TrainedRun, cfg: EvalConfig) -> dict[str, Any]:
         "params": cost.params, "flops_forward_per_token": cost.forward, "flops_train_per_token": cost.train,
         "flops_train_dense_per_token": dense.train,
         "train_flops": cost.train * train_tokens,
-        **truth_metrics(run),
+        **truth_metrics(run, cfg.max_tokens, cfg.batch_size),
         "notes": notes,
     }
 
 
-def truth_metrics(run: TrainedRun) -> dict[str, Any]:
-    """The decoder directions against a synthetic store's true ones (eval/truth.py); {} on other stores."""
+def truth_metrics(run: TrainedRun, max_rows: int, batch_size: int) -> dict[str, Any]:
+    """A synthetic store's truth against the SAE (eval/truth.py); {} on other stores: the decoder directions
+    against the true ones, and absorption on the hierarchies over the first max_rows held-out rows."""
     if not is_synthetic(run.store):
         return {}
-    found = recovery(run.sae.decoder_directions().detach().cpu(), torch.from_numpy(read_truth(run.store).dictionary))
-    return {"truth_recovered": found["recovered"], "truth_best_cos_mean": found["best_cos_mean"],
-            "truth_duplicates": found["duplicates"]}
+    truth = read_truth(run.store)
+    learned, true = run.sae.decoder_directions().detach().cpu(), torch.from_numpy(truth.dictionary)
+    found = recovery(learned, true)
+    out = {"truth_recovered": found["recovered"], "truth_best_cos_mean": found["best_cos_mean"],
+           "truth_duplicates": found["duplicates"], "truth_absorption": None, "truth_parent_recall": None}
+    if not truth.parents:
+        return out
+    parents = torch.tensor(list(truth.parents))
+    children = [torch.tensor(kids) for kids in truth.parents.values()]
+    latent = best_match(learned, true[parents])  # [P]
+    fires, parent_on, child_on = [], [], []
+    for ids, x in run.held.rows_with_ids(max_rows):
+        chunk = int(ids[0]) // run.store.chunk_rows
+        codes = torch.from_numpy(true_codes(run.store, truth, chunk)[ids - chunk * run.store.chunk_rows]) > 0
+        parent_on.append(codes[:, parents])
+        child_on.append(torch.stack([codes[:, kids].any(1) for kids in children], dim=1))
+        with torch.no_grad():
+            for start in range(0, len(x), batch_size):
+                rows, latents, _ = run.sae.encode(torch.from_numpy(x[start:start + batch_size]).to(
+                    next(run.sae.parameters()).device)).nonzero()
+                dense = torch.zeros(min(batch_size, len(x) - start), learned.shape[0], dtype=torch.bool)
+                dense[rows.cpu(), latents.cpu()] = True
+                fires.append(dense[:, latent])
+    scored = absorption(torch.cat(fires), torch.cat(parent_on), torch.cat(child_on))
+    out.update(truth_absorption=scored["absorption"], truth_parent_recall=scored["parent_recall"])
+    return out
 
 
 def held_out_contexts(run: TrainedRun, n_seqs: int) -> torch.Tensor:

@@ -206,6 +206,14 @@ def read_truth(s: store.ActivationStore) -> Truth:
                  np.asarray(meta["cluster_of"]), {int(p): kids for p, kids in meta["parents"].items()}, meta["groups"])
 
 
+def true_codes(s: store.ActivationStore, truth: Truth, chunk: int) -> np.ndarray:
+    """The true codes [chunk_rows, F] of chunk `chunk` of a synthetic store (which features fired in each
+    row, with what magnitude), made again from the config the store records: a function of (seed, chunk)."""
+    recorded = s.attrs["synthetic"]["config"]
+    cfg = SynthConfig(store=str(s.path), tokens=s.n_rows, overwrite=False, progress=False, **recorded)
+    return truth.codes(cfg, np.random.default_rng([cfg.seed, 1, chunk]), cfg.chunk_rows)
+
+
 def synthesize(cfg: SynthConfig) -> store.ActivationStore:
     """Write the synthetic store of `cfg` (its truth first, then its chunks); a complete one of the
     same config is kept as it is. Refused in one line: a store of another config, or anything that

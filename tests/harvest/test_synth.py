@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from eval.truth import recovery
+from eval.truth import MIN_ROWS, absorption, recovery
 from harvest.config import HarvestError
 from harvest.store import ActivationStore, DamagedStore, verify
-from harvest.synth import DICTIONARY, SynthConfig, Truth, read_truth, synthesize
+from harvest.synth import DICTIONARY, SynthConfig, Truth, read_truth, synthesize, true_codes
 from runtime.config import compose_app
 from runtime.location import Location
 from eval.run import evaluate
@@ -42,6 +42,7 @@ def test_the_store_is_seeded_and_records_its_truth(tmp_path):
     codes, x = drawn.rows(cfg(tmp_path / "a"), 1)
     assert np.array_equal(a.read_chunk_raw(1), x.astype(np.float16))
     assert np.abs(x - codes @ truth.dictionary).std() < 0.01
+    assert np.array_equal(true_codes(a, truth, 1), codes)  # what eval reads back for absorption
 
 
 def test_the_structure_holds_in_the_codes(tmp_path):
@@ -72,6 +73,24 @@ def test_recovery_is_one_for_the_truth_and_near_zero_for_random_directions(tmp_p
     assert twice["recovered"] == 1.0 and twice["duplicates"] == 10
     random = recovery(torch.randn(200, 32, generator=torch.Generator().manual_seed(0)), true)
     assert random["recovered"] < 0.05 and random["best_cos_mean"] < 0.8
+
+
+def test_absorption_by_hand():
+    """Two parents over 4 MIN_ROWS rows: parent 0 fires everywhere, with a child in the second half;
+    parent 1 fires in the first 2 MIN_ROWS rows only with a child in rows MIN_ROWS .. 2 MIN_ROWS - 1."""
+    n = 4 * MIN_ROWS
+    half = torch.arange(n) >= 2 * MIN_ROWS
+    parent_on = torch.stack([torch.ones(n, dtype=torch.bool), ~half], 1)
+    child_on = torch.stack([half, (torch.arange(n) >= MIN_ROWS) & ~half], 1)
+    # parent 0's latent fires only without the child (fully absorbed); parent 1's fires on every parent row
+    fires = torch.stack([~half, ~half], 1)
+    got = absorption(fires, parent_on, child_on)
+    assert got == {"absorption": 0.5, "parent_recall": 1.0, "parents": 2}
+    # a latent that fires on half of the parent-alone rows and half of the child rows absorbs nothing
+    fires[:, 0] = torch.arange(n) % 2 == 0
+    assert absorption(fires, parent_on, child_on)["absorption"] == 0.0
+    # too few rows of either kind: not scored
+    assert absorption(fires[:MIN_ROWS], parent_on[:MIN_ROWS], child_on[:MIN_ROWS])["parents"] == 0
 
 
 def test_a_damaged_truth_is_named(tmp_path):
@@ -112,6 +131,7 @@ def test_the_cli_writes_a_store_an_sae_trains_on(tmp_path):
     [result] = evaluate(eval_config(tmp_path / "run", ce=True))
     assert result.ce_sae is None and any("no CE loss: the store is synthetic" in n for n in result.notes)
     assert 0 <= result.truth_recovered <= 1 and 0 < result.truth_best_cos_mean < 1 and result.truth_duplicates >= 0
+    assert result.truth_absorption is None or 0 <= result.truth_absorption <= 1
     sae = load(tmp_path / "run" / "sae")
     found = recovery(sae.decoder_directions().detach(), torch.from_numpy(read_truth(ActivationStore(tmp_path / "s")).dictionary))
     assert result.truth_recovered == found["recovered"]
