@@ -5,8 +5,9 @@ One run, one machine, the same inputs for every entry (d 768, batch 8192, k 32, 
   - dense `topk` M 24576; width-matched `switch` M 24576, N 4..64; FLOP-matched `switch` (every
     expert 24576 latents) N 2, 4, 8; `switch_reference` N 16: the reference code's algorithm (the
     full-width encoder for every token, then every other expert's latents masked out, plain autograd);
-  - the variants (`VARIANTS`): batchtopk and jumprelu M 24576, topk with AuxK, switch N 16 with AuxK,
-    two active experts, a shared expert (2048 of the 24576 latents) or the router bias;
+  - the variants (`VARIANTS`): batchtopk, matryoshka and jumprelu M 24576, topk with AuxK, switch N 16 with
+    AuxK, two active experts (k split, or one TopK over both: routing=global), a shared expert (2048 of the
+    24576 latents) or the router bias, and the Matryoshka Switch N 16;
   - each entry: median seconds of full training steps (forward, backward, projection, clip, Adam,
     renormalisation: `train.recipe.apply_update`, as the trainer runs them) after one warm-up step.
 
@@ -109,7 +110,7 @@ class Entry:
     compiled: bool  # torch.compile (--compile)
 
 
-# The variants of issue [4 of 5] (docs/benchmarks.md): constructor arguments beside d. AuxK entries run
+# The variants (docs/benchmarks.md): constructor arguments beside d. AuxK entries run
 # with one latent in ten marked dead (`DEAD_EVERY`), so that its extra work is timed; their bound counts
 # only the SAE's own formula (AuxK's work depends on how many latents are dead).
 VARIANTS = {
@@ -125,6 +126,11 @@ VARIANTS = {
                           shared_width=2048, shared_k=8),
     "switch_bias": dict(arch="switch", n_experts=16, expert_width=WIDTH // 16, k=K, alpha=SWITCH_ALPHA,
                         balance="bias", bias_rate=0.001),
+    "switch_top2_global": dict(arch="switch", n_experts=16, expert_width=WIDTH // 16, k=K, alpha=SWITCH_ALPHA,
+                               active_experts=2, routing="global"),
+    "matryoshka": dict(arch="matryoshka", width=WIDTH, k=K, theta_decay=0.99),
+    "matryoshka_switch": dict(arch="matryoshka_switch", n_experts=16, expert_width=WIDTH // 16, k=K,
+                              alpha=SWITCH_ALPHA),
 }
 DEAD_EVERY = 10
 

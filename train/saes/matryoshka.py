@@ -36,9 +36,10 @@ import torch
 from torch.nn import functional as F
 
 from runtime.config import Rule, list_of, number
-from train.saes.base import Output, SAELensForm, register, sq_error
 from train.saes.auxk import auxk_losses
+from train.saes.base import Output, SAELensForm, register, sq_error
 from train.saes.batchtopk import BatchTopKSAE, _offsets
+from train.saes.flops import Cost
 
 FRACTION: Rule = number(0, 1, lo_open=True, hi_open=True)
 
@@ -99,6 +100,15 @@ class MatryoshkaSAE(BatchTopKSAE):
     def check_model(cls, model: Mapping[str, Any]) -> None:
         super().check_model(model)
         prefix_widths(model["prefixes"], model["width"], "model.width")
+
+    @classmethod
+    def cost_formula(cls, d: int, *, width: int, k: int, sparse_backward: bool = False,
+                     dense_decoder: bool = False) -> Cost:
+        """BatchTopK's (and so TopK's): forward 2dM + 2kd; train 6dM + 6kd (dense backward), 2dM + 10kd
+        (sparse). The prefix reconstructions cost no matmul: one embedding bag of the B*k kept W_dec rows
+        gives every (token, group) sum, 2kd per token as BatchTopK's decoder, and the prefixes are their
+        running sums (elementwise). The G prefix errors are elementwise too. Parameters 2Md + M + d."""
+        return super().cost_formula(d, width=width, k=k, sparse_backward=sparse_backward, dense_decoder=dense_decoder)
 
     def config(self) -> dict[str, Any]:
         return {**super().config(), "prefixes": list(self.prefixes)}
