@@ -10,7 +10,7 @@ HARVEST_ARGS := $(if $(preset),preset=$(preset)) $(ARGS)
 # nproc=R: harvest and train run as R processes under torchrun (one per GPU; docs/distributed.md)
 LAUNCH       := $(if $(nproc),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(nproc),$(PY))
 
-.PHONY: help setup test docs harvest bench-harvest train sweep bench-loader bench-data bench-stream gpu-check eval report geometry dashboard autointerp autointerp-demo demo s3-demo synth synth-compare paper-cpu reproduce bench bench-dist bench-validation bench-store variants clean-venv
+.PHONY: help setup test docs harvest bench-harvest train sweep bench-loader bench-data bench-stream gpu-check eval report geometry absorption dashboard autointerp autointerp-demo demo s3-demo synth synth-compare paper-cpu reproduce bench bench-dist bench-validation bench-store variants clean-venv
 
 help:
 	@echo "make setup                 create .venv, install everything, build the offline model + corpus"
@@ -24,6 +24,7 @@ help:
 	@echo "make eval run=<run dir or sweep dir> [ARGS='ce=false ...']   metrics -> <run>/eval.json (stage 3)"
 	@echo "make report sweep=<dir>    pareto.png, scaling.png, report.md, runs.csv from evaluated runs"
 	@echo "make geometry run=<dir or [a,b]> [ARGS='topk_run=... tsne=false']   feature geometry -> <run>/geometry.json + PNGs"
+	@echo "make absorption run=<dir>  first-letter absorption on the run's held-out word tokens -> <run>/absorption.json"
 	@echo "make dashboard run=<dir> [ARGS='n_features=50']   static HTML feature dashboards -> <run>/dashboard/"
 	@echo "make autointerp run=<dir> ARGS='explainer.model=<name> ...'   detection scoring -> <run>/autointerp.json"
 	@echo "make autointerp-demo [run=<dir>]   the same end to end offline: its own transformers serve on the demo model, 5 features"
@@ -108,9 +109,12 @@ eval: .venv/.installed
 report: .venv/.installed
 	$(PY) -m eval.report $(if $(sweep),sweep=$(sweep)) $(ARGS)
 
-# Feature analyses (paper sections 4.3-4.4): conf/eval/{geometry,dashboard,autointerp}.yaml
+# Feature analyses (paper sections 4.3-4.4, and absorption): conf/eval/{geometry,absorption,dashboard,autointerp}.yaml
 geometry: .venv/.installed
 	$(PY) -m eval.geometry $(if $(run),run=$(run)) $(ARGS)
+
+absorption: .venv/.installed
+	$(PY) -m eval.absorption $(if $(run),run=$(run)) $(ARGS)
 
 dashboard: .venv/.installed
 	$(PY) -m eval.dashboard $(if $(run),run=$(run)) $(ARGS)

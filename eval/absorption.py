@@ -175,21 +175,21 @@ def score_rows(rows: np.ndarray, latents: np.ndarray, vals: np.ndarray, n_rows: 
 
 def word_rows(store: ActivationStore, chunks: list[int], cut: float | None, letters: np.ndarray, max_rows: int
               ) -> tuple[np.ndarray, np.ndarray]:
-    """(float32 rows [n, d], first letters [n]) of the word-token rows of `chunks` (outliers left out),
-    at most max_rows of them."""
+    """(float32 rows [n, d_in], first letters [n]) of the word-token rows of `chunks` (outliers left out),
+    at most max_rows of them; a transcoder's store gives its input rows."""
     from harvest.held_out import outliers
 
     xs, ys, n = [], [], 0
     for i, raw in zip(chunks, store.read_chunks(list(chunks)), strict=False):
         label = letters[store.read_tokens(i)]
         keep = (label >= 0) & ~outliers(raw, cut)
-        xs.append(store.as_float(raw)[keep][: max_rows - n])
+        xs.append(store.as_float(raw)[keep][: max_rows - n, : store.d_in])  # a transcoder's input only
         ys.append(label[keep][: max_rows - n])
         n += len(ys[-1])
         if n >= max_rows:
             break
     if not xs:
-        return np.zeros((0, store.d_model), np.float32), np.zeros(0, np.int64)
+        return np.zeros((0, store.d_in), np.float32), np.zeros(0, np.int64)
     return np.concatenate(xs), np.concatenate(ys)
 
 

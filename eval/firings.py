@@ -86,7 +86,7 @@ def scan(run: TrainedRun, device: torch.device, *, max_tokens: int, batch_size: 
     bar = tqdm(total=min(max_tokens, len(run.held.chunks) * C), unit="tok", desc="encode", disable=not progress)
     for ids, x in run.held.rows_with_ids(max_tokens, whole_chunks):
         for s in range(0, len(x), batch_size):
-            xb = torch.from_numpy(x[s : s + batch_size]).to(device)
+            xb = run.sae.split(torch.from_numpy(x[s : s + batch_size]).to(device))[0]  # a transcoder's input
             with torch.inference_mode():
                 r, j, v = run.sae.encode(xb).nonzero()
                 counts += torch.bincount(j, minlength=M)

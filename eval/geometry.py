@@ -497,7 +497,7 @@ def redundancy(t: Target, sae: SAE, w: torch.Tensor, cfg: GeometryConfig, device
     sae.eval()
     firings, seen = [], 0
     for x in held.rows(cfg.cofire_tokens):
-        rows, latents, _ = sae.encode(x.to(device)).nonzero()
+        rows, latents, _ = sae.encode(sae.split(x.to(device))[0]).nonzero()  # a transcoder reads its input
         routed = latents < m  # a shared expert's latents are in no expert
         firings.append((rows[routed] + seen, latents[routed]))
         seen += len(x)

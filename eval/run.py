@@ -137,8 +137,8 @@ def truth_metrics(run: TrainedRun, max_rows: int, batch_size: int) -> dict[str, 
         child_on.append(torch.stack([codes[:, kids].any(1) for kids in children], dim=1))
         with torch.no_grad():
             for start in range(0, len(x), batch_size):
-                rows, latents, _ = run.sae.encode(torch.from_numpy(x[start:start + batch_size]).to(
-                    next(run.sae.parameters()).device)).nonzero()
+                batch = torch.from_numpy(x[start:start + batch_size]).to(next(run.sae.parameters()).device)
+                rows, latents, _ = run.sae.encode(run.sae.split(batch)[0]).nonzero()
                 dense = torch.zeros(min(batch_size, len(x) - start), learned.shape[0], dtype=torch.bool)
                 dense[rows.cpu(), latents.cpu()] = True
                 fires.append(dense[:, latent])
@@ -204,16 +204,20 @@ def _add_ce(runs: list[TrainedRun], results: dict[Path, dict[str, Any]], cfg: Ev
             ) -> None:
     """CE metrics for every run; runs with the same store and cut share the clean and zero passes."""
     groups: dict[tuple, list[TrainedRun]] = {}
-    for r in runs:
-        groups.setdefault((r.store.location.identity, r.held.cut), []).append(r)
+    for r in runs:  # a transcoder's group: its target store too (a PairedStore's)
+        target = getattr(r.store, "target", None)
+        groups.setdefault((r.store.location.identity, target and target.location.identity, r.held.cut), []).append(r)
     for group in groups.values():
         store = group[0].store
+        target = getattr(store, "target", None)
+        site, source = (store.site, None) if target is None else (target.site, store.site)
         model, _ = load_lm(store.model, device)
         contexts = held_out_contexts(group[0], cfg.ce_seqs)
         for start in range(0, len(group), CE_GROUP):
             part = group[start : start + CE_GROUP]
-            out = ce_metrics(model, store.layer, store.site, {str(r.dir): r.sae for r in part}, contexts,
-                             store.first_pos, part[0].held.cut, cfg.ce_batch, getattr(torch, cfg.dtype), cfg.progress)
+            out = ce_metrics(model, store.layer, site, {str(r.dir): r.sae for r in part}, contexts,
+                             store.first_pos, part[0].held.cut, cfg.ce_batch, getattr(torch, cfg.dtype), cfg.progress,
+                             source)
             for r in part:
                 results[r.dir.path].update(out[str(r.dir)])
                 results[r.dir.path]["notes"].append(f"CE over {out[str(r.dir)]['ce_tokens']:,} predictions of "

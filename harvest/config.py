@@ -17,7 +17,7 @@ from runtime.config import (DEVICE, FLAG, NULL, Rule, as_whole, check_values, fl
                             one_of, text)
 from runtime.errors import ToolkitError
 
-SITES = ("resid_post", "attn_out", "mlp_out")
+SITES = ("resid_post", "attn_out", "mlp_in", "mlp_out")  # mlp_in: the MLP's input (what a transcoder reads)
 CODECS = ("blosc_zstd", "zstd", "none")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 STORE_DTYPES = ("float16", "bfloat16")

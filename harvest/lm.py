@@ -23,6 +23,14 @@ _SUBMODULES = {
     "attn_out": ("attn", "self_attn", "attention", "self_attention"),
     "mlp_out": ("mlp", "feed_forward", "ffn"),
 }
+# Sites read at the INPUT of another site's module: mlp_in is what the MLP reads (the residual stream
+# after the block's second norm), mlp_out what it writes; a transcoder maps the one to the other.
+_INPUT_OF = {"mlp_in": "mlp_out"}
+
+
+def reads_input(site: str) -> bool:
+    """Whether the site's activation is its module's input (else its output)."""
+    return site in _INPUT_OF
 
 
 def load_config(name: str) -> PretrainedConfig:
@@ -95,14 +103,16 @@ def blocks(model: nn.Module) -> nn.ModuleList:
 
 
 def site_module(model: nn.Module, layer: int, site: str) -> nn.Module:
-    """The module whose output is the activation at (layer, site)."""
+    """The module whose output (or, for a site that `reads_input`, whose input) is the activation at
+    (layer, site)."""
     block = blocks(model)[layer]
     if site == "resid_post":
         return block
-    for name in _SUBMODULES[site]:
+    names = _SUBMODULES[_INPUT_OF.get(site, site)]
+    for name in names:
         if isinstance(getattr(block, name, None), nn.Module):
             return getattr(block, name)
-    raise HarvestError(f"{type(block).__name__} has no sub-module for site {site!r} (looked for {_SUBMODULES[site]})")
+    raise HarvestError(f"{type(block).__name__} has no sub-module for site {site!r} (looked for {names})")
 
 
 def _first(output: torch.Tensor | tuple) -> torch.Tensor:
@@ -124,11 +134,12 @@ class SitesReader:
     def __init__(self, model: nn.Module, sites: list[tuple[int, str]], dtype: torch.dtype = torch.float32):
         self.model, self.sites, self.dtype = model, list(sites), dtype
         self._modules = [site_module(model, layer, site) for layer, site in self.sites]
+        self._inputs = [reads_input(site) for _, site in self.sites]
         self._out: list[torch.Tensor | None] = [None] * len(self.sites)
 
     def _hook(self, k: int) -> Callable:
         def keep(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
-            self._out[k] = _first(output)
+            self._out[k] = args[0] if self._inputs[k] else _first(output)
             if all(out is not None for out in self._out):
                 raise _Stop
 

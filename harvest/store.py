@@ -743,7 +743,7 @@ class ActivationStore:
 
     model: str = _attr("model", "The LM the activations come from (hub id or local folder).")
     layer: int = _attr("layer", "The block whose site was read.")
-    site: str = _attr("site", "resid_post | attn_out | mlp_out.")
+    site: str = _attr("site", "resid_post | attn_out | mlp_in | mlp_out.")
     n_layers: int | None = _attr("n_layers", "Blocks of the LM (None if the store does not record it).", None)
     harvest_config: dict[str, Any] = _attr("config", "The full harvest config that wrote the store.")
     held_out_only: bool = _attr("held_out_only", "Every row comes from held-out text (a streaming run's held-out "
@@ -762,6 +762,11 @@ class ActivationStore:
     # ------------------------------------------------------------------ layout
 
     d_model: int = _attr("d_model", "Width d of a row.")
+
+    @property
+    def d_in(self) -> int:
+        """The width of what an SAE reads of a row: d_model (harvest/paired.py's pair reads its source's)."""
+        return self.d_model
     acts_dtype: str = _attr("acts_dtype", "float16 | bfloat16 (kept as uint16 bits).")
     context_size: int = _attr("context_size", "Tokens per sequence.")
     first_pos: int = _attr("first_pos", "Position of a sequence's first stored row: 1 when position 0 was left out.")

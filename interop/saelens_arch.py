@@ -68,6 +68,10 @@ def to_saelens(sae: SAE) -> SAELensForm:
     if type(sae).saelens_architecture is None:
         raise ArchError(f"architecture {sae.arch!r} has no SAELens counterpart: {type(sae).saelens_refusal} "
                         f"(exportable: {', '.join(exportable())})")
+    if sae.transcoder:
+        raise ArchError(f"this {sae.arch} SAE is a transcoder, which has no SAELens counterpart here: SAELens's "
+                        "transcoders (transcoder, skip_transcoder) encode with a plain ReLU, ours with "
+                        f"{sae.display_name}'s rule")
     out = sae.to_saelens()
     out.tensors = {name: t.detach().float().contiguous().clone() for name, t in out.tensors.items()}
     return out

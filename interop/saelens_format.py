@@ -44,8 +44,9 @@ METADATA_KEY = "switch_sae"  # our own block inside metadata: the architecture a
 # our store sites -> TransformerLens hook name of block L
 HOOKS = {"resid_post": "blocks.{layer}.hook_resid_post",
          "attn_out": "blocks.{layer}.hook_attn_out",
+         "mlp_in": "blocks.{layer}.hook_mlp_in",
          "mlp_out": "blocks.{layer}.hook_mlp_out"}
-_HOOK = re.compile(r"blocks\.(\d+)\.hook_(resid_post|resid_pre|attn_out|mlp_out)")
+_HOOK = re.compile(r"blocks\.(\d+)\.hook_(resid_post|resid_pre|attn_out|mlp_in|mlp_out)")
 
 
 class SAELensFormatError(ToolkitError):

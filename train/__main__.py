@@ -49,7 +49,7 @@ def check(cfg: DictConfig) -> None:
     else:
         store = open_store(typed)
         split_chunks(typed, store, Dist(0, world, 0, torch.device("cpu")))
-        d = store.d_model
+        d = store.d_in
     run_length(typed, typed.flops_per_token(d))
 
 

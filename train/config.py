@@ -48,6 +48,7 @@ RUNTIME_KEYS = tuple(OmegaConf.load(CONF / "train.yaml").hydra.job.config.overri
 class DataConfig:
     source: str  # "store" | "stream"
     store: str
+    target: str | None  # a transcoder's target site (a store of the same harvest as `store`); None: an autoencoder
     eval_frac: float
     window_chunks: int
     threads: int | str  # "auto": every core
@@ -139,11 +140,13 @@ class TrainConfig:
         return {key: value for key, value in self.model.items() if key != "arch"}
 
     def sae_kwargs(self, d: int) -> dict[str, Any]:
-        """Constructor arguments of the architecture for inputs of width d (its `constructor_kwargs`)."""
+        """Constructor arguments of the architecture for inputs of width d (its `constructor_kwargs`, and
+        transcoder=True with data.target)."""
         try:
-            return REGISTRY[self.model["arch"]].constructor_kwargs(self._model_keys(), d)
+            kwargs = REGISTRY[self.model["arch"]].constructor_kwargs(self._model_keys(), d)
         except ValueError as e:
             raise TrainError(str(e)) from None
+        return {**kwargs, "transcoder": True} if self.data.target is not None else kwargs
 
     def flops_per_token(self, d: int) -> float:
         """Training FLOPs per token of this SAE on inputs of width d, as the loop counts them for a
@@ -151,7 +154,8 @@ class TrainConfig:
         sae = REGISTRY[self.model["arch"]]
         kwargs = self.sae_kwargs(d)
         sizes = {name: kwargs[name] for name in sae.size_args}
-        return cost(sae.arch, d, sparse_backward=sae.sparse_codes, **sizes).train
+        return cost(sae.arch, d, sparse_backward=sae.sparse_codes, transcoder=kwargs.get("transcoder", False),
+                    skip=kwargs.get("skip", False), **sizes).train
 
     def validate(self) -> None:
         """The model's keys (its architecture's `check_model`), the checks across keys, and that the
@@ -182,6 +186,16 @@ class TrainConfig:
                  (not self.data.streamed or self.data.eval_frac > 0,
                   "data.source=stream holds out documents for validation and eval: data.eval_frac must be > 0")],
                 TrainError)
+        if self.data.target is not None:
+            transcoding = ", ".join(name for name, c in REGISTRY.items() if c.transcodes)
+            require([(sae.transcodes, f"data.target makes a transcoder, which model={arch} cannot be (those that "
+                                      f"can: {transcoding})"),
+                     (not self.data.streamed, "data.target reads a store: a transcoder trains with data.source=store"),
+                     (ep == 1, "expert_parallel trains autoencoders only; a transcoder (data.target) trains with "
+                               "expert_parallel=1")], TrainError)
+        elif self.model.get("skip"):
+            raise TrainError("model.skip=true is a transcoder's skip connection: it needs data.target (the site to "
+                             "reconstruct)")
         if self.data.streamed:
             self.data.stream_config()
         with reraise_as(TrainError):
@@ -195,6 +209,7 @@ WHOLE_KEYS = ("dead_window", "eval_tokens", "data.shuffle_tokens", "data.held_ou
 RULES: dict[str, Rule] = {
     "data.source": one_of("store", "stream"),
     "data.store": text("a path or an URL"),
+    "data.target": text("a path or an URL") | NULL,
     # held out: every round(1/eval_frac)-th chunk, at least every 2nd (harvest.held_out.held_out_period)
     "data.eval_frac": number(0, 0.5).saying("a number in [0, 0.5] (every round(1/eval_frac)-th chunk is held "
                                             "out, at most every 2nd)"),

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from harvest import held_out
 from harvest.cache import ChunkCache
 from harvest.held_out import HeldOut
+from harvest.paired import PairedStore
 from harvest.run import check_model
 from harvest.store import ActivationStore
 from harvest.stream import StreamLM, write_held_out
@@ -60,16 +61,25 @@ from train.stream import StreamBatches
 from train.validation import Validator
 
 
-def open_store(cfg: TrainConfig) -> ActivationStore:
-    """The run's store, read through a local chunk cache when `data.cache_dir` is set."""
+def open_store(cfg: TrainConfig) -> ActivationStore | PairedStore:
+    """The run's store, read through a local chunk cache when `data.cache_dir` is set; a transcoder's
+    (data.target) paired with its target's (harvest/paired.py: rows [x | y])."""
+    store = _open_one(cfg, cfg.data.store, "data.store")
+    if cfg.data.target is None:
+        return store
+    with reraise_as(TrainError):
+        return PairedStore(store, _open_one(cfg, cfg.data.target, "data.target"))
+
+
+def _open_one(cfg: TrainConfig, path: str, key: str) -> ActivationStore:
     cache = None if cfg.data.cache_dir is None else \
-        ChunkCache(cfg.data.cache_dir, cfg.data.cache_gb * 1e9, Location.of(cfg.data.store).identity)
+        ChunkCache(cfg.data.cache_dir, cfg.data.cache_gb * 1e9, Location.of(path).identity)
     try:
-        store = ActivationStore(cfg.data.store, cache=cache)
+        store = ActivationStore(path, cache=cache)
     except FileNotFoundError:
-        raise TrainError(f"data.store {cfg.data.store} is not an activation store (run `make harvest` first)") from None
+        raise TrainError(f"{key} {path} is not an activation store (run `make harvest` first)") from None
     if not store.complete and not cfg.data.allow_incomplete:
-        raise TrainError(f"store {cfg.data.store} is incomplete ({store.n_rows:,} tokens so far); finish the harvest "
+        raise TrainError(f"store {path} is incomplete ({store.n_rows:,} tokens so far); finish the harvest "
                          "or pass data.allow_incomplete=true")
     return store
 
@@ -132,11 +142,26 @@ def check_same_run(cfg: TrainConfig, run: RunDir) -> None:
         return
     old = flatten(run.read_config())
     new = flatten(json.loads(json.dumps(cfg.to_dict())))  # tuples as lists, as the saved YAML has them
+    added = added_keys(cfg.model["arch"])  # keys newer than the run: absent there means their default
     diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-            if k not in RUNTIME_KEYS and old.get(k) != new.get(k)]
+            if k not in RUNTIME_KEYS and old.get(k) != new.get(k)
+            and not (k not in old and k in added and added[k] == new.get(k))]
     if diff:
         raise TrainError(f"{run} holds a run with other settings ({', '.join(diff)}); use another run "
                          "directory or delete this one")
+
+
+def added_keys(arch: str) -> dict[str, Any]:
+    """Every key of conf/train/train.yaml and conf/train/model/<arch>.yaml with its default, flattened as a
+    run's config is: a run trained before a key existed ran with what is now its default."""
+    from omegaconf import OmegaConf
+
+    from train.config import CONF
+    from train.saes.base import model_yaml
+
+    train_yaml = OmegaConf.to_container(OmegaConf.load(CONF / "train.yaml"))
+    train_yaml = {k: v for k, v in train_yaml.items() if k not in ("defaults", "hydra")}
+    return {**flatten(train_yaml), **flatten({"model": model_yaml(arch)})}
 
 
 # ------------------------------------------------------------------------------------ the recipe
@@ -188,14 +213,15 @@ class Trainer:
 
     def train_step(self) -> Output:
         """One optimizer step on the next batch; stops every rank at once if the loss is not finite."""
-        x = next(self.batches)
+        rows = next(self.batches)  # [B, d], or a transcoder's [B, 2 d]: x and its target side by side
+        x, target = self.sae.split(rows)
         self.sae.schedule(self.length.elapsed(self.step, self.seconds), self.length.total)
         if self.sae.uses_dead_latents:
             self.sae.dead = self.dead.mask()  # AuxK revives these
         for group in self.opt.param_groups:
             group["lr"] = self.lr()
         with autocast(self.dist.device, self.dtype):
-            out = self.model(x)
+            out = self.model(x) if target is x else self.model(x, target)
         loss = out.losses["loss"]
         total = self.dist.all_reduce_sum(loss.detach())  # the same on every rank
         if not torch.isfinite(total):
@@ -313,9 +339,9 @@ def resume(cfg: TrainConfig, run: RunDir, sae: SAE, dead: DeadLatents, store: Ac
                          f"{', '.join(missing) or 'sae.b_pre'}); delete it to train this run from scratch, or use "
                          "another run directory")
     d = state["sae"]["b_pre"].shape[0]
-    if d != store.d_model:
+    if d != store.d_in:
         raise TrainError(f"{run} holds a run on d={d} activations, but the store {cfg.data.store} has "
-                         f"d={store.d_model}; use another run directory")
+                         f"d={store.d_in}; use another run directory")
     try:
         sae.load_state_dict(state["sae"])
     except RuntimeError:
@@ -491,7 +517,7 @@ def _train(cfg: TrainConfig, run: RunDir, store: ActivationStore | None, dist: D
         source, (train_ids, _) = None, split_chunks(cfg, store, dist)
 
     torch.manual_seed(cfg.seed)
-    sae = _build(cfg, store.d_model).to(dist.device)  # the whole SAE, sharded by layout.prepare below
+    sae = _build(cfg, store.d_in).to(dist.device)  # the whole SAE, sharded by layout.prepare below
     flops_per_token = algorithmic_cost(sae).train
     length, every = run_length(cfg, flops_per_token)
     dead = DeadLatents(sae.n_latents, cfg.dead_window, dist.device)

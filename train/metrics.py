@@ -86,14 +86,15 @@ class ReconMetrics:
 @torch.inference_mode()
 def reconstruction_metrics(sae: SAE, rows: Iterable[torch.Tensor], *, batch_size: int, dead_window: int | None,
                            dtype: torch.dtype) -> dict[str, Any]:
-    """Run the SAE over `rows` (tensors [n, d], any n) and return the metrics of the module docstring."""
+    """Run the SAE over `rows` (tensors [n, d], any n; a transcoder's [n, 2 d], its input and target side by
+    side) and return the metrics of the module docstring (of the reconstruction against the target)."""
     device = next(sae.parameters()).device
     layout = sae.layout()
     acc = ReconMetrics(layout.d, layout.n_latents, layout.n_experts or None, dead_window)
     for chunk in rows:
-        for x in chunk.split(batch_size):
-            x = x.to(device)
+        for batch in chunk.split(batch_size):
+            x, target = sae.split(batch.to(device))  # a transcoder's rows: [x | its target]
             with autocast(device, dtype):
-                out = sae(x)
-            acc.update(x.float(), out.recon.float(), out.codes)
+                out = sae(x) if target is x else sae(x, target)
+            acc.update(target.float(), out.recon.float(), out.codes)
     return acc.result()

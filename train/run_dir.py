@@ -37,8 +37,9 @@ from omegaconf import OmegaConf
 from safetensors import SafetensorError
 
 from harvest.held_out import HeldOut
+from harvest.paired import PairedStore
 from harvest.store import ActivationStore
-from runtime.errors import ToolkitError
+from runtime.errors import ToolkitError, reraise_as
 from runtime.files import read_text_file, write_atomic, write_json, write_text
 from runtime.lock import WriterLock
 from train.config import RULES
@@ -153,7 +154,8 @@ class RunDir:
             if not rule.ok(data.get(key)):
                 raise RunError(f"{self.path / self.CONFIG}: data.{key} must be {rule.allowed}, got {data.get(key)!r}")
         store = str(self.path / self.HELD_OUT) if data.get("source") == "stream" else data["store"]
-        return RunConfig(dict(config["model"]), store, float(data["eval_frac"]), data.get("outlier_factor"))
+        return RunConfig(dict(config["model"]), store, float(data["eval_frac"]), data.get("outlier_factor"),
+                         data.get("target"))
 
     def write_import_config(self, store: str, eval_frac: float, outlier_factor: float | None,
                             model: dict[str, Any], imported: dict[str, Any]) -> None:
@@ -329,6 +331,12 @@ class RunDir:
 
     # ------------------------------------------------------------------ reading a finished run
 
+    def _store(self, path: str) -> ActivationStore:
+        try:
+            return ActivationStore(path)
+        except FileNotFoundError:
+            raise RunError(f"store {path} of run {self.path} is not an activation store") from None
+
     def check_trained(self, what: str = "run") -> None:
         """RunError unless the folder exists and holds a trained SAE."""
         if not self.path.exists():
@@ -346,14 +354,14 @@ class RunDir:
             raise RunError(f"{self.path} has no {self.CONFIG}: not a training run directory")
         config = self.run_config()
         store_path = store or config.store
-        try:
-            acts = ActivationStore(store_path)
-        except FileNotFoundError:
-            raise RunError(f"store {store_path} of run {self.path} is not an activation store") from None
+        acts = self._store(store_path)
+        if config.target is not None:  # a transcoder reads its input and target side by side
+            with reraise_as(RunError):
+                acts = PairedStore(acts, self._store(config.target))
         sae = self.load_sae(device).eval()
-        if sae.d != acts.d_model:
+        if sae.d != acts.d_in:
             raise RunError(f"run {self.path} is an SAE on d={sae.d} activations but store {store_path} has "
-                           f"d={acts.d_model}")
+                           f"d={acts.d_in}")
         trained_on = self.read_store()
         if trained_on is not None:
             now = acts.identity()
@@ -407,6 +415,7 @@ class RunConfig:
     store: str  # the activation store it trained on (data.store), or a streaming run's held-out store
     eval_frac: float  # data.eval_frac: the held-out split it trained without
     outlier_factor: float | None  # data.outlier_factor: the norm cut's factor (None: every row kept)
+    target: str | None = None  # data.target: a transcoder's target store (None: an autoencoder)
 
     @property
     def arch(self) -> str:

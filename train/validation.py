@@ -34,17 +34,17 @@ class Validator:
     @torch.inference_mode()
     def __call__(self, sae: SAE) -> dict[str, Any]:
         """encode + decode of every sample row (no losses, so no collective even in a data-parallel
-        Switch) -> the metrics of `train.metrics.ReconMetrics` with `eval_tokens` the rows used."""
+        Switch; a transcoder's reconstruction against its target) -> the metrics of `train.metrics.ReconMetrics` with `eval_tokens` the rows used."""
         layout = sae.layout()
         acc = ReconMetrics(layout.d, layout.n_latents, layout.n_experts or None, dead_window=None)
         training = sae.training
         sae.eval()  # the inference rule, as eval will measure it (BatchTopK's threshold)
         try:
-            for x in self.x.split(self.batch_size):
+            for rows in self.x.split(self.batch_size):
+                x, target = sae.split(rows)  # a transcoder's rows hold its target beside its input
                 with autocast(self.device, self.dtype):
-                    codes = sae.encode(x)
-                    recon = sae.decode(codes)
-                acc.update(x, recon.float(), codes)
+                    codes, recon = sae.reconstruct(x)
+                acc.update(target, recon.float(), codes)
         finally:
             sae.train(training)
         out = acc.result()

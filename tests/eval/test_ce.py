@@ -45,3 +45,38 @@ def test_rows_above_the_cut_stay_clean(tiny_gpt2):
     out = ce_metrics(model, 1, "resid_post", {"zero": zero_topk(32)}, ids, 1, cut=1e-6)["zero"]
     assert out["ce_zero"] == out["ce_clean"] == out["ce_sae"] and out["loss_recovered"] is None
     assert out["ce_rows_kept_clean"] == 2 * 15
+
+
+class _Exact:
+    """Stands in for an SAE where only the patch is under test: `reconstruct` is a given function of the
+    input (a real module of the LM)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def reconstruct(self, x):
+        return None, self.fn(x)
+
+
+@pytest.mark.parametrize("which", ["tiny_gpt2", "tiny_llama"])
+def test_a_transcoder_patch_replaces_the_mlp_output_by_its_output_for_the_mlp_input(request, which):
+    """Source mlp_in, site mlp_out: a "transcoder" that is the block's own MLP recovers everything, one
+    that outputs zeros is the zero-ablated MLP; an autoencoder on mlp_in is patched before the MLP runs."""
+    from harvest.lm import site_module
+
+    import copy
+
+    model, _ = load_lm(str(request.getfixturevalue(which)), torch.device("cpu"))
+    mlp = copy.deepcopy(site_module(model, 1, "mlp_out"))  # a copy: the LM's own module carries the hooks
+    ids = torch.randint(0, 500, (4, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = ce_metrics(model, 1, "mlp_out", {"mlp": _Exact(mlp), "zero": _Exact(torch.zeros_like)}, ids, 1,
+                         source="mlp_in")
+    assert out["mlp"]["ce_sae"] == pytest.approx(out["mlp"]["ce_clean"], abs=1e-5)
+    assert out["mlp"]["loss_recovered"] == pytest.approx(1.0, abs=1e-4) and out["mlp"]["kl"] < 1e-6
+    assert out["zero"]["ce_sae"] == pytest.approx(out["zero"]["ce_zero"], abs=1e-6) and out["zero"]["kl"] > 0
+    # an autoencoder on mlp_in: the identity changes nothing, zeros feed the MLP zeros (not the MLP's output)
+    with torch.no_grad():
+        auto = ce_metrics(model, 1, "mlp_in", {"id": _Exact(lambda x: x), "zero": _Exact(torch.zeros_like)}, ids, 1)
+    assert auto["id"]["loss_recovered"] == pytest.approx(1.0, abs=1e-4)
+    assert auto["zero"]["ce_sae"] == auto["zero"]["ce_zero"]

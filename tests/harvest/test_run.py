@@ -23,7 +23,7 @@ def _digest(folder: Path) -> str:
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    ({"site": "mlp_in"}, "site must be one of resid_post, attn_out, mlp_out, or a list of them, got 'mlp_in'"),
+    ({"site": "mlp_mid"}, "site must be one of resid_post, attn_out, mlp_in, mlp_out, or a list of them, got 'mlp_mid'"),
     ({"layer": 4}, r"layer 4 is out of range: .* has blocks 0\.\.3"),
     ({"layer": "[1,9]", "store": "'{store}_{layer}'"}, r"layer 9 is out of range: .* has blocks 0\.\.3"),
     ({"tokens": 29}, "tokens=29 is below one chunk"),

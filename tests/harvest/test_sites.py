@@ -99,3 +99,24 @@ def test_kill_9_then_resume_gives_the_single_site_stores(tiny_gpt2, corpus_jsonl
     assert clean.returncode == 0, clean.stderr
     for layer, site in SITES:
         _same_store(tmp_path / "killed" / f"{site}{layer}", tmp_path / "clean" / f"{site}{layer}")
+
+
+def test_mlp_in_and_mlp_out_from_one_pass_are_the_mlp_s_input_and_output(tiny_gpt2, corpus_jsonl, tmp_path):
+    """A transcoder's two sites: the block's MLP applied to the mlp_in rows gives the mlp_out rows (up to the
+    stores' float16), row for row."""
+    import torch
+
+    from harvest.lm import load_lm, site_module
+
+    overrides = harvest_overrides(tiny_gpt2, corpus_jsonl, "x", layer=2, site="[mlp_in,mlp_out]", tokens=300)
+    harvest(compose(overrides + [f"store='{tmp_path}/{{site}}'"]))
+    x_in, x_out = (ActivationStore(tmp_path / site) for site in ("mlp_in", "mlp_out"))
+    assert x_in.site == "mlp_in" and x_in.n_rows == x_out.n_rows
+    model, _ = load_lm(tiny_gpt2, torch.device("cpu"))
+    mlp = site_module(model, 2, "mlp_out")
+    for i in range(x_in.n_chunks):
+        with torch.no_grad():
+            predicted = mlp(torch.from_numpy(x_in.read_chunk(i))).numpy()
+        stored = x_out.read_chunk(i)
+        assert abs(predicted - stored).max() <= 2e-3 * max(1.0, abs(stored).max())
+        assert abs(x_in.read_chunk(i) - stored).max() > 0.1  # not the same activation twice

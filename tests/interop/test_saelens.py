@@ -412,8 +412,9 @@ def test_hook_names_follow_transformer_lens():
     assert hook_name(8, "resid_post") == "blocks.8.hook_resid_post"  # the paper's GPT-2 site
     assert [hook_name(3, site) for site in ("attn_out", "mlp_out")] == ["blocks.3.hook_attn_out",
                                                                          "blocks.3.hook_mlp_out"]
-    with pytest.raises(SAELensFormatError, match="site 'mlp_in' has no TransformerLens hook name"):
-        hook_name(3, "mlp_in")
+    assert hook_name(3, "mlp_in") == "blocks.3.hook_mlp_in" and parse_hook("blocks.3.hook_mlp_in") == (3, "mlp_in")
+    with pytest.raises(SAELensFormatError, match="site 'mlp_mid' has no TransformerLens hook name"):
+        hook_name(3, "mlp_mid")
     assert parse_hook("blocks.8.hook_resid_post") == parse_hook("blocks.9.hook_resid_pre") == (8, "resid_post")
     assert parse_hook("blocks.0.hook_resid_pre") is None and parse_hook("blocks.8.attn.hook_z") is None
     # a config of SAELens before 6.0, read as SAELens 6 reads it

@@ -21,6 +21,18 @@ def test_the_shipped_demo_config_is_valid_for_every_stage():
     assert eval_cfg.run == "results/demo/runs"
 
 
+def test_the_variants_config_is_valid_for_every_stage_and_covers_every_architecture():
+    from eval.absorption import AbsorptionConfig
+    from train.saes import REGISTRY
+
+    cfg = compose_app("demo", [], "variants")
+    _, runs, _ = plan(cfg)
+    assert {r.model["arch"] for r in runs.values()} == set(REGISTRY)  # every architecture at one FLOP budget
+    assert {r.budget for r in runs.values()} == {"flops:1e12"}
+    assert runs["switch_top2_global"].model["routing"] == "global"
+    AbsorptionConfig.from_omegaconf(compose_app("eval", [*cfg.absorption, "run=x"], "absorption"))
+
+
 def test_the_cpu_replication_config_is_valid_for_every_stage():
     harvest_cfg, runs, _ = plan(compose_app("demo", [], "paper_cpu"))
     assert harvest_cfg.tokens == 1_950_000 and harvest_cfg.store.endswith("_2m") and len(runs) == 19

@@ -156,6 +156,16 @@ def test_relaunching_a_run_folder_with_other_settings_is_refused(store, tmp_path
         train(make_cfg(store, "model.width=64", "model.k=8", "budget=steps:20"), tmp_path / "run")
     # runtime keys may change: this relaunch just finds the finished run
     train(make_cfg(store, "model.width=64", "model.k=4", "budget=steps:10", "log_every=3", "progress=true"), tmp_path / "run")
+    # a run trained before a key existed (its config.yaml lacks it) ran with what is now the key's default
+    import yaml
+
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    del config["model"]["skip"], config["data"]["target"]
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(config))
+    train(make_cfg(store, "model.width=64", "model.k=4", "budget=steps:10"), tmp_path / "run")
+    with pytest.raises(TrainError, match=r"other settings \(data.target: None -> .*, model.skip: None -> True\)"):
+        train(make_cfg(store, f"data.target={store}", "model.width=64", "model.k=4", "model.skip=true",
+                       "budget=steps:10"), tmp_path / "run")
 
 
 def test_incomplete_store_and_infinite_loss(tmp_path):

@@ -82,13 +82,16 @@ def auxk_error(xc: torch.Tensor, resid: torch.Tensor, w_enc: torch.Tensor, b_enc
     return (e_hat - resid.detach()).pow(2).sum(dim=1).mul(has_dead).sum()
 
 
-def auxk_losses(sae: SAE, x: torch.Tensor, recon: torch.Tensor, mse: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The loss terms of a single-dictionary SAE (W_enc, b_enc, W_dec [M, d], b_pre): {loss, mse}, and
-    with AuxK on (`sae.aux_k` > 0) also auxk, added to loss with weight `sae.aux_coeff`."""
+def auxk_losses(sae: SAE, x: torch.Tensor, recon: torch.Tensor, mse: torch.Tensor,
+                target: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The loss terms of a single-dictionary SAE (W_enc, b_enc, W_dec [M, d], b_pre) that read x and
+    reconstructed `target` (None: x) as recon: {loss, mse}, and with AuxK on (`sae.aux_k` > 0) also auxk,
+    added to loss with weight `sae.aux_coeff`."""
     if not sae.aux_k:
         return {"loss": mse, "mse": mse}
     dead = sae.dead_rows()
+    residual = (x if target is None else target) - recon
     auxk = x.new_zeros(()) if dead is None else auxk_error(
-        x - sae.b_pre, x - recon, sae.W_enc[None], sae.b_enc[None], sae.W_dec[None], dead, None, sae.aux_k,
+        sae.centred(x), residual, sae.W_enc[None], sae.b_enc[None], sae.W_dec[None], dead, None, sae.aux_k,
         sae.kernels) / len(x)
     return {"loss": mse + sae.aux_coeff * auxk, "mse": mse, "auxk": auxk}

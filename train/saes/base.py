@@ -166,11 +166,57 @@ class SAE(nn.Module):
     # AuxK (train/saes/auxk.py): the dead-latent mask [M] bool the loop sets before every training step
     # of an SAE with `aux_k` > 0 (None: not tracked)
     dead: torch.Tensor | None = None
+    # the architecture can be a transcoder (`transcoder=True`, given by the trainer when data.target is set):
+    # it reads one site and reconstructs another (its YAML then has the key `skip`; module docstring of
+    # harvest/paired.py for the rows it reads)
+    transcodes: ClassVar[bool] = False
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, transcoder: bool = False, skip: bool = False):
         super().__init__()
         self.d = d
-        self.b_pre = nn.Parameter(torch.zeros(d))
+        self.b_pre = nn.Parameter(torch.zeros(d))  # subtracted from the input and added to the output
+        self.transcoder, self.skip = transcoder, skip
+        if (transcoder or skip) and not self.transcodes:
+            raise ValueError(f"{self.arch} cannot be a transcoder (those that can: {_transcoding()})")
+        if skip and not transcoder:
+            raise ValueError("model.skip=true is a transcoder's skip connection: it needs data.target (the site "
+                             "to reconstruct)")
+        if transcoder:  # the input's own centre; b_pre is then the output's
+            self.b_in = nn.Parameter(torch.zeros(d))
+        if skip:  # x_hat += W_skip x, from zero
+            self.W_skip = nn.Parameter(torch.zeros(d, d))
+
+    # ---- a transcoder: rows [x | y] in, y reconstructed (an autoencoder: y = x)
+
+    @property
+    def d_rows(self) -> int:
+        """The width of the rows it reads: d, or 2 d for a transcoder ([x | y], harvest/paired.py)."""
+        return 2 * self.d if self.transcoder else self.d
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows [B, d_rows] -> (the input x [B, d], what it reconstructs [B, d]: x itself, or a
+        transcoder's target y)."""
+        if self.transcoder:
+            return rows[:, : self.d], rows[:, self.d :]
+        return rows, rows
+
+    def centred(self, x: torch.Tensor) -> torch.Tensor:
+        """x - b_pre for an autoencoder, x - b_in for a transcoder: what every encoder reads."""
+        return x - (self.b_in if self.transcoder else self.b_pre)
+
+    def skipped(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """recon + W_skip x with the skip connection (2 d^2 FLOPs per token), else recon."""
+        return recon + x @ self.W_skip.T if self.skip else recon
+
+    def reconstruct(self, x: torch.Tensor) -> tuple[Codes, torch.Tensor]:
+        """Inference without the losses: x [B, d] -> (codes, x_hat [B, d]) = (encode(x), decode(codes) and
+        a transcoder's skip connection)."""
+        codes = self.encode(x)
+        return codes, self.skipped(x, self.decode(codes))
+
+    def transcoder_config(self) -> dict[str, Any]:
+        """The `config()` entries of the transcoder options, where the architecture has them."""
+        return {"transcoder": self.transcoder, "skip": self.skip} if self.transcodes else {}
 
     @classmethod
     def defaults(cls, **given: Any) -> list[Any]:
@@ -311,11 +357,15 @@ class SAE(nn.Module):
         return []
 
     @torch.no_grad()
-    def init_from_batch(self, x: torch.Tensor) -> None:
-        """Data-dependent initialisation from a batch x [B, d] (b_pre <- geometric median)."""
+    def init_from_batch(self, rows: torch.Tensor) -> None:
+        """Data-dependent initialisation from a batch of rows [B, d_rows]: b_pre <- the geometric median of
+        what is reconstructed, and a transcoder's b_in <- that of its inputs."""
         from train.recipe import geometric_median
 
-        self.b_pre.copy_(geometric_median(x))
+        x, target = self.split(rows)
+        self.b_pre.copy_(geometric_median(target))
+        if self.transcoder:
+            self.b_in.copy_(geometric_median(x))
 
     def encode(self, x: torch.Tensor) -> Codes:
         raise NotImplementedError
@@ -325,6 +375,10 @@ class SAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Output:
         raise NotImplementedError
+
+
+def _transcoding() -> str:
+    return ", ".join(arch for arch, cls in REGISTRY.items() if cls.transcodes)
 
 
 def saelens_weights(cfg: Mapping[str, Any], tensors: dict[str, torch.Tensor], names: set[str],

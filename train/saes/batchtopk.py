@@ -67,7 +67,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from runtime.config import integer, number
+from runtime.config import FLAG, integer, number
 from train.recipe import init_tied_
 from train.saes.auxk import auxk_losses
 from train.saes.base import (Codes, FromSAELens, Layout, Output, SAE, SAELensForm, register, saelens_weights, sq_error)
@@ -159,14 +159,17 @@ class BatchTopKSAE(SAE):
     size_args = ("width", "k")
     sparse_codes = True
     model_rules = {"width": integer(1), "k": integer(1), "theta_decay": number(0, 1), "aux_k": integer(0),
-                   "aux_coeff": number(0)}
+                   "aux_coeff": number(0), "skip": FLAG}
     # set by train.dist.DataParallel with several ranks: the mean over ranks of a per-rank statistic
     global_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
 
+    transcodes = True
+
     def __init__(self, d: int, width: int, k: int, theta_decay: float | None = None, aux_k: int | None = None,
-                 aux_coeff: float | None = None):
-        super().__init__(d)
-        theta_decay, aux_k, aux_coeff = self.defaults(theta_decay=theta_decay, aux_k=aux_k, aux_coeff=aux_coeff)
+                 aux_coeff: float | None = None, transcoder: bool = False, skip: bool | None = None):
+        theta_decay, aux_k, aux_coeff, skip = self.defaults(theta_decay=theta_decay, aux_k=aux_k, aux_coeff=aux_coeff,
+                                                            skip=skip)
+        super().__init__(d, transcoder, skip)
         if not 0 < k <= width:
             raise ValueError(f"k={k} must be between 1 and the width {width}")
         if not 0 <= theta_decay <= 1:
@@ -238,7 +241,7 @@ class BatchTopKSAE(SAE):
 
     def config(self) -> dict[str, Any]:
         return {"d": self.d, "width": self.width, "k": self.k, "theta_decay": self.theta_decay,
-                "aux_k": self.aux_k, "aux_coeff": self.aux_coeff}
+                "aux_k": self.aux_k, "aux_coeff": self.aux_coeff, **self.transcoder_config()}
 
     def unit_norm_decoders(self) -> list[nn.Parameter]:
         return [self.W_dec]
@@ -253,7 +256,7 @@ class BatchTopKSAE(SAE):
         """(rows [F], latents [F], values [F]) of the codes of x [B, d], ordered by row then latent:
         the batch rule in training mode (F = B*k, values >= 0), the threshold rule otherwise (F the
         number of activations above theta)."""
-        xc = x - self.b_pre
+        xc = self.centred(x)
         m = self.width
         if self.training:
             n_keep = len(x) * self.k
@@ -315,10 +318,12 @@ class BatchTopKSAE(SAE):
         rows, slot = (codes.vals != 0).nonzero(as_tuple=True)
         return self._decode_kept(rows, codes.idx[rows, slot], codes.vals[rows, slot], len(codes.vals))
 
-    def forward(self, x: torch.Tensor) -> Output:
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> Output:
+        """x [B, d] -> its reconstruction, or a transcoder's of `target` [B, d], with the losses."""
         rows, cols, vals = self._kept(x)
         if self.training and torch.is_grad_enabled():
             self._update_theta(vals.detach())
-        recon = self._decode_kept(rows, cols, vals, len(x))
-        mse = sq_error(x, recon)
-        return Output(recon=recon, codes=self._pad(rows, cols, vals, len(x)), losses=auxk_losses(self, x, recon, mse))
+        recon = self.skipped(x, self._decode_kept(rows, cols, vals, len(x)))
+        mse = sq_error(x if target is None else target, recon)
+        return Output(recon=recon, codes=self._pad(rows, cols, vals, len(x)),
+                      losses=auxk_losses(self, x, recon, mse, target))

@@ -26,6 +26,9 @@ Conventions
   expert's e latents times that expert's decoder, 2de forward and 4de backward instead of 2kd and
   4kd: more FLOPs, fewer seconds. `algorithmic_cost` is the minimum (sparse backward, embedding-bag
   decoder), independent of the kernels; eval reports it.
+* A transcoder (`transcoder=True`; architectures with `SAE.transcodes`) adds its input centre b_in [d]
+  (no FLOPs); its skip connection (`skip=True`) adds W_skip [d, d]: 2d^2 forward, 4d^2 in training
+  (`transcoder_cost`).
 
 Formulas (FLOPs per token)
 --------------------------
@@ -107,8 +110,8 @@ def _archs_with(attribute: str) -> str:
     return " and ".join(names) if len(names) <= 2 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def cost(arch: str, d: int, *, sparse_backward: bool = False, dense_decoder: bool = False,
-         **sizes: int | list[int] | None) -> Cost:
+def cost(arch: str, d: int, *, sparse_backward: bool = False, dense_decoder: bool = False, transcoder: bool = False,
+         skip: bool = False, **sizes: int | list[int] | None) -> Cost:
     """Parameters and FLOPs per token of an `arch` SAE on d-dimensional inputs (see the module doc).
 
     `sizes` are the architecture's `size_args` (each a positive integer, or a list of them for an
@@ -135,7 +138,21 @@ def cost(arch: str, d: int, *, sparse_backward: bool = False, dense_decoder: boo
         raise ValueError(f"sparse_backward applies to {_archs_with('sparse_codes')} only; {arch} has dense codes")
     if dense_decoder and not cls.has_experts:
         raise ValueError(f"dense_decoder applies to {_archs_with('has_experts')} only, not {arch}")
-    return cls.cost_formula(d, **a, sparse_backward=sparse_backward, dense_decoder=dense_decoder)
+    if (transcoder or skip) and not cls.transcodes:
+        raise ValueError(f"transcoders are {_archs_with('transcodes')} only, not {arch}")
+    if skip and not transcoder:
+        raise ValueError("skip is a transcoder's skip connection (transcoder=True)")
+    c = cls.cost_formula(d, **a, sparse_backward=sparse_backward, dense_decoder=dense_decoder)
+    return transcoder_cost(c, d, transcoder, skip)
+
+
+def transcoder_cost(c: Cost, d: int, transcoder: bool, skip: bool) -> Cost:
+    """An architecture's cost as a transcoder: b_in [d] beside b_pre (no FLOPs), and with the skip
+    connection W_skip [d, d]: 2d^2 forward (x W_skip^T), and in training 2d^2 more for grad W_skip (x needs
+    no gradient)."""
+    extra = d * d if skip else 0
+    return Cost(params=c.params + (d if transcoder else 0) + extra, forward=c.forward + 2 * extra,
+                train=c.train + 4 * extra)
 
 
 def sae_cost(sae: SAE, sparse_backward: bool | None = None, dense_decoder: bool | None = None) -> Cost:
@@ -152,7 +169,8 @@ def sae_cost(sae: SAE, sparse_backward: bool | None = None, dense_decoder: bool 
         dense_decoder = sae.dense_decoder
     config = sae.config()
     return cost(arch, config["d"], **{name: config[name] for name in REGISTRY[arch].size_args},
-                sparse_backward=sparse_backward, dense_decoder=dense_decoder)
+                sparse_backward=sparse_backward, dense_decoder=dense_decoder,
+                transcoder=config.get("transcoder", False), skip=config.get("skip", False))
 
 
 def algorithmic_cost(sae: SAE) -> Cost:

@@ -73,10 +73,11 @@ def grouped_sums(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, gro
     return summed.view(n_rows, n_groups, -1)
 
 
-def prefix_losses(x: torch.Tensor, sums: torch.Tensor, b_pre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, d], group sums [B, G, d] -> (the prefix reconstructions' squared errors [G], the full
-    reconstruction [B, d]): x_hat_g = b_pre + sum_{h <= g} sums[:, h]."""
-    recons = sums.cumsum(1) + b_pre
+def prefix_losses(x: torch.Tensor, sums: torch.Tensor, base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, d] (what is reconstructed), group sums [B, G, d], what every prefix adds them to, base ([d]
+    b_pre, or [B, d] with a transcoder's skip connection) -> (the prefix reconstructions' squared errors [G],
+    the full reconstruction [B, d]): x_hat_g = base + sum_{h <= g} sums[:, h]."""
+    recons = sums.cumsum(1) + (base if base.dim() == 1 else base[:, None])
     errors = torch.stack([sq_error(x, recons[:, g]) for g in range(recons.shape[1])])
     return errors, recons[:, -1]
 
@@ -88,8 +89,10 @@ class MatryoshkaSAE(BatchTopKSAE):
     model_rules = {**BatchTopKSAE.model_rules, "prefixes": list_of(FRACTION, "a non-empty list of fractions in (0, 1)")}
 
     def __init__(self, d: int, width: int, k: int, prefixes: list[float] | None = None,
-                 theta_decay: float | None = None, aux_k: int | None = None, aux_coeff: float | None = None):
-        super().__init__(d, width, k, theta_decay=theta_decay, aux_k=aux_k, aux_coeff=aux_coeff)
+                 theta_decay: float | None = None, aux_k: int | None = None, aux_coeff: float | None = None,
+                 transcoder: bool = False, skip: bool | None = None):
+        super().__init__(d, width, k, theta_decay=theta_decay, aux_k=aux_k, aux_coeff=aux_coeff, transcoder=transcoder,
+                         skip=skip)
         prefixes, = self.defaults(prefixes=prefixes)
         self.prefixes = [float(f) for f in prefixes]
         self.widths = prefix_widths(self.prefixes, width)
@@ -120,13 +123,14 @@ class MatryoshkaSAE(BatchTopKSAE):
         """BatchTopK's: the prefixes shape training only, not the inference rule."""
         return super().to_saelens()
 
-    def forward(self, x: torch.Tensor) -> Output:
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> Output:
+        """x [B, d] -> its reconstruction, or a transcoder's of `target` [B, d], with the losses."""
         rows, cols, vals = self._kept(x)
         if self.training and torch.is_grad_enabled():
             self._update_theta(vals.detach())
         groups = torch.bucketize(cols, self.bounds, right=True)
         sums = grouped_sums(rows, cols, vals, groups, len(x), len(self.widths), self.W_dec)
-        errors, recon = prefix_losses(x, sums, self.b_pre)
-        losses = auxk_losses(self, x, recon, errors.mean())  # the objective: the mean over the prefixes
+        errors, recon = prefix_losses(x if target is None else target, sums, self.skipped(x, self.b_pre))
+        losses = auxk_losses(self, x, recon, errors.mean(), target)  # the objective: the mean over the prefixes
         losses.update(mse=errors[-1], prefix_mse=errors[:-1].mean())  # the full SAE's error; the smaller prefixes'
         return Output(recon=recon, codes=self._pad(rows, cols, vals, len(x)), losses=losses)

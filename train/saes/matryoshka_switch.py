@@ -50,10 +50,10 @@ class MatryoshkaSwitchSAE(SwitchSAE):
                  nesting: str | None = None, alpha: float | None = None, active_experts: int | None = None,
                  routing: str | None = None, shared_width: int | None = None, shared_k: int | None = None,
                  balance: str | None = None, bias_rate: float | None = None, aux_k: int | None = None,
-                 aux_coeff: float | None = None):
+                 aux_coeff: float | None = None, transcoder: bool = False, skip: bool | None = None):
         super().__init__(d, n_experts, expert_width, k, alpha=alpha, active_experts=active_experts, routing=routing,
                          shared_width=shared_width, shared_k=shared_k, balance=balance, bias_rate=bias_rate,
-                         aux_k=aux_k, aux_coeff=aux_coeff)
+                         aux_k=aux_k, aux_coeff=aux_coeff, transcoder=transcoder, skip=skip)
         prefixes, nesting = self.defaults(prefixes=prefixes, nesting=nesting)
         if self.shared_width:
             raise ValueError(_NO_SHARED)
@@ -112,7 +112,8 @@ class MatryoshkaSwitchSAE(SwitchSAE):
         position = idx % self.expert_width if self.nesting == "expert" else idx
         return torch.bucketize(position, self.bounds, right=True)
 
-    def forward(self, x: torch.Tensor) -> Output:
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> Output:
+        """x [B, d] -> its reconstruction, or a transcoder's of `target` [B, d], with the losses."""
         probs, chosen = self.route(x)
         codes = self.encode_routed(x, probs, chosen)
         groups, order = self.groups(codes.idx).sort(dim=1)  # each token's codes by group
@@ -120,8 +121,8 @@ class MatryoshkaSwitchSAE(SwitchSAE):
         rows = torch.arange(n, device=x.device).repeat_interleave(k)
         sums = grouped_sums(rows, codes.idx.gather(1, order).flatten(), codes.vals.gather(1, order).flatten(),
                             groups.flatten(), n, len(self.widths), self.W_dec.view(-1, self.d))
-        errors, recon = prefix_losses(x, sums, self.b_pre)
-        out = self.output(x, recon, codes, chosen, probs, objective=errors.mean())
+        errors, recon = prefix_losses(x if target is None else target, sums, self.skipped(x, self.b_pre))
+        out = self.output(x, recon, codes, chosen, probs, objective=errors.mean(), target=target)
         out.losses["prefix_mse"] = errors[:-1].mean()
         return out
 

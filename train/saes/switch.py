@@ -48,8 +48,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime.config import integer, number, one_of
-from train.recipe import geometric_median, init_tied_
+from runtime.config import FLAG, integer, number, one_of
+from train.recipe import init_tied_
 from train.saes.auxk import auxk_error
 from train.saes.base import (Codes, FromSAELens, Layout, Output, SAE, SAELensForm, register, saelens_ints,
                              saelens_weights, sq_error)
@@ -70,6 +70,7 @@ class SwitchSAE(SAE):
     size_choices = {"routing": ROUTINGS}
     sparse_codes = True
     has_experts = True
+    transcodes = True
     # Data parallel (train.dist): the loop sets this to a differentiable mean over ranks, so that f_i
     # and P_i are statistics of every rank's tokens and the aux loss is the one of the global batch.
     global_mean: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -77,11 +78,13 @@ class SwitchSAE(SAE):
     def __init__(self, d: int, n_experts: int, expert_width: int, k: int, alpha: float | None = None,
                  active_experts: int | None = None, shared_width: int | None = None, shared_k: int | None = None,
                  balance: str | None = None, bias_rate: float | None = None, aux_k: int | None = None,
-                 aux_coeff: float | None = None, routing: str | None = None):
-        super().__init__(d)
-        alpha, active_experts, shared_width, shared_k, balance, bias_rate, aux_k, aux_coeff, routing = self.defaults(
-            alpha=alpha, active_experts=active_experts, shared_width=shared_width, shared_k=shared_k, balance=balance,
-            bias_rate=bias_rate, aux_k=aux_k, aux_coeff=aux_coeff, routing=routing)
+                 aux_coeff: float | None = None, routing: str | None = None, transcoder: bool = False,
+                 skip: bool | None = None):
+        alpha, active_experts, shared_width, shared_k, balance, bias_rate, aux_k, aux_coeff, routing, skip = \
+            self.defaults(alpha=alpha, active_experts=active_experts, shared_width=shared_width, shared_k=shared_k,
+                          balance=balance, bias_rate=bias_rate, aux_k=aux_k, aux_coeff=aux_coeff, routing=routing,
+                          skip=skip)
+        super().__init__(d, transcoder, skip)
         problem = _split_problem(n_experts, expert_width, k, active_experts, shared_width, shared_k, routing)
         if problem:
             raise ValueError(problem)
@@ -109,7 +112,7 @@ class SwitchSAE(SAE):
     model_rules = {"n_experts": integer(1), "match": one_of(*MATCHES), "width": integer(1), "k": integer(1),
                    "alpha": number(0), "active_experts": integer(1), "shared_width": integer(0),
                    "shared_k": integer(0), "balance": one_of(*BALANCES), "bias_rate": number(0),
-                   "aux_k": integer(0), "aux_coeff": number(0), "routing": one_of(*ROUTINGS)}
+                   "aux_k": integer(0), "aux_coeff": number(0), "routing": one_of(*ROUTINGS), "skip": FLAG}
 
     @classmethod
     def check_model(cls, model: Mapping[str, Any]) -> None:
@@ -141,7 +144,7 @@ class SwitchSAE(SAE):
                     f"model={cls.arch}, n_experts={model['n_experts']})")
         variants = [f"model.{key}={model[key]}" for key, plain in
                     (("active_experts", 1), ("shared_width", 0), ("balance", "aux_loss"), ("aux_k", 0),
-                     ("routing", "split"))
+                     ("routing", "split"), ("skip", False))
                     if model[key] != plain]
         if variants:
             return (f"expert_parallel runs the paper's Switch only, not {', '.join(variants)}; train this variant "
@@ -273,7 +276,8 @@ class SwitchSAE(SAE):
         return {"d": self.d, "n_experts": self.n_experts, "expert_width": self.expert_width,
                 "k": self.k, "alpha": self.alpha, "active_experts": self.active_experts,
                 "shared_width": self.shared_width, "shared_k": self.shared_k, "balance": self.balance_by,
-                "bias_rate": self.bias_rate, "aux_k": self.aux_k, "aux_coeff": self.aux_coeff, "routing": self.routing}
+                "bias_rate": self.bias_rate, "aux_k": self.aux_k, "aux_coeff": self.aux_coeff, "routing": self.routing,
+                **self.transcoder_config()}
 
     def unit_norm_decoders(self) -> list[nn.Parameter]:
         return [self.W_dec, self.W_dec_shared] if self.shared_width else [self.W_dec]
@@ -295,11 +299,11 @@ class SwitchSAE(SAE):
         return self.active_experts == 1 and not self.shared_width
 
     @torch.no_grad()
-    def init_from_batch(self, x: torch.Tensor) -> None:
-        """b_pre and b_router both start at the batch's geometric median (not tied afterwards)."""
-        median = geometric_median(x)
-        self.b_pre.copy_(median)
-        self.b_router.copy_(median)
+    def init_from_batch(self, rows: torch.Tensor) -> None:
+        """b_pre and b_router both start at the batch's geometric median (not tied afterwards); a
+        transcoder's b_pre at its targets', b_router and b_in at its inputs'."""
+        super().init_from_batch(rows)
+        self.b_router.copy_(self.b_in if self.transcoder else self.b_pre)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, d] -> (router probabilities p [B, N], chosen expert [B]); with active_experts = m > 1
@@ -317,7 +321,7 @@ class SwitchSAE(SAE):
 
     def encode_routed(self, x: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> Codes:
         """`encode` once `route` has given probs [B, N] and the chosen experts [B] or [B, m]."""
-        xc = x - self.b_pre
+        xc = self.centred(x)
         if self.active_experts == 1:
             vals, idx = self.encode_experts(xc, chosen, self.k_routed)
             vals = probs.gather(1, chosen[:, None]) * vals  # p_i*
@@ -387,18 +391,20 @@ class SwitchSAE(SAE):
         """Auxiliary-loss-free balancing: bias_i += bias_rate * sign(1/N - f_i), after a training forward."""
         self.router_bias.add_(self.bias_rate * torch.sign(1 / self.n_experts - load.to(self.router_bias.dtype)))
 
-    def forward(self, x: torch.Tensor) -> Output:
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> Output:
+        """x [B, d] -> its reconstruction, or a transcoder's of `target` [B, d], with the losses."""
         probs, chosen = self.route(x)
         codes = self.encode_routed(x, probs, chosen)
-        recon = self.decode(codes)
-        return self.output(x, recon, codes, chosen, probs)
+        recon = self.skipped(x, self.decode(codes))
+        return self.output(x, recon, codes, chosen, probs, target=target)
 
     def output(self, x: torch.Tensor, recon: torch.Tensor, codes: Codes, expert: torch.Tensor, probs: torch.Tensor,
-               objective: torch.Tensor | None = None) -> Output:
-        """The Output of a forward pass: x, recon [B, d], the routing of x (chosen experts [B] or [B, m],
-        probs [B, N]); `objective` is the reconstruction term of the loss (None: the MSE of recon).
-        With balance=bias, a training forward also moves the router bias."""
-        mse = sq_error(x, recon)
+               objective: torch.Tensor | None = None, target: torch.Tensor | None = None) -> Output:
+        """The Output of a forward pass: x, recon [B, d] (of x, or of a transcoder's `target`), the routing
+        of x (chosen experts [B] or [B, m], probs [B, N]); `objective` is the reconstruction term of the
+        loss (None: the MSE of recon). With balance=bias, a training forward also moves the router bias."""
+        target = x if target is None else target
+        mse = sq_error(target, recon)
         loss = mse if objective is None else objective
         aux, load = self.balance(expert, probs)
         if self.balance_by == "bias":
@@ -408,19 +414,19 @@ class SwitchSAE(SAE):
             loss = loss + self.alpha * self.d * aux
         losses = {"loss": loss, "mse": mse, "aux": aux}
         if self.aux_k:
-            auxk = self.auxk(x, recon, codes.expert)
+            auxk = self.auxk(x, target - recon, codes.expert)
             losses.update(loss=loss + self.aux_coeff * auxk, auxk=auxk)
         return Output(recon=recon, codes=codes, losses=losses, stats={"expert_load": load})
 
-    def auxk(self, x: torch.Tensor, recon: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
-        """AuxK per expert (train/saes/auxk.py): each token's residual from the dead latents of its
-        (top-1) expert, all experts in one grouped kernel (no [B, M] tensor); the shared expert's dead
-        latents are left out. 0 outside training or with no dead latent."""
+    def auxk(self, x: torch.Tensor, residual: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+        """AuxK per expert (train/saes/auxk.py): each token's residual [B, d] (what the reconstruction
+        missed) from the dead latents of its (top-1) expert, all experts in one grouped kernel (no [B, M]
+        tensor); the shared expert's dead latents are left out. 0 outside training or with no dead latent."""
         dead = self.dead_rows()
         dead = None if dead is None else dead[dead < self.n_routed]
         if dead is None or not len(dead):
             return x.new_zeros(())
-        return auxk_error(x - self.b_pre, x - recon, self.W_enc, None, self.W_dec, dead, expert, self.aux_k,
+        return auxk_error(self.centred(x), residual, self.W_enc, None, self.W_dec, dead, expert, self.aux_k,
                           self.kernels) / len(x)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from runtime.config import integer, number
+from runtime.config import FLAG, integer, number
 from train.recipe import init_tied_
 from train.saes.auxk import auxk_losses
 from train.saes.base import (Codes, FromSAELens, Layout, Output, SAE, SAELensForm, input_shift, register, saelens_ints,
@@ -24,8 +24,12 @@ class TopKSAE(SAE):
     size_args = ("width", "k")
     sparse_codes = True
 
-    def __init__(self, d: int, width: int, k: int, aux_k: int | None = None, aux_coeff: float | None = None):
-        super().__init__(d)
+    transcodes = True
+
+    def __init__(self, d: int, width: int, k: int, aux_k: int | None = None, aux_coeff: float | None = None,
+                 transcoder: bool = False, skip: bool | None = None):
+        skip, = self.defaults(skip=skip)
+        super().__init__(d, transcoder, skip)
         aux_k, aux_coeff = self.defaults(aux_k=aux_k, aux_coeff=aux_coeff)
         if not 0 < k <= width:
             raise ValueError(f"k={k} must be between 1 and the width {width}")
@@ -35,7 +39,7 @@ class TopKSAE(SAE):
         self.W_dec = nn.Parameter(torch.empty(width, d))
         init_tied_(self.W_enc, self.W_dec)
 
-    model_rules = {"width": integer(1), "k": integer(1), "aux_k": integer(0), "aux_coeff": number(0)}
+    model_rules = {"width": integer(1), "k": integer(1), "aux_k": integer(0), "aux_coeff": number(0), "skip": FLAG}
 
     @classmethod
     def check_model(cls, model: Mapping[str, Any]) -> None:
@@ -106,7 +110,8 @@ class TopKSAE(SAE):
                            {"W_enc": w_enc.T, "b_enc": b_enc, "W_dec": w_dec, "b_pre": tensors["b_dec"]})
 
     def config(self) -> dict[str, Any]:
-        return {"d": self.d, "width": self.width, "k": self.k, "aux_k": self.aux_k, "aux_coeff": self.aux_coeff}
+        return {"d": self.d, "width": self.width, "k": self.k, "aux_k": self.aux_k, "aux_coeff": self.aux_coeff,
+                **self.transcoder_config()}
 
     def unit_norm_decoders(self) -> list[nn.Parameter]:
         return [self.W_dec]
@@ -117,7 +122,7 @@ class TopKSAE(SAE):
 
     def encode(self, x: torch.Tensor) -> Codes:
         """x [B, d] -> idx, vals [B, k] (the encoder's backward set by `self.kernels`)."""
-        args = (x - self.b_pre, self.W_enc[None], self.b_enc[None], None, self.k)
+        args = (self.centred(x), self.W_enc[None], self.b_enc[None], None, self.k)
         sparse = self.sparse_backward
         vals, idx = topk_encode_reference(*args) if self.kernels == "reference" else topk_encode(*args, sparse)
         return Codes(idx=idx, vals=vals)
@@ -126,8 +131,8 @@ class TopKSAE(SAE):
         """-> x_hat [B, d]."""
         return decode_rows(codes.idx, codes.vals, self.W_dec) + self.b_pre
 
-    def forward(self, x: torch.Tensor) -> Output:
-        codes = self.encode(x)
-        recon = self.decode(codes)
-        mse = sq_error(x, recon)
-        return Output(recon=recon, codes=codes, losses=auxk_losses(self, x, recon, mse))
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> Output:
+        """x [B, d] -> its reconstruction, or a transcoder's of `target` [B, d], with the losses."""
+        codes, recon = self.reconstruct(x)
+        mse = sq_error(x if target is None else target, recon)
+        return Output(recon=recon, codes=codes, losses=auxk_losses(self, x, recon, mse, target))
