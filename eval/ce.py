@@ -75,7 +75,8 @@ class SitePatch:
             return None
         return (self.patched(args[0]), *args[1:])
 
-    def _patch_output(self, module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple | None:
+    def _patch_output(self, module: nn.Module, args: tuple, output: torch.Tensor | tuple
+                      ) -> torch.Tensor | tuple | None:
         if self.mode is CLEAN:
             return None
         h = self.patched(output[0] if isinstance(output, tuple) else output)
@@ -88,7 +89,8 @@ class SitePatch:
         inputs = rows if self.source is None else \
             self.captured[:, self.first_pos :].reshape(-1, self.captured.shape[-1]).float()
         paired = rows if self.source is None else torch.cat([inputs, rows], dim=1)
-        keep = (paired.norm(dim=-1) <= self.cut) if self.cut is not None else torch.ones_like(rows[:, 0], dtype=torch.bool)
+        keep = (paired.norm(dim=-1) <= self.cut) if self.cut is not None else \
+            torch.ones_like(rows[:, 0], dtype=torch.bool)
         new = rows.clone()
         new[keep] = 0.0 if self.mode is ZERO else self.saes[self.mode].reconstruct(inputs[keep])[1].float()
         self.replaced, self.kept = int(keep.sum()), int((~keep).sum())

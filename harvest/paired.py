@@ -75,10 +75,11 @@ def check_pair(source: ActivationStore, target: ActivationStore) -> None:
              ("context size", "context_size"), ("first position", "first_pos"), ("stored dtype", "acts_dtype")]
     for name, attr in shape:
         a, b = getattr(source, attr), getattr(target, attr)
+        if a != b and isinstance(a, int):
+            raise HarvestError(f"{where} differ in length: {name} {a:,} vs {b:,}; a transcoder's two sites come "
+                               "from one harvest (site=[mlp_in,mlp_out]), which writes them alike")
         if a != b:
-            raise HarvestError(f"{where} differ in length: {name} {a:,} vs {b:,}; a transcoder's two sites come from one "
-                               "harvest (site=[mlp_in,mlp_out]), which writes them alike" if isinstance(a, int) else
-                               f"{where} differ: {name} {a!r} vs {b!r}")
+            raise HarvestError(f"{where} differ: {name} {a!r} vs {b!r}")
     if source.complete != target.complete:
         raise HarvestError(f"{where}: one is complete and the other not; finish the harvest first")
     if source.n_chunks and not np.array_equal(source.read_tokens(0), target.read_tokens(0)):

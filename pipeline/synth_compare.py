@@ -31,8 +31,9 @@ from train.run_dir import RunDir
 
 # what the table shows per run: (key in a row, column title, format); rows come from `measured`
 COLUMNS = [("train_tokens", "tokens", ",.0f"), ("l0", "L0", ".1f"), ("mse", "MSE", ".4f"), ("fve", "FVE", ".3f"),
-           ("recovered", "recovered", ".3f"), ("best_cos_mean", "best cos", ".3f"), ("duplicates", "dup. latents", ".1f"),
-           ("absorption", "absorption", ".3f"), ("parent_recall", "parent recall", ".3f"), ("dead_frac", "dead", ".3f"),
+           ("recovered", "recovered", ".3f"), ("best_cos_mean", "best cos", ".3f"),
+           ("duplicates", "dup. latents", ".1f"), ("absorption", "absorption", ".3f"),
+           ("parent_recall", "parent recall", ".3f"), ("dead_frac", "dead", ".3f"),
            ("cross_expert_dup_frac", "cross-expert dup", ".3f"), ("excess", "overlap excess", ".3f"),
            ("cofire", "dup. co-firing", ".3f")]
 

@@ -54,7 +54,8 @@ def markdown(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {r['run']} | {r['arch']} | {r['options'] or '-'} | {r['n_latents']:,} | {r['params']:,} | "
                      f"{r['train_tokens']:,} | {r['train_flops']:.2e} | {r['l0']:.1f} | {r['mse']:,.0f} | "
                      f"{r['fve']:.3f} | {f(r['loss_recovered'], '.3f')} | {r['dead_frac']:.3f} | "
-                     f"{r['dup_frac']:.3f} | {f(r['cross_expert_dup_frac'], '.3f')} | {f(r['overlap_excess'], '.3f')} | "
+                     f"{r['dup_frac']:.3f} | {f(r['cross_expert_dup_frac'], '.3f')} | "
+                     f"{f(r['overlap_excess'], '.3f')} | "
                      f"{f(r['letter_f1'], '.3f')} | {f(r['letter_fn'], '.3f')} | {f(r['absorption'], '.3f')} |")
     return lines
 

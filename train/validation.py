@@ -34,7 +34,8 @@ class Validator:
     @torch.inference_mode()
     def __call__(self, sae: SAE) -> dict[str, Any]:
         """encode + decode of every sample row (no losses, so no collective even in a data-parallel
-        Switch; a transcoder's reconstruction against its target) -> the metrics of `train.metrics.ReconMetrics` with `eval_tokens` the rows used."""
+        Switch; a transcoder's reconstruction against its target) -> the metrics of
+        `train.metrics.ReconMetrics` with `eval_tokens` the rows used."""
         layout = sae.layout()
         acc = ReconMetrics(layout.d, layout.n_latents, layout.n_experts or None, dead_window=None)
         training = sae.training

@@ -14,7 +14,7 @@ from runtime.config import compose_app
 
 def test_the_shipped_config_is_valid_for_every_stage():
     synth, runs = plan(compose_app("demo", [], "synth"))
-    assert synth.features == 1024 and len(runs) == 10 * 3
+    assert synth.features == 512 and len(runs) == 10 * 2
     assert {cfg.run_budget.kind for cfg in runs.values()} == {"flops"}  # one budget: equal training FLOPs
     assert {cfg.model["arch"] for cfg in runs.values()} == {"topk", "batchtopk", "matryoshka", "switch",
                                                             "matryoshka_switch"}

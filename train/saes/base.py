@@ -10,7 +10,9 @@ An architecture is one module (its `SAE` subclass, `@register`ed) and one YAML
   naming        arch, display_name
   config        model_rules, check_model, constructor_kwargs (the YAML's keys -> constructor arguments),
                 width_match, expert_parallel_problem
-  cost          size_args, size_defaults, cost_formula (parameters and FLOPs per token)
+  cost          size_args, size_defaults, size_choices, cost_formula (parameters and FLOPs per token)
+  transcoder    transcodes (may read one site and reconstruct another: `transcoder=True`, model key skip;
+                split, centred, skipped, reconstruct read a row the way every stage must)
   shape         layout(): d, M, k, N experts and which expert owns a latent; decoder_directions(),
                 encoder_directions() [M, d] (what metrics, geometry and dashboards read)
   SAELens       saelens_architecture (None: no counterpart, saelens_refusal says why), to_saelens(),
@@ -373,7 +375,9 @@ class SAE(nn.Module):
     def decode(self, codes: Codes) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor) -> Output:
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None) -> Output:
+        """x [B, d] -> Output: the reconstruction of x with the loss terms; a transcoder (`transcodes`)
+        reconstructs `target` [B, d] instead, and only such an architecture takes one."""
         raise NotImplementedError
 
 
