@@ -46,6 +46,9 @@ class Relu:
     def __init__(self, d: int, sparse: bool):
         self.n_latents, self.sparse = d, sparse
 
+    def split(self, rows):
+        return rows, rows  # an autoencoder: it reads the row and reconstructs it
+
     def encode(self, x):
         z = x.relu()
         if not self.sparse:

@@ -115,7 +115,7 @@ def store(tmp_path_factory):
 
 def test_auxk_on_an_architecture_without_it_fails_in_one_line(store):
     with pytest.raises(TrainError, match=r"model.aux_k \(AuxK\) needs an architecture with TopK-style dead-latent "
-                                         r"revival \(topk, switch, batchtopk\), not relu") as e:
+                                         r"revival \(topk, switch, batchtopk, matryoshka, matryoshka_switch\), not relu") as e:
         make_cfg(store, "model=relu", "+model.aux_k=4")
     assert "\n" not in str(e.value)
     with pytest.raises(TrainError, match="expert_parallel runs the paper's Switch only, not model.aux_k=4"):

@@ -154,9 +154,9 @@ def test_cost_and_config_checks():
     assert cost("batchtopk", D, width=M, k=K, sparse_backward=True).train == 2 * D * M + 10 * K * D
     cls = type(make()[0])
     with pytest.raises(ValueError, match="model.k=33 is larger than model.width=32"):
-        cls.check_model({"width": 32, "k": 33, "theta_decay": 0.99, "aux_k": 0, "aux_coeff": 0.0})
+        cls.check_model({"width": 32, "k": 33, "theta_decay": 0.99, "aux_k": 0, "aux_coeff": 0.0, "skip": False})
     with pytest.raises(ValueError, match=r"model.theta_decay must be a number in \[0, 1\], got 1.5"):
-        cls.check_model({"width": 32, "k": 4, "theta_decay": 1.5, "aux_k": 0, "aux_coeff": 0.0})
+        cls.check_model({"width": 32, "k": 4, "theta_decay": 1.5, "aux_k": 0, "aux_coeff": 0.0, "skip": False})
     with pytest.raises(ValueError, match="k=0 must be between 1 and the width"):
         build("batchtopk", d=D, width=M, k=0, theta_decay=0.99)
 

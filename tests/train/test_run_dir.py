@@ -31,7 +31,7 @@ def test_files_round_trip(tmp_path):
     sae = build("topk", d=8, width=16, k=2)
     run.save_sae(sae)
     assert run.has_sae and run.sae_config() == {"arch": "topk", "d": 8, "width": 16, "k": 2, "aux_k": 0,
-                                                      "aux_coeff": 0.03125}
+                                                      "aux_coeff": 0.03125, "transcoder": False, "skip": False}
     assert torch.equal(run.load_sae().W_dec, sae.W_dec)
     assert run.done() == {} and not run.result_is_fresh("eval.json")
     run.mark_done({"step": 1})

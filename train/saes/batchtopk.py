@@ -72,7 +72,7 @@ from train.recipe import init_tied_
 from train.saes.auxk import auxk_losses
 from train.saes.base import (Codes, FromSAELens, Layout, Output, SAE, SAELensForm, register, saelens_weights, sq_error)
 from train.saes.flops import Cost
-from train.saes.kernels import bag, runs_sparse, sum_by_latent
+from train.saes.kernels import bag, row_offsets, runs_sparse, sum_by_latent
 from train.saes.topk import TopKSAE
 
 
@@ -80,12 +80,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The autocast dtype where autocast is on for x's device, else x's (the custom function casts by hand)."""
     kind = x.device.type
     return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-
-
-def _offsets(rows: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """rows [K] ascending in 0..n_rows-1 -> (counts [n_rows], offsets [n_rows]: where each row's entries start)."""
-    counts = torch.bincount(rows, minlength=n_rows)
-    return counts, counts.cumsum(0) - counts
 
 
 CANDIDATES_PER_K = 4  # `batch_topk` first keeps each row's top CANDIDATES_PER_K * k
@@ -138,7 +132,7 @@ class _BatchTopK(torch.autograd.Function):
         g_xc = g_w = g_b = None
         if ctx.sparse:
             if need_xc:  # sum over each row's kept latents of g * W_enc[latent]: an embedding bag
-                g_xc = bag(cols, w, g, _offsets(rows, n)[1])
+                g_xc = bag(cols, w, g, row_offsets(rows, n)[1])
             if need_w:  # S^T xc with S [B, M] holding g at the kept entries
                 g_w = sum_by_latent(cols, rows, g, xc.detach().to(w.dtype), m)
         else:
@@ -295,7 +289,7 @@ class BatchTopKSAE(SAE):
     @staticmethod
     def _pad(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_rows: int) -> Codes:
         """Row-ordered (rows, latents, values) [F] -> Codes idx, vals [n_rows, kmax], padded with (0, 0)."""
-        counts, starts = _offsets(rows, n_rows)
+        counts, starts = row_offsets(rows, n_rows)
         kmax = int(counts.max()) if n_rows else 0
         slot = torch.arange(len(rows), device=rows.device) - starts[rows]
         idx = torch.zeros(n_rows, kmax, dtype=torch.long, device=rows.device).index_put_((rows, slot), cols)
@@ -304,7 +298,7 @@ class BatchTopKSAE(SAE):
 
     def _decode_kept(self, rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_rows: int) -> torch.Tensor:
         """sum over each row's codes of value * W_dec[latent], + b_pre: one embedding bag, 2d per code."""
-        summed = F.embedding_bag(cols, self.W_dec, _offsets(rows, n_rows)[1], mode="sum",
+        summed = F.embedding_bag(cols, self.W_dec, row_offsets(rows, n_rows)[1], mode="sum",
                                  per_sample_weights=vals.to(self.W_dec.dtype))
         return summed + self.b_pre
 

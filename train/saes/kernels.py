@@ -256,6 +256,13 @@ def row_dots(idx: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return torch.empty_like(dots).scatter_(1, where, dots)
 
 
+def row_offsets(rows: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows [K] ascending in 0..n_rows-1 -> (counts [n_rows], offsets [n_rows]: where each row's entries
+    start), the offsets an embedding bag over the K entries takes."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    return counts, counts.cumsum(0) - counts
+
+
 def decode_rows(idx: torch.Tensor, vals: torch.Tensor, w_dec: torch.Tensor) -> torch.Tensor:
     """sum_j vals[b, j] * w_dec[idx[b, j]]: idx, vals [B, k], w_dec [m, d] -> [B, d].
 

@@ -38,8 +38,9 @@ from torch.nn import functional as F
 from runtime.config import Rule, list_of, number
 from train.saes.auxk import auxk_losses
 from train.saes.base import Output, SAELensForm, register, sq_error
-from train.saes.batchtopk import BatchTopKSAE, _offsets
+from train.saes.batchtopk import BatchTopKSAE
 from train.saes.flops import Cost
+from train.saes.kernels import row_offsets
 
 FRACTION: Rule = number(0, 1, lo_open=True, hi_open=True)
 
@@ -68,7 +69,7 @@ def grouped_sums(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, gro
     group -> [n_rows, n_groups, d], entry (b, g) = sum over token b's codes in group g of val * w_dec[col].
     One embedding bag (2d FLOPs per code)."""
     bags = rows * n_groups + groups  # non-decreasing
-    summed = F.embedding_bag(cols, w_dec, _offsets(bags, n_rows * n_groups)[1], mode="sum",
+    summed = F.embedding_bag(cols, w_dec, row_offsets(bags, n_rows * n_groups)[1], mode="sum",
                              per_sample_weights=vals.to(w_dec.dtype))
     return summed.view(n_rows, n_groups, -1)
 
