@@ -5,6 +5,7 @@ to end on a tiny harvested store for a TopK and a Switch run, with bad input in 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -94,10 +95,17 @@ def test_the_app_end_to_end(runs, name):
 @pytest.mark.parametrize(("args", "message"), [
     (["cos_min=2"], "cos_min must be a number in [-1, 1], got 2"),
     (["max_main=0"], "max_main must be an integer >= 1, got 0"),
-    (["run=RUNS/missing"], "does not exist"),
 ])
-def test_bad_input_is_one_line(runs, args, message):
-    args = [a.replace("RUNS", str(runs)) for a in args]
-    out = cli(*([f"run={runs / 'topk'}"] if not any(a.startswith("run=") for a in args) else []), *args)
+def test_bad_values_are_refused_before_any_work(runs, args, message):
+    from eval.absorption import AbsorptionConfig, AbsorptionError
+    from runtime.config import compose_app
+
+    with pytest.raises(AbsorptionError, match=re.escape(message)) as e:
+        AbsorptionConfig.from_omegaconf(compose_app("eval", [f"run={runs / 'topk'}", *args], "absorption"))
+    assert "\n" not in str(e.value)
+
+
+def test_a_missing_run_is_one_line_and_exit_2(runs):
+    out = cli(f"run={runs / 'missing'}")
     assert out.returncode == 2 and out.stderr.strip().splitlines() == [out.stderr.strip()]
-    assert message in out.stderr
+    assert "does not exist" in out.stderr and not (runs / "missing").exists()
