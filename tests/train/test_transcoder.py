@@ -26,9 +26,9 @@ TRANSCODING = [arch for arch, cls in REGISTRY.items() if cls.transcodes]
 
 
 def paired_stores(root: Path, n_chunks: int = 20, seed: int = 0, target_chunks: int | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  ) -> np.ndarray:
     """mlp_in and mlp_out stores of one made-up harvest: x = 5 (sparse codes, 3 of 48 atoms with weights in
-    [0.5, 2]) @ D, y = A x for a random linear map A [16, 16]. Returns (D [48, 16], A)."""
+    [0.5, 2]) @ D, y = A x for a random linear map A [16, 16]. Returns A."""
     rng = np.random.default_rng(seed)
     atoms = rng.normal(size=(ATOMS, D))
     atoms /= np.linalg.norm(atoms, axis=1, keepdims=True)
@@ -47,14 +47,13 @@ def paired_stores(root: Path, n_chunks: int = 20, seed: int = 0, target_chunks: 
         writers[0].write_chunk(i, x.astype(np.float16), tokens, {})
         if i < (target_chunks or n_chunks):
             writers[1].write_chunk(i, (x @ a.T).astype(np.float16), tokens, {})
-    return atoms, a
+    return a
 
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("transcoder")
-    atoms, a = paired_stores(root)
-    return root, atoms, a
+    return root, paired_stores(root)
 
 
 def held_out_fve(root: Path, sae_dir: Path) -> float:
@@ -74,7 +73,7 @@ def transcoder_cfg(root: Path, *overrides: str):
 # Measured here: W_skip ends 11% from A (relative Frobenius norm); the dictionary carries the rest of the map,
 # whose directions A D_i lie in W_skip's range too.
 def test_a_skip_transcoder_recovers_the_known_linear_map(stores, tmp_path):
-    root, _, a = stores
+    root, a = stores
     run = train(transcoder_cfg(root, "model=topk", "model.width=64", "model.k=3", "model.skip=true",
                                "budget=steps:600"), tmp_path / "run")
     sae = load(run)
@@ -87,7 +86,7 @@ def test_a_skip_transcoder_recovers_the_known_linear_map(stores, tmp_path):
 # matryoshka 0.86, switch (alpha 0.1) 0.81; the dictionary must learn the directions A D_i themselves.
 @pytest.mark.parametrize("arch", TRANSCODING)
 def test_every_transcoding_architecture_learns_the_map_without_a_skip(stores, tmp_path, arch):
-    root, atoms, a = stores
+    root, _ = stores
     extra = ["model.n_experts=4", "model.alpha=0.1"] if REGISTRY[arch].has_experts else []
     run = train(transcoder_cfg(root, f"model={arch}", "model.width=64", "model.k=3", *extra, "budget=steps:600"),
                 tmp_path / "run")
@@ -111,7 +110,7 @@ def test_flop_formulas_count_what_a_transcoder_runs(arch, skip):
 
 
 def test_a_killed_transcoder_run_resumes_to_the_same_weights(stores, tmp_path, monkeypatch):
-    root, _, _ = stores
+    root, _ = stores
     cfg = transcoder_cfg(root, "model=switch", "model.width=64", "model.n_experts=4", "model.k=4", "model.skip=true",
                          "budget=steps:60", "checkpoint_every=20")
     train(cfg, tmp_path / "straight")
@@ -121,7 +120,7 @@ def test_a_killed_transcoder_run_resumes_to_the_same_weights(stores, tmp_path, m
 
 
 def test_bad_transcoder_settings_fail_in_one_line_before_any_work(stores, tmp_path):
-    root, _, _ = stores
+    root, _ = stores
     paired_stores(tmp_path, n_chunks=20, target_chunks=10)  # a target that stops half way
     with pytest.raises(TrainError, match=r"data.target makes a transcoder, which model=relu cannot be") as e:
         make_cfg(root / "mlp_in", f"data.target={root / 'mlp_out'}", "model=relu")
