@@ -193,26 +193,11 @@ def word_rows(store: ActivationStore, chunks: list[int], cut: float | None, lett
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def firings(sae: Any, x: np.ndarray, batch_size: int, device: torch.device, progress: bool = False
-            ) -> tuple[np.ndarray, ...]:
-    """Every non-zero code of the rows x [n, d]: (row [F], latent [F], value [F]) as numpy."""
-    import torch
-    from tqdm import tqdm
-
-    parts = []
-    with torch.no_grad():
-        for start in tqdm(range(0, len(x), batch_size), desc="encode", unit="batch", disable=not progress):
-            r, lat, v = sae.encode(torch.from_numpy(x[start:start + batch_size]).to(device)).nonzero()
-            parts.append((r.cpu().numpy() + start, lat.cpu().numpy(), v.float().cpu().numpy()))
-    if not parts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
-
-
 def measure(run: TrainedRun, tokenizer: Any, cfg: AbsorptionConfig, device: torch.device) -> dict[str, Any]:
     """Everything in absorption.json for one opened run."""
     import torch
 
+    from eval.firings import encode_rows
     from harvest.held_out import split_chunks
 
     letters = word_letters(tokenizer)
@@ -227,9 +212,9 @@ def measure(run: TrainedRun, tokenizer: Any, cfg: AbsorptionConfig, device: torc
     accuracy = float((predicted == y_ho).mean())
 
     m = run.sae.layout().n_latents
-    r_tr, l_tr, _ = firings(run.sae, x_tr, cfg.batch_size, device, cfg.progress)
+    r_tr, l_tr, _ = encode_rows(run.sae, x_tr, cfg.batch_size, device, cfg.progress)
     mains = letter_latents(r_tr, l_tr, y_tr, m, cfg.f1_gain, cfg.max_main)
-    r_ho, l_ho, v_ho = firings(run.sae, x_ho, cfg.batch_size, device, cfg.progress)
+    r_ho, l_ho, v_ho = encode_rows(run.sae, x_ho, cfg.batch_size, device, cfg.progress)
     dec = run.sae.decoder_directions().detach().float().cpu()
     unit = torch.nn.functional.normalize(weights, dim=1)  # [26, d]
     dots = (dec @ unit.T).numpy()  # [M, 26]

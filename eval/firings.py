@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # torch loads with the first scan
 
     from harvest.store import ActivationStore
     from train.run_dir import TrainedRun
+    from train.saes import SAE
 
 N_DECILES = 10
 
@@ -38,6 +39,24 @@ def open_run(run: str, store: str | None, outlier_factor: float | str | None, de
     torch_device = pick_device(device)
     trained = RunDir(run).open(torch_device, store, outlier_factor)
     return trained, load_tokenizer(trained.store.tokenizer_name), torch_device
+
+
+def encode_rows(sae: SAE, x: np.ndarray, batch_size: int, device: torch.device, progress: bool = False
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every non-zero code of the SAE's input rows x [n, d] (a transcoder's input half), encoded batch_size
+    rows at a time: (row [F] in 0..n-1, latent [F], value [F]) as numpy."""
+    import torch
+    from tqdm import tqdm
+
+    parts = []
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(x), batch_size), desc="encode", unit="batch", disable=not progress):
+            r, lat, v = sae.encode(torch.from_numpy(x[start:start + batch_size]).to(device)).nonzero()
+            parts.append((r.cpu().numpy() + start, lat.cpu().numpy(), v.float().cpu().numpy()))
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    rows, latents, values = (np.concatenate(p) for p in zip(*parts, strict=True))
+    return rows, latents, values
 
 
 @dataclass

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from eval.firings import encode_rows
 from eval.plots import figure, save_png
 from runtime.config import (DEVICE, FLAG, NULL, Rule, check_values, instantiate, integer, list_of, number,
                             require_given, text)
@@ -39,6 +40,7 @@ from train.saes import REGISTRY, SAE
 from train.saes.base import CONFIG_FILE
 
 MATRICES = ("decoder", "encoder")
+COFIRE_BATCH = 4096  # held-out rows encoded at a time for the co-firing count
 
 
 class GeometryError(ToolkitError):
@@ -495,14 +497,11 @@ def redundancy(t: Target, sae: SAE, w: torch.Tensor, cfg: GeometryConfig, device
     with reraise_as(GeometryError):
         held = run.open(device).held
     sae.eval()
-    firings, seen = [], 0
-    for x in held.rows(cfg.cofire_tokens):
-        rows, latents, _ = sae.encode(sae.split(x.to(device))[0]).nonzero()  # a transcoder reads its input
-        routed = latents < m  # a shared expert's latents are in no expert
-        firings.append((rows[routed] + seen, latents[routed]))
-        seen += len(x)
-    rows, latents = (torch.cat(parts) for parts in zip(*firings, strict=True))
-    out.update(cofire_tokens=seen, **cofiring(rows, latents, pairs, m))
+    x = torch.cat(list(held.rows(cfg.cofire_tokens)))[:, : t.d].numpy()  # a transcoder reads its input half
+    rows, latents, _ = encode_rows(sae, x, COFIRE_BATCH, device)
+    routed = latents < m  # a shared expert's latents are in no expert
+    out.update(cofire_tokens=len(x), **cofiring(torch.from_numpy(rows[routed]).to(device),
+                                                torch.from_numpy(latents[routed]).to(device), pairs, m))
     return out
 
 

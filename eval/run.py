@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 
 from eval.ce import ce_metrics
+from eval.firings import encode_rows
 from eval.options import HeldOutOptions
 from eval.result import EvalResult
 from eval.truth import absorption, best_match, recovery
@@ -135,13 +136,10 @@ def truth_metrics(run: TrainedRun, max_rows: int, batch_size: int) -> dict[str, 
         codes = torch.from_numpy(true_codes(run.store, truth, chunk)[ids - chunk * run.store.chunk_rows]) > 0
         parent_on.append(codes[:, parents])
         child_on.append(torch.stack([codes[:, kids].any(1) for kids in children], dim=1))
-        with torch.no_grad():
-            for start in range(0, len(x), batch_size):
-                batch = torch.from_numpy(x[start:start + batch_size]).to(next(run.sae.parameters()).device)
-                rows, latents, _ = run.sae.encode(run.sae.split(batch)[0]).nonzero()
-                dense = torch.zeros(min(batch_size, len(x) - start), learned.shape[0], dtype=torch.bool)
-                dense[rows.cpu(), latents.cpu()] = True
-                fires.append(dense[:, latent])
+        rows, latents, _ = encode_rows(run.sae, x[:, : run.sae.d], batch_size, next(run.sae.parameters()).device)
+        fired = torch.zeros(len(x), learned.shape[0], dtype=torch.bool)
+        fired[torch.from_numpy(rows), torch.from_numpy(latents)] = True
+        fires.append(fired[:, latent])
     scored = absorption(torch.cat(fires), torch.cat(parent_on), torch.cat(child_on))
     out.update(truth_absorption=scored["absorption"], truth_parent_recall=scored["parent_recall"])
     return out
